@@ -1,0 +1,20 @@
+"""sampling: run many RL environments in parallel and get their experience as [T, B] batches.
+
+rlpyt's sampler family (serial, cpu, gpu, alternating, no_overlap_alternating) on the
+standard library's multiprocessing and shared memory; numpy and cloudpickle only.
+Importing the package has no side effects and imports neither torch nor gymnasium.
+"""
+from .agents import RandomAgent
+from .api import make_sampler, usable_cpus
+from .collector import Segment, TrajInfo
+from .envs import CartPole
+from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError
+from .samplers import KINDS, Batch, Sampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "make_sampler", "Sampler", "Batch", "KINDS", "TrajInfo", "Segment", "RandomAgent",
+    "CartPole", "SamplerError", "WorkerError", "SamplerClosedError", "RemoteTraceback",
+    "usable_cpus", "__version__",
+]

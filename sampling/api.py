@@ -1,0 +1,239 @@
+"""``make_sampler``: the front door. Validates every argument before a process starts.
+
+Imports samplers (and, for ``"auto"``, the benchmark module lazily).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import numbers
+import os
+import warnings
+from typing import Any, Callable, Sequence
+
+from .collector import TrajInfo
+from .samplers import KINDS, Options, Sampler
+
+__all__ = ["make_sampler", "usable_cpus"]
+
+RESET_MODES = ("mid_batch", "wait")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks, e.g. on HPC nodes)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def make_sampler(
+    kind: str,
+    env_fn: Callable[[], Any],
+    agent: Any,
+    *,
+    batch_T: int,
+    batch_B: int,
+    n_workers: int | None = None,
+    seed: int = 0,
+    reset_mode: str = "mid_batch",
+    max_decorrelation_steps: int = 0,
+    bootstrap_value: bool = False,
+    final_observation: bool = False,
+    discount: float = 0.99,
+    traj_info: Callable[..., TrajInfo] = TrajInfo,
+    eval_env_fn: Callable[[], Any] | None = None,
+    eval_n_envs: int = 0,
+    eval_max_steps: int | None = None,
+    eval_max_trajectories: int | None = None,
+    start_method: str | None = None,
+    torch_threads: int | None = 1,
+    cpu_affinity: Sequence | None = None,
+    shutdown_timeout: float = 5.0,
+) -> Sampler:
+    """Make a sampler of ``kind`` that steps ``batch_B`` copies of ``env_fn()``.
+
+    kind: ``"serial"``, ``"cpu"``, ``"gpu"``, ``"alternating"``,
+      ``"no_overlap_alternating"``, or ``"auto"`` (probe and pick; see ``sampler.kind``).
+    env_fn: zero-argument callable returning a gymnasium-API env (sent to workers with
+      cloudpickle, so lambdas and closures work).
+    agent: a callable ``policy(observation) -> action`` or an rlpyt-style agent.
+    batch_T, batch_B: time steps and envs per batch.
+    n_workers: worker processes (default: ``min(batch_B, usable CPUs)``, even for the
+      alternating kinds).
+    seed: env with global index b is first reset with ``seed + b``.
+    reset_mode: ``"mid_batch"`` (reset as soon as an episode ends) or ``"wait"``.
+    max_decorrelation_steps: each env first takes a random number (0..this) of random
+      steps, reproducibly under ``seed``.
+    bootstrap_value: record ``agent.value`` of the observation after the last step.
+    final_observation: record the observation that ended each episode.
+    discount, traj_info: episode stats (``traj_info(discount=...)`` makes one per episode).
+    eval_env_fn, eval_n_envs, eval_max_steps, eval_max_trajectories: evaluation.
+    start_method: ``"fork"``, ``"spawn"``, ``"forkserver"`` or None (platform default).
+    torch_threads: torch threads per worker when torch is loaded there (None: leave as is).
+    cpu_affinity: per worker, a list of CPU ids to pin it to (``os.sched_setaffinity``).
+    shutdown_timeout: seconds ``shutdown()`` waits for workers before killing them.
+    """
+    kinds = sorted(KINDS) + ["auto"]
+    if kind not in kinds:
+        raise ValueError(f"unknown sampler kind {kind!r}; valid kinds: {', '.join(kinds)}")
+    if not callable(env_fn):
+        raise TypeError(f"env_fn must be a zero-argument callable that returns an env, got "
+                        f"{type(env_fn).__name__}; pass e.g. lambda: gymnasium.make('CartPole-v1')")
+    if eval_env_fn is not None and not callable(eval_env_fn):
+        raise TypeError(f"eval_env_fn must be a zero-argument callable or None, got "
+                        f"{type(eval_env_fn).__name__}")
+    if not callable(agent) and not callable(getattr(agent, "step", None)):
+        raise TypeError(f"agent must be a callable policy(observation) -> action or an object "
+                        f"with a step(observation, prev_action, prev_reward) method; got "
+                        f"{type(agent).__name__}")
+    batch_T = _int("batch_T", batch_T, 1)
+    batch_B = _int("batch_B", batch_B, 1)
+    n_workers = _int("n_workers", n_workers, 1, allow_none=True)
+    seed = _int("seed", seed, 0)
+    max_decorrelation_steps = _int("max_decorrelation_steps", max_decorrelation_steps, 0)
+    eval_n_envs = _int("eval_n_envs", eval_n_envs, 0)
+    eval_max_steps = _int("eval_max_steps", eval_max_steps, 1, allow_none=True)
+    eval_max_trajectories = _int("eval_max_trajectories", eval_max_trajectories, 1,
+                                 allow_none=True)
+    torch_threads = _int("torch_threads", torch_threads, 1, allow_none=True)
+    if reset_mode not in RESET_MODES:
+        raise ValueError(f"reset_mode must be one of {', '.join(map(repr, RESET_MODES))}, "
+                         f"got {reset_mode!r}")
+    if not isinstance(discount, numbers.Real) or not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount must be a number in [0, 1], got {discount!r}")
+    if not callable(traj_info):
+        raise TypeError(f"traj_info must be a TrajInfo subclass (or a callable accepting "
+                        f"discount=), got {traj_info!r}")
+    if eval_n_envs and eval_max_steps is None and eval_max_trajectories is None:
+        raise ValueError("eval_n_envs > 0 needs a stopping rule: set eval_max_steps and/or "
+                         "eval_max_trajectories")
+    if eval_max_steps is not None and eval_n_envs and eval_max_steps < eval_n_envs:
+        raise ValueError(f"eval_max_steps ({eval_max_steps}) counts steps over all eval envs "
+                         f"and must be >= eval_n_envs ({eval_n_envs})")
+    methods = mp.get_all_start_methods()
+    if start_method is not None and start_method not in methods:
+        raise ValueError(f"start_method must be one of {', '.join(map(repr, methods))} or None, "
+                         f"got {start_method!r}")
+    if not isinstance(shutdown_timeout, numbers.Real) or shutdown_timeout < 0:
+        raise ValueError(f"shutdown_timeout must be a number >= 0, got {shutdown_timeout!r}")
+    if cpu_affinity is not None:
+        cpu_affinity = _affinity(cpu_affinity)
+    opts = Options(batch_T=batch_T, batch_B=batch_B, n_workers=0, seed=seed,
+                   reset_mode=reset_mode, max_decorrelation_steps=max_decorrelation_steps,
+                   bootstrap_value=bool(bootstrap_value),
+                   final_observation=bool(final_observation), discount=float(discount),
+                   traj_info=traj_info, eval_env_fn=eval_env_fn or env_fn,
+                   eval_n_envs=eval_n_envs, eval_max_steps=eval_max_steps,
+                   eval_max_trajectories=eval_max_trajectories, start_method=start_method,
+                   torch_threads=torch_threads, cpu_affinity=cpu_affinity,
+                   shutdown_timeout=float(shutdown_timeout))
+    if bootstrap_value and not callable(getattr(agent, "value", None)):
+        raise TypeError("bootstrap_value=True needs an agent with a "
+                        "value(observation, prev_action, prev_reward) method")
+    if kind == "auto":
+        from .bench import choose_kind
+        kind, reason = choose_kind(env_fn, agent, opts, n_workers)
+        sampler = make_sampler(kind, env_fn, agent, **_kwargs(opts, n_workers))
+        sampler.auto_reason = reason
+        return sampler
+    opts.n_workers = _workers(kind, batch_B, n_workers)
+    if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
+                                or _default_method()) != "fork":
+        _check_picklable(env_fn, agent, eval_env_fn, kind)
+    return Sampler(kind, env_fn, agent, opts)
+
+
+def _kwargs(opts: Options, n_workers) -> dict:
+    return dict(batch_T=opts.batch_T, batch_B=opts.batch_B, n_workers=n_workers,
+                seed=opts.seed, reset_mode=opts.reset_mode,
+                max_decorrelation_steps=opts.max_decorrelation_steps,
+                bootstrap_value=opts.bootstrap_value, final_observation=opts.final_observation,
+                discount=opts.discount, traj_info=opts.traj_info, eval_env_fn=opts.eval_env_fn,
+                eval_n_envs=opts.eval_n_envs, eval_max_steps=opts.eval_max_steps,
+                eval_max_trajectories=opts.eval_max_trajectories,
+                start_method=opts.start_method, torch_threads=opts.torch_threads,
+                cpu_affinity=opts.cpu_affinity, shutdown_timeout=opts.shutdown_timeout)
+
+
+def _default_method() -> str:
+    return mp.get_context().get_start_method()
+
+
+def _workers(kind: str, batch_B: int, n_workers: int | None) -> int:
+    k = KINDS[kind]
+    if not k.workers:
+        return 0
+    if n_workers is None:
+        n = min(batch_B, usable_cpus())
+        if k.groups == 2:
+            n = max(2, n - n % 2)
+    else:
+        n = n_workers
+    if n > batch_B:
+        warnings.warn(f"n_workers={n} > batch_B={batch_B}: using {batch_B} workers (one env "
+                      f"each); the others would have no env to step", stacklevel=3)
+        n = batch_B
+        if k.groups == 2 and n % 2:
+            n -= 1
+    if k.groups == 2:
+        if n < 2 or n % 2:
+            raise ValueError(f"{kind!r} needs an even number of workers (two equal groups), "
+                             f"got n_workers={n}; use an even n_workers <= batch_B")
+        if batch_B % 2 or _group_sizes(batch_B, n)[0] != _group_sizes(batch_B, n)[1]:
+            raise ValueError(f"{kind!r} splits the envs into two equal groups: batch_B={batch_B} "
+                             f"over n_workers={n} gives groups of "
+                             f"{_group_sizes(batch_B, n)} envs; choose batch_B divisible by "
+                             f"n_workers (e.g. batch_B={n * max(1, batch_B // n)})")
+    return n
+
+
+def _group_sizes(batch_B: int, n: int) -> tuple:
+    from .samplers import split
+    sl = split(batch_B, n)
+    half = n // 2
+    return (sl[half - 1][1] - sl[0][0], sl[-1][1] - sl[half][0])
+
+
+def _affinity(spec: Sequence) -> list:
+    try:
+        out = [sorted({int(c) for c in cpus}) for cpus in spec]
+    except TypeError:
+        raise TypeError(f"cpu_affinity must be a list with one list of CPU ids per worker, "
+                        f"e.g. [[0], [1]]; got {spec!r}") from None
+    if not out or any(not cpus for cpus in out):
+        raise ValueError(f"cpu_affinity must hold a non-empty list of CPU ids per worker, "
+                         f"got {spec!r}")
+    if hasattr(os, "sched_getaffinity"):
+        allowed = os.sched_getaffinity(0)
+        bad = sorted({c for cpus in out for c in cpus} - allowed)
+        if bad:
+            raise ValueError(f"cpu_affinity names CPUs {bad} that this process may not use; "
+                             f"usable CPUs: {sorted(allowed)}")
+    return out
+
+
+def _check_picklable(env_fn, agent, eval_env_fn, kind: str) -> None:
+    import cloudpickle
+    items = [("env_fn", env_fn), ("eval_env_fn", eval_env_fn)]
+    if not KINDS[kind].served:
+        items.append(("agent", agent))
+    for name, obj in items:
+        if obj is None:
+            continue
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as e:
+            raise TypeError(
+                f"{name} cannot be pickled with cloudpickle ({type(e).__name__}: {e}); the "
+                f"{kind!r} kind sends it to worker processes started with spawn/forkserver. "
+                f"Build unpicklable things (locks, open files, sockets) inside env_fn, or use "
+                f"start_method='fork'") from e

@@ -1,0 +1,647 @@
+"""One sampler class for every kind; a kind is a row of :data:`KINDS`.
+
+Imports buffers, agents, collector and worker. The parent owns all resources
+(processes, pipes, semaphores, the shared segment) in :class:`_Resources`, whose
+``close`` runs on shutdown, on every error path and from a finalizer. The parent never
+waits without a bound: batch-level waits watch the workers' pipes and process
+sentinels, per-step waits poll worker liveness between semaphore time-outs.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import connection as mp_connection
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .agents import AgentRunner, write_checked
+from .buffers import SharedBuffer, is_tree, layout, spec_of, tree_leaves, tree_map, views
+from .collector import Collector, TrajInfo
+from .errors import RemoteTraceback, SamplerClosedError, WorkerError, tagged
+from .spaces import random_action_fn
+from .worker import restart_eval, run_batch, run_eval, worker_main
+
+__all__ = ["Kind", "KINDS", "Batch", "Sampler"]
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # between liveness checks while the parent waits on a semaphore
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a kind runs: where envs step, who calls the agent, and in how many groups."""
+
+    workers: bool  # envs step in worker processes (else in the parent)
+    served: bool   # the parent runs the agent for the workers' envs (action server)
+    groups: int    # worker groups served in turn
+    overlap: bool  # groups may step while the parent computes another group's actions
+
+
+KINDS = {
+    "serial": Kind(workers=False, served=False, groups=1, overlap=False),
+    "cpu": Kind(workers=True, served=False, groups=1, overlap=False),
+    "gpu": Kind(workers=True, served=True, groups=1, overlap=True),
+    "alternating": Kind(workers=True, served=True, groups=2, overlap=True),
+    "no_overlap_alternating": Kind(workers=True, served=True, groups=2, overlap=False),
+}
+
+
+class Batch(dict):
+    """A batch: a dict of ``[T, B, ...]`` arrays (nested dicts for dict spaces) whose keys
+    are also attributes. Arrays are views of the sampler's buffers, valid until the
+    next batch; ``traj_infos`` lists the episodes that finished during this batch."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass
+class Options:
+    """Validated options (built by :func:`sampling.make_sampler`)."""
+
+    batch_T: int
+    batch_B: int
+    n_workers: int
+    seed: int
+    reset_mode: str
+    max_decorrelation_steps: int
+    bootstrap_value: bool
+    final_observation: bool
+    discount: float
+    traj_info: Callable[..., TrajInfo]
+    eval_env_fn: Callable | None
+    eval_n_envs: int
+    eval_max_steps: int | None
+    eval_max_trajectories: int | None
+    start_method: str | None
+    torch_threads: int | None
+    cpu_affinity: list | None
+    shutdown_timeout: float
+
+
+def split(n: int, parts: int) -> list:
+    """``[(lo, hi)]`` for ``parts`` contiguous slices of ``range(n)``, extras to the first."""
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (i < extra)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class _Resources:
+    """Everything a sampler must release; ``close`` is idempotent and never raises."""
+
+    def __init__(self):
+        self.procs: list = []
+        self.conns: list = []
+        self.sems: list = []
+        self.shared: SharedBuffer | None = None
+        self.envs: list = []
+        self.timeout = 5.0
+
+    def close(self, graceful: bool = True) -> None:
+        procs, self.procs = self.procs, []
+        if graceful:
+            for c in self.conns:
+                try:
+                    c.send(("close",))
+                except Exception:
+                    pass
+            deadline = time.monotonic() + self.timeout
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(1.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for c in self.conns:
+            c.close()
+        self.conns, self.sems = [], []
+        if self.shared is not None:
+            self.shared.unlink()
+            self.shared = None
+        envs, self.envs = self.envs, []
+        for env in envs:
+            try:
+                env.close()
+            except Exception:
+                pass
+
+
+class Sampler:
+    """Collects ``[batch_T, batch_B]`` batches from ``batch_B`` envs in the way of one kind.
+
+    Made by :func:`sampling.make_sampler`; use it as a context manager (or call
+    :meth:`shutdown`). Attributes: ``kind``, ``batch_T``, ``batch_B``, ``n_workers``.
+    """
+
+    def __init__(self, kind: str, env_fn: Callable, agent: Any, opts: Options):
+        self.kind = kind
+        self._k = KINDS[kind]
+        self.batch_T, self.batch_B = opts.batch_T, opts.batch_B
+        self.n_workers = opts.n_workers if self._k.workers else 0
+        self._o = opts
+        self._itr = 0
+        self._eval_count = 0
+        self._closed_reason: str | None = None
+        self._res = _Resources()
+        self._res.timeout = opts.shutdown_timeout
+        self._finalizer = weakref.finalize(self, self._res.close, False)
+        self._runner = AgentRunner(agent)
+        try:
+            self._setup(env_fn, agent)
+        except BaseException:
+            self._close(graceful=False, reason="its construction failed")
+            raise
+
+    # -- construction --------------------------------------------------------------------
+    def _setup(self, env_fn: Callable, agent: Any) -> None:
+        o, k = self._o, self._k
+        T, B, E = o.batch_T, o.batch_B, o.eval_n_envs
+        obs, act_shape, act_dtype, env_info, agent_info = _probe(env_fn, self._runner, o.seed)
+        specs = {"main": _batch_specs(T, B, obs, act_shape, act_dtype, env_info, agent_info,
+                                      o.final_observation, o.bootstrap_value),
+                 "ctrl": ((2 + max(1, self.n_workers),), "<i8")}
+        if E:
+            specs["eval"] = _batch_specs(1, E, obs, act_shape, act_dtype, env_info, agent_info,
+                                         False, False)
+        # cpu workers run copies of the agent: its shared_arrays() travel through the segment.
+        share_params = (k.workers and not k.served
+                        and callable(getattr(agent, "shared_arrays", None)))
+        if share_params:
+            specs["params"] = spec_of(_numpy_tree(agent.shared_arrays()))
+        nbytes, placed = layout(specs)
+        if k.workers:
+            self._res.shared = SharedBuffer(nbytes)
+            arrays = views(self._res.shared.buf, placed)
+        else:
+            arrays = views(bytearray(nbytes), placed)
+        self._bufs = arrays["main"]
+        self._bufs["env_ids"] = np.arange(B)
+        self._ebufs = arrays.get("eval")
+        if E:
+            self._ebufs["env_ids"] = np.arange(B, B + E)
+        self._ctrl = arrays["ctrl"]
+        self._params = arrays["params"] if share_params else None
+        self._batch = self._make_batch()
+        wait = o.reset_mode == "wait"
+        if not k.workers:
+            envs = self._res.envs
+            for b in range(B):
+                envs.append(tagged(env_fn, f"env_fn() for env {b}"))
+            self._coll = Collector(envs, 0, self._bufs, batch_T=T, wait=wait,
+                                   traj_info=self._new_traj, where="serial sampler")
+            self._runner.call("reset")
+            self._coll.reset_all(o.seed, o.max_decorrelation_steps)
+            self._ecoll = None
+            return
+        if k.served:
+            self._runner.call("reset")
+        W = self.n_workers
+        self._slices = split(B, W)
+        self._eslices = split(E, W)
+        g = W // k.groups
+        self._groups = [(list(range(i * g, (i + 1) * g)), self._slices[i * g][0],
+                         self._slices[(i + 1) * g - 1][1]) for i in range(k.groups)]
+        self._start_workers(env_fn, agent, nbytes, placed, wait)
+
+    def _new_traj(self) -> TrajInfo:
+        return self._o.traj_info(discount=self._o.discount)
+
+    def _start_workers(self, env_fn, agent, nbytes, placed, wait) -> None:
+        import multiprocessing as mp
+        o, res = self._o, self._res
+        ctx = mp.get_context(o.start_method)
+        method = ctx.get_start_method()
+        common = dict(env_fn=env_fn, eval_env_fn=o.eval_env_fn or env_fn,
+                      agent=None if self._k.served else agent, batch_T=o.batch_T,
+                      batch_B=o.batch_B, eval_n=o.eval_n_envs, wait=wait, seed=o.seed,
+                      max_decorrelation_steps=o.max_decorrelation_steps,
+                      traj_info=functools.partial(o.traj_info, discount=o.discount),
+                      torch_threads=o.torch_threads)
+        for w in range(self.n_workers):
+            cfg = dict(common, slice=self._slices[w], eval_slice=self._eslices[w],
+                       cpu_affinity=o.cpu_affinity[w % len(o.cpu_affinity)]
+                       if o.cpu_affinity else None)
+            payload = cfg if method == "fork" else _dumps(cfg)
+            parent_conn, child_conn = ctx.Pipe()
+            obs_ready, act_ready = ctx.Semaphore(0), ctx.Semaphore(0)
+            p = ctx.Process(target=worker_main, name=f"sampling-{self.kind}-worker-{w}",
+                            args=(w, payload, res.shared.name, nbytes, placed, child_conn,
+                                  obs_ready, act_ready), daemon=True)
+            with _without_mpi_env():
+                p.start()
+            child_conn.close()
+            res.procs.append(p)
+            res.conns.append(parent_conn)
+            res.sems.append((obs_ready, act_ready))
+        self._gather(range(self.n_workers), "ready")
+        # Every worker has mapped the segment: drop its name so that nothing can leak it.
+        res.shared.unlink()
+        log.debug("%s sampler: %d workers started (%s)", self.kind, self.n_workers, method)
+
+    # -- batches -------------------------------------------------------------------------
+    def steps(self, n: int | None = None) -> Iterator[Batch]:
+        """Yield batches (``n`` of them, or forever); each is valid until the next."""
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"steps(n): n must be a non-negative int or None, got {n!r}")
+        count = 0
+        while n is None or count < n:
+            yield self.obtain_samples(self._itr)
+            count += 1
+
+    def obtain_samples(self, itr: int = 0) -> Batch:
+        """Collect and return one batch (rlpyt's name); ``itr`` reaches the agent's
+        ``sample_mode``."""
+        self._check_open()
+        try:
+            batch = self._obtain(itr)
+        except BaseException as e:
+            self._close(graceful=False, reason=f"{type(e).__name__} during obtain_samples")
+            raise
+        self._itr = itr + 1
+        return batch
+
+    def _obtain(self, itr: int) -> Batch:
+        k, bufs, runner = self._k, self._bufs, self._runner
+        if not k.workers:
+            runner.call("sample_mode", itr)
+            done = run_batch(self._coll, runner, None, bufs, itr)
+        elif not k.served:
+            runner.call("sample_mode", itr)
+            if self._params is not None:
+                _copy_params(self._params, self._runner.agent.shared_arrays())
+            self._send_all(("batch", itr))
+            done = self._merge(self._gather(range(self.n_workers), "done"))
+        else:
+            runner.call("sample_mode", itr)
+            self._send_all(("batch", itr))
+            self._serve(itr)
+            done = self._merge(self._gather(range(self.n_workers), "done"))
+        if "bootstrap_value" in bufs and (k.served or not k.workers):
+            T = self.batch_T
+            v = runner.value(_row(bufs["observation_full"], T), bufs["prev_action_full"][T],
+                             bufs["prev_reward_full"][T], bufs["env_ids"])
+            write_checked(bufs["bootstrap_value"], v, "bootstrap value", "agent.value returned")
+        batch = Batch(self._batch)
+        batch["traj_infos"] = [traj for _, _, traj in done]
+        return batch
+
+    def _serve(self, itr: int) -> None:
+        """The action server: per step, per group, wait for observations, act, release."""
+        bufs, runner, wait = self._bufs, self._runner, self._o.reset_mode == "wait"
+        groups, overlap = self._groups, self._k.overlap
+        pending = None
+        for t in range(self.batch_T):
+            for workers, lo, hi in groups:
+                self._wait_obs(workers)
+                if pending is not None:
+                    self._release(pending)
+                    pending = None
+                runner.act(bufs, t, lo, hi, wait, "action server")
+                if overlap:
+                    self._release(workers)
+                else:
+                    pending = workers
+        if pending is not None:
+            self._release(pending)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate_agent(self, itr: int = 0) -> list:
+        """Run the agent in eval mode on the eval envs; return finished episodes' TrajInfos.
+
+        Stops after ``eval_max_steps`` env steps in all (``// eval_n_envs`` per env) or
+        once ``eval_max_trajectories`` episodes finished, whichever comes first.
+        """
+        self._check_open()
+        o = self._o
+        if not o.eval_n_envs:
+            raise ValueError("evaluate_agent needs eval envs: pass eval_n_envs > 0 (and "
+                             "eval_env_fn, which defaults to env_fn) to make_sampler")
+        try:
+            return self._evaluate(itr)
+        except BaseException as e:
+            self._close(graceful=False, reason=f"{type(e).__name__} during evaluate_agent")
+            raise
+
+    def _evaluate(self, itr: int) -> list:
+        o, k, runner, ebufs, ctrl = self._o, self._k, self._runner, self._ebufs, self._ctrl
+        E = o.eval_n_envs
+        max_T = o.eval_max_steps // E if o.eval_max_steps is not None else 2**62
+        max_traj = o.eval_max_trajectories if o.eval_max_trajectories is not None else 2**62
+        ctrl[0], ctrl[1] = 0, max_traj
+        ctrl[2:] = 0
+        first = self._eval_count == 0
+        self._eval_count += 1
+        if not k.workers:
+            if self._ecoll is None:
+                env_fn = o.eval_env_fn
+                for e in range(E):
+                    self._res.envs.append(tagged(env_fn, f"eval_env_fn() for eval env {e}"))
+                self._ecoll = Collector(self._res.envs[self.batch_B:], 0, ebufs, batch_T=1,
+                                        wait=False, traj_info=self._new_traj,
+                                        where="serial sampler (eval)")
+            runner.call("eval_mode", itr)
+            restart_eval(self._ecoll, runner, o.seed + self.batch_B, first)
+            results = run_eval(self._ecoll, runner, None, ebufs, max_T, ctrl, 2)
+        elif not k.served:
+            runner.call("eval_mode", itr)
+            if self._params is not None:
+                _copy_params(self._params, self._runner.agent.shared_arrays())
+            self._send_all(("eval", itr, max_T))
+            results = self._merge(self._gather(range(self.n_workers), "done"))
+        else:
+            runner.call("eval_mode", itr)
+            self._send_all(("eval", itr, max_T))
+            everyone = list(range(self.n_workers))
+            runner.reset_started(np.ones(E, bool), ebufs["env_ids"])
+            finished = 0
+            for step in range(max_T + 1):
+                self._wait_obs(everyone)
+                if step:
+                    finished += int(ebufs["done"][0].sum())
+                if step == max_T or finished >= max_traj:
+                    ctrl[0] = 1
+                    self._release(everyone)
+                    break
+                runner.act(ebufs, 0, 0, E, False, "action server (eval)")
+                self._release(everyone)
+            results = self._merge(self._gather(everyone, "done"))
+        results.sort(key=lambda r: (r[0], r[1]))
+        return [traj for _, _, traj in results[:max_traj]]
+
+    # -- parent side of the protocol -----------------------------------------------------
+    def _send_all(self, msg: tuple) -> None:
+        for w, c in enumerate(self._res.conns):
+            try:
+                c.send(msg)
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                self._raise_worker_error(w)
+
+    def _gather(self, workers, expect: str) -> dict:
+        """Wait for one ``expect`` message from each of ``workers``; fail fast on any error."""
+        res = self._res
+        pending = {res.conns[w]: w for w in workers}
+        out = {}
+        while pending:
+            sentinels = {res.procs[w].sentinel: w for w in pending.values()}
+            ready = mp_connection.wait(list(pending) + list(sentinels), timeout=1.0)
+            for obj in ready:
+                if obj in pending:
+                    w = pending.pop(obj)
+                    try:
+                        msg = obj.recv()
+                    except (EOFError, OSError):
+                        self._raise_worker_error(w)
+                    if msg[0] != expect:
+                        self._raise_worker_error(w, msg)
+                    out[w] = msg[1] if len(msg) > 1 else None
+            for obj in ready:
+                w = sentinels.get(obj)
+                if w is not None and res.conns[w] in pending:
+                    self._raise_worker_error(w)
+        return out
+
+    def _wait_obs(self, workers) -> None:
+        sems = self._res.sems
+        for w in workers:
+            sem = sems[w][0]
+            while not sem.acquire(timeout=POLL_S):
+                self._check_workers()
+
+    def _release(self, workers) -> None:
+        sems = self._res.sems
+        for w in workers:
+            sems[w][1].release()
+
+    def _check_workers(self) -> None:
+        for w, (p, c) in enumerate(zip(self._res.procs, self._res.conns)):
+            if c.poll() or p.exitcode is not None:
+                self._raise_worker_error(w)
+
+    def _raise_worker_error(self, w: int, msg: tuple | None = None):
+        conn, proc = self._res.conns[w], self._res.procs[w]
+        if msg is None:
+            try:
+                if conn.poll(0.2):  # an error report may be just behind the exit
+                    msg = conn.recv()
+            except (EOFError, OSError):
+                msg = None
+        lo, hi = self._slices[w]
+        envs = list(range(lo, hi))
+        head = f"{self.kind} sampler: worker {w} (envs {lo}..{hi - 1})"
+        cause = None
+        if msg is not None and msg[0] == "error":
+            _, cause, tb = msg
+            where = getattr(cause, "sampling_where", None)
+            cause.__cause__ = RemoteTraceback(tb)
+            err = WorkerError(
+                f"{head} raised {type(cause).__name__}: {cause}"
+                + (f" (in {where})" if where else "")
+                + "; its traceback is shown above and in .remote_traceback",
+                w, envs, None, tb)
+        else:
+            proc.join(0.5)
+            code = proc.exitcode
+            if code is None:
+                how = "stopped answering (its pipe closed)"
+            elif code < 0:
+                how = f"was killed by signal {_signame(-code)}"
+            else:
+                how = f"exited with code {code}"
+            err = WorkerError(f"{head} {how} without reporting an error; if nothing killed "
+                              f"it, check the system log for the out-of-memory killer or "
+                              f"look for os._exit/sys.exit in the env", w, envs, code, None)
+        self._close(graceful=False, reason=str(err))
+        raise err from cause
+
+    # -- shutdown ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed_reason is not None:
+            raise SamplerClosedError(f"the {self.kind} sampler is closed ({self._closed_reason}); "
+                                     f"make a new one with make_sampler")
+
+    def _close(self, graceful: bool, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+        self._finalizer.detach()
+        self._res.close(graceful)
+
+    def shutdown(self) -> None:
+        """Stop workers and release shared memory; idempotent."""
+        self._close(graceful=True, reason="shut down")
+
+    close = shutdown
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close(graceful=exc[0] is None, reason="shut down")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed_reason else "open"
+        return (f"<Sampler kind={self.kind!r} batch_T={self.batch_T} batch_B={self.batch_B} "
+                f"n_workers={self.n_workers} {state}>")
+
+    def _make_batch(self) -> Batch:
+        b, T = self._bufs, self.batch_T
+        obs = tree_map(lambda a: a[:T], b["observation_full"])
+        batch = Batch(observation=obs, prev_action=b["prev_action_full"][:T],
+                      prev_reward=b["prev_reward_full"][:T], action=b["action"],
+                      agent_info=b["agent_info"], reward=b["reward"],
+                      terminated=b["terminated"], truncated=b["truncated"], done=b["done"],
+                      env_info=b["env_info"])
+        for k in ("final_observation", "bootstrap_value"):
+            if k in b:
+                batch[k] = b[k]
+        return batch
+
+    @staticmethod
+    def _merge(msgs: dict) -> list:
+        out = []
+        for w in sorted(msgs):
+            out.extend(msgs[w])
+        out.sort(key=lambda r: (r[0], r[1]))
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _probe(env_fn: Callable, runner: AgentRunner, seed: int) -> tuple:
+    """Build one separate env to learn the layout: observation, action, infos.
+
+    Training envs are never stepped before their seeded reset; this env is thrown away.
+    """
+    env = tagged(env_fn, "env_fn() for the probe env (the parent builds one to size buffers)")
+    try:
+        obs, _ = env.reset(seed=seed)
+        space = env.action_space
+        a = random_action_fn(space, np.random.default_rng(seed))(1)
+        shape, dtype = getattr(space, "shape", None), getattr(space, "dtype", None)
+        if shape is None or dtype is None:
+            raise TypeError(f"the env's action_space {space!r} has no shape/dtype; "
+                            f"dict or tuple action spaces are not supported")
+        a0 = a[0]
+        out = env.step(a0.item() if np.ndim(a0) == 0 and np.dtype(dtype).kind in "iub" else a0)
+        if not isinstance(out, tuple) or len(out) != 5:
+            raise TypeError("env.step must return (observation, reward, terminated, truncated, "
+                            "info) as in the gymnasium API; got "
+                            f"{type(out).__name__} of length {len(out) if isinstance(out, tuple) else '?'}")
+        info = out[4] or {}
+    finally:
+        try:
+            env.close()
+        except Exception:
+            pass
+    env_info = _numeric(info)
+    obs = tree_map(np.asarray, obs)
+    obs1 = tree_map(lambda x: x[None], obs)
+    act_shape, act_dtype = tuple(shape), np.dtype(dtype).str
+    action, agent_info = runner.step(obs1, np.zeros((1,) + act_shape, act_dtype),
+                                     np.zeros(1, np.float32), np.arange(1))
+    action = _np(action)
+    if action.shape != (1,) + act_shape:
+        raise ValueError(f"the agent returned actions of shape {action.shape} for 1 env; "
+                         f"expected {(1,) + act_shape} (one row per env, shaped like the action "
+                         f"space {space!r})")
+    agent_info = tree_map(lambda x: _np(x)[0], agent_info) if agent_info else {}
+    return obs, act_shape, act_dtype, env_info, agent_info
+
+
+def _numeric(info: dict) -> dict:
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            sub = _numeric(v)
+            if sub:
+                out[k] = sub
+            continue
+        try:
+            a = np.asarray(v)
+        except Exception:
+            continue
+        if a.dtype.kind in "biuf":
+            out[k] = a
+    return out
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _numpy_tree(x: Any) -> Any:
+    return tree_map(_np, x) if is_tree(x) else _np(x)
+
+
+def _copy_params(dst: dict, src: Any) -> None:
+    for path, arr in tree_leaves(dst):
+        v = src
+        for k in path:
+            v = v[k]
+        np.copyto(arr, _np(v))
+
+
+def _batch_specs(T, B, obs, act_shape, act_dtype, env_info, agent_info, final_obs, bootstrap):
+    s = {
+        "observation_full": spec_of(obs, (T + 1, B)),
+        "prev_action_full": ((T + 1, B) + act_shape, act_dtype),
+        "prev_reward_full": ((T + 1, B), "<f4"),
+        "action": ((T, B) + act_shape, act_dtype),
+        "agent_info": spec_of(agent_info, (T, B)),
+        "reward": ((T, B), "<f4"),
+        "terminated": ((T, B), "|b1"),
+        "truncated": ((T, B), "|b1"),
+        "done": ((T, B), "|b1"),
+        "env_info": spec_of(env_info, (T, B)),
+    }
+    if final_obs:
+        s["final_observation"] = spec_of(obs, (T, B))
+    if bootstrap:
+        s["bootstrap_value"] = ((B,), "<f4")
+    return s
+
+
+def _row(tree, t):
+    return tree_map(lambda a: a[t], tree) if is_tree(tree) else tree[t]
+
+
+def _dumps(obj: Any) -> bytes:
+    import cloudpickle
+    return cloudpickle.dumps(obj)
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return str(n)
+
+
+@contextmanager
+def _without_mpi_env():
+    # An MPI launcher's variables make a child believe it is an MPI rank (and hang in init).
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if k.startswith(("OMPI_", "PMI_", "PMIX_"))}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

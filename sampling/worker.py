@@ -1,0 +1,223 @@
+"""The one process loop behind every parallel kind.
+
+Imports the collector and agents modules; nothing imports it but :mod:`sampling.samplers`.
+A worker owns a slice of envs (and of eval envs), writes its columns of the shared
+batch, and either runs its own copy of the agent (``cpu``) or hands observations to
+the parent and waits for actions (action-server kinds). Everything, ``env_fn()``
+included, runs inside one ``try``: any failure reaches the parent as a message with
+the traceback, and a worker whose parent is gone exits on its own.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import traceback
+
+import numpy as np
+
+from .agents import AgentRunner, write_checked
+from .buffers import SharedBuffer, is_tree, tree_leaves, tree_map, views
+from .collector import Collector
+from .errors import tagged
+
+POLL_S = 0.5  # how often a waiting worker checks that its parent is alive
+
+
+class ParentGone(Exception):
+    pass
+
+
+class Handoff:
+    """The worker's side of the per-step exchange with an action server."""
+
+    def __init__(self, obs_ready, act_ready):
+        self.obs_ready, self.act_ready = obs_ready, act_ready
+        self.ppid = os.getppid()
+        self.parent = mp.parent_process()
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.ppid and (self.parent is None or self.parent.is_alive())
+
+    def exchange(self) -> None:
+        """Tell the parent this step's observations are written; wait for its actions."""
+        self.obs_ready.release()
+        while not self.act_ready.acquire(timeout=POLL_S):
+            if not self.parent_alive():
+                raise ParentGone
+
+
+def _recv(conn, handoff: Handoff):
+    while not conn.poll(POLL_S):
+        if not handoff.parent_alive():
+            raise ParentGone
+    return conn.recv()
+
+
+def run_batch(coll: Collector, runner, handoff, bufs: dict, itr: int) -> list:
+    """Collect one ``[T, slice]`` batch, with the local agent or through the handoff."""
+    coll.begin_batch()
+    lo, hi, wait, where = coll.lo, coll.hi, coll.wait, coll.where
+    for t in range(coll.T):
+        if runner is not None:
+            runner.act(bufs, t, lo, hi, wait, where)
+        else:
+            handoff.exchange()
+        coll.step_envs(t)
+    return coll.end_batch()
+
+
+def run_eval(coll: Collector, runner, handoff, bufs: dict, max_steps: int, ctrl: np.ndarray,
+             count_slot: int) -> list:
+    """Step eval envs until ``max_steps`` or a stop; return ``(step, env, TrajInfo)`` tuples.
+
+    With a local agent the stop is the shared count of finished episodes reaching
+    ``ctrl[1]``; with an action server the parent raises ``ctrl[0]`` instead.
+    """
+    results = []
+    lo, hi, where = coll.lo, coll.hi, coll.where
+    for step in range(max_steps + 1):
+        coll.begin_batch()
+        if runner is not None:
+            if step == max_steps or ctrl[0] or ctrl[2:].sum() >= ctrl[1]:
+                break
+            runner.act(bufs, 0, lo, hi, False, where)
+        else:
+            handoff.exchange()
+            if ctrl[0]:
+                break
+        coll.step_envs(0)
+        done = coll.end_batch()
+        results.extend((step, b, traj) for _, b, traj in done)
+        if done and count_slot >= 0:
+            ctrl[count_slot] += len(done)
+    return results
+
+
+def restart_eval(coll: Collector, runner, seed: int, first: bool) -> None:
+    """Reset eval envs at the start of an evaluation (seeded only the first time)."""
+    c = coll.cols
+    for j, env in enumerate(coll.envs):
+        o, _ = env.reset(seed=seed + coll.lo + j) if first else env.reset()
+        coll.write_obs(1, j, o)
+    c["prev_action_full"][1] = 0
+    c["prev_reward_full"][1] = 0
+    c["done"][...] = False
+    coll.waiting = [False] * len(coll.envs)
+    coll.trajs = [coll.new_traj() for _ in coll.envs]
+    if runner is not None:
+        runner.reset_started(np.ones(len(coll.envs), bool), coll.bufs["env_ids"][coll.lo:coll.hi])
+
+
+def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
+                obs_ready, act_ready) -> None:
+    """Entry point of worker ``w`` (the target of every worker process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    handoff = Handoff(obs_ready, act_ready)
+    envs, eval_envs = [], []
+    try:
+        if isinstance(payload, bytes):
+            import cloudpickle
+            payload = cloudpickle.loads(payload)
+        cfg = payload
+        lo, hi = cfg["slice"]
+        elo, ehi = cfg["eval_slice"]
+        where = f"worker {w}"
+        shared = SharedBuffer(nbytes, name=shm_name)
+        arrays = views(shared.buf, placed)
+        bufs, ebufs, ctrl = arrays["main"], arrays.get("eval"), arrays["ctrl"]
+        _limit_threads(cfg["torch_threads"])
+        if cfg["cpu_affinity"] is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cfg["cpu_affinity"])
+        env_fn = cfg["env_fn"]
+        envs = [tagged(env_fn, f"env_fn() for env {b}") for b in range(lo, hi)]
+        runner = AgentRunner(cfg["agent"]) if cfg["agent"] is not None else None
+        bufs["env_ids"] = np.arange(cfg["batch_B"])
+        coll = Collector(envs, lo, bufs, batch_T=cfg["batch_T"], wait=cfg["wait"],
+                         traj_info=cfg["traj_info"], where=where)
+        if runner is not None:
+            runner.call("reset")
+        coll.reset_all(cfg["seed"], cfg["max_decorrelation_steps"])
+        _limit_threads(cfg["torch_threads"])  # env_fn may have imported torch
+        shared_params = arrays.get("params")
+        conn.send(("ready",))
+        ecoll, first_eval = None, True
+        while True:
+            msg = _recv(conn, handoff)
+            cmd = msg[0]
+            if cmd == "batch":
+                itr = msg[1]
+                if runner is not None:
+                    if shared_params:
+                        _load_params(runner.agent, shared_params)
+                    runner.call("sample_mode", itr)
+                done = run_batch(coll, runner, handoff, bufs, itr)
+                if runner is not None and "bootstrap_value" in bufs:
+                    T = coll.T
+                    v = runner.value(_rows(bufs["observation_full"], T, lo, hi),
+                                     bufs["prev_action_full"][T, lo:hi],
+                                     bufs["prev_reward_full"][T, lo:hi], bufs["env_ids"][lo:hi])
+                    write_checked(bufs["bootstrap_value"][lo:hi], v,
+                                  f"bootstrap value for envs {lo}..{hi - 1} ({where})",
+                                  "agent.value returned")
+                conn.send(("done", done))
+            elif cmd == "eval":
+                itr, max_steps = msg[1], msg[2]
+                if ecoll is None:
+                    eval_env_fn = cfg["eval_env_fn"]
+                    eval_envs = [tagged(eval_env_fn, f"eval_env_fn() for eval env {e}")
+                                 for e in range(elo, ehi)]
+                    ebufs["env_ids"] = np.arange(cfg["batch_B"], cfg["batch_B"] + cfg["eval_n"])
+                    ecoll = Collector(eval_envs, elo, ebufs, batch_T=1, wait=False,
+                                      traj_info=cfg["traj_info"], where=where + " (eval)")
+                if runner is not None:
+                    if shared_params:
+                        _load_params(runner.agent, shared_params)
+                    runner.call("eval_mode", itr)
+                restart_eval(ecoll, runner, cfg["seed"] + cfg["batch_B"], first_eval)
+                first_eval = False
+                slot = 2 + w if runner is not None else -1
+                conn.send(("done", run_eval(ecoll, runner, handoff, ebufs, max_steps, ctrl, slot)))
+            elif cmd == "close":
+                break
+    except ParentGone:
+        pass
+    except BaseException as e:  # noqa: B036 - everything must reach the parent
+        _report(conn, e)
+    finally:
+        for env in envs + eval_envs:
+            try:
+                env.close()
+            except Exception:
+                pass
+
+
+def _rows(tree, t, lo, hi):
+    return tree_map(lambda a: a[t, lo:hi], tree) if is_tree(tree) else tree[t, lo:hi]
+
+
+def _report(conn, e: BaseException) -> None:
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    try:
+        conn.send(("error", e, tb))
+    except Exception:  # the exception itself may not pickle
+        try:
+            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), tb))
+        except Exception:
+            pass
+
+
+def _limit_threads(n) -> None:
+    torch = sys.modules.get("torch")
+    if n is not None and torch is not None:
+        torch.set_num_threads(n)
+
+
+def _load_params(agent, shared: dict) -> None:
+    own = agent.shared_arrays()
+    for path, arr in tree_leaves(shared):
+        dst = own
+        for k in path:
+            dst = dst[k]
+        np.copyto(dst, arr)
