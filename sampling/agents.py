@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .buffers import is_tree, tree_leaves, tree_map
+from .buffers import tree_leaves, tree_map
 from .spaces import random_action_fn
 
 __all__ = ["RandomAgent", "AgentRunner"]
@@ -27,11 +27,17 @@ class RandomAgent:
         self.action_space = action_space
         self.seed = seed
         self._sample = random_action_fn(action_space, np.random.default_rng(seed))
+        self._pool, self._used = None, 0
 
     def step(self, observation, prev_action=None, prev_reward=None, env_ids=None):
         n = len(prev_reward) if prev_reward is not None else len(next(iter(
             dict(tree_leaves(observation)).values())))
-        return self._sample(n), None
+        # Draw many steps' worth at once: one generator call per step would cost more than
+        # the sampler's own per-step work, and this agent exists to measure the sampler.
+        if self._pool is None or self._used + n > len(self._pool):
+            self._pool, self._used = self._sample(max(4096, n)), 0
+        self._used += n
+        return self._pool[self._used - n:self._used], None
 
     def __getstate__(self):
         return {"action_space": self.action_space, "seed": self.seed}
@@ -70,6 +76,7 @@ class AgentRunner:
         value = getattr(agent, "value", None) if self.protocol else None
         self._value = value
         self._value_ids = value is not None and _accepts_env_ids(value)
+        self._views: dict = {}  # (id(buffers), lo, hi) -> _SliceViews
 
     # -- lifecycle hooks; absent methods are no-ops ------------------------------------
     def call(self, name: str, *args) -> None:
@@ -90,7 +97,8 @@ class AgentRunner:
         else:
             out = self._step(observation, prev_action, prev_reward)
         if not isinstance(out, tuple) or len(out) != 2:
-            raise TypeError(f"agent.step must return (action, agent_info); got {type(out).__name__}")
+            raise TypeError(f"agent.step must return (action, agent_info); "
+                            f"got {type(out).__name__}")
         return out
 
     def value(self, observation, prev_action, prev_reward, env_ids) -> Any:
@@ -110,24 +118,43 @@ class AgentRunner:
         In wait mode, envs whose episode ended earlier in the batch get zero actions and
         infos. ``where`` names the caller for error messages.
         """
-        done = view["done"]
+        sv = self._views.get((id(view), lo, hi))
+        if sv is None:
+            sv = self._views[(id(view), lo, hi)] = _SliceViews(view, lo, hi, where)
         if self._reset_one is not None and (t == 0 or not wait):
-            self.reset_started(done[t - 1, lo:hi], view["env_ids"][lo:hi])
-        obs = view["observation_full"]
-        obs = tree_map(lambda a: a[t, lo:hi], obs) if is_tree(obs) else obs[t, lo:hi]
-        action, info = self.step(obs, view["prev_action_full"][t, lo:hi],
-                                 view["prev_reward_full"][t, lo:hi], view["env_ids"][lo:hi])
-        dst = view["action"][t, lo:hi]
-        write_checked(dst, action, f"agent action for envs {lo}..{hi - 1} ({where})",
-                      "agent.step returned")
-        if view["agent_info"]:
-            write_info(view["agent_info"], t, lo, hi, info, where)
+            self.reset_started(sv.done[t - 1], sv.env_ids)
+        action, info = self.step(sv.obs[t], sv.prev_action[t], sv.prev_reward[t], sv.env_ids)
+        dst = sv.action[t]
+        if (action.__class__ is np.ndarray and action.shape == dst.shape
+                and action.dtype == dst.dtype):
+            dst[...] = action
+        else:
+            write_checked(dst, action, sv.what, "agent.step returned")
+        if sv.info:
+            write_info(sv.info[t], info, sv.what)
         if wait and t > 0:
-            waiting = done[t - 1, lo:hi]
+            waiting = sv.done[t - 1]
             if waiting.any():
                 dst[waiting] = 0
-                for _, arr in tree_leaves(view["agent_info"]):
-                    arr[t, lo:hi][waiting] = 0
+                for _, arr in sv.info[t]:
+                    arr[waiting] = 0
+
+
+class _SliceViews:
+    """Views of envs ``lo:hi`` at every step of a batch, made once: the hot loop indexes lists."""
+
+    def __init__(self, view: dict, lo: int, hi: int, where: str):
+        T = view["action"].shape[0]
+        obs = view["observation_full"]
+        self.obs = [tree_map(lambda a, t=t: a[t, lo:hi], obs) for t in range(T + 1)]
+        self.prev_action = [view["prev_action_full"][t, lo:hi] for t in range(T + 1)]
+        self.prev_reward = [view["prev_reward_full"][t, lo:hi] for t in range(T + 1)]
+        self.action = [view["action"][t, lo:hi] for t in range(T)]
+        self.done = [view["done"][t, lo:hi] for t in range(T)]
+        leaves = list(tree_leaves(view["agent_info"]))
+        self.info = [[(p, a[t, lo:hi]) for p, a in leaves] for t in range(T)] if leaves else None
+        self.env_ids = view["env_ids"][lo:hi]
+        self.what = f"envs {lo}..{hi - 1} ({where})"
 
 
 def write_checked(dst: np.ndarray, src: Any, what: str, verb: str) -> None:
@@ -145,18 +172,21 @@ def write_checked(dst: np.ndarray, src: Any, what: str, verb: str) -> None:
                         f"{dst.dtype}") from e
 
 
-def write_info(bufs: dict, t: int, lo: int, hi: int, info: Any, where: str) -> None:
-    """Write an agent_info dict into its ``[T, B]`` buffers (missing keys are an error)."""
-    if info is None:
-        raise ValueError(f"agent.step returned agent_info=None for envs {lo}..{hi - 1} ({where}) "
-                         f"but returned a dict on the first call; keep it consistent")
-    for path, arr in tree_leaves(bufs):
+def write_info(leaves: list, info: Any, what: str) -> None:
+    """Write an agent_info dict into one step's views (a missing key is an error)."""
+    if not isinstance(info, dict):
+        raise TypeError(f"agent.step returned agent_info of type {type(info).__name__} for "
+                        f"{what}; it returned a dict on the first call: keep it consistent")
+    for path, arr in leaves:
         v = info
         try:
             for k in path:
                 v = v[k]
         except (KeyError, TypeError, IndexError):
-            raise KeyError(f"agent_info is missing {'/'.join(map(str, path))!r} for envs "
-                           f"{lo}..{hi - 1} ({where}); it had it on the first call") from None
-        write_checked(arr[t, lo:hi], v, f"agent_info[{'/'.join(map(str, path))!r}] for envs "
-                      f"{lo}..{hi - 1} ({where})", "agent.step returned")
+            raise KeyError(f"agent_info is missing {'/'.join(map(str, path))!r} for {what}; "
+                           f"it had it on the first call") from None
+        if v.__class__ is np.ndarray and v.shape == arr.shape and v.dtype == arr.dtype:
+            arr[...] = v
+        else:
+            write_checked(arr, v, f"agent_info[{'/'.join(map(str, path))!r}] for {what}",
+                          "agent.step returned")

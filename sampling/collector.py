@@ -105,7 +105,17 @@ class Collector:
         self.cols["observation"] = self.cols["observation_full"]
         obs = self.cols["observation_full"]
         self.obs_tree = is_tree(obs)
-        if not self.obs_tree:
+        # Views made once, so the per-step loop allocates none: per step, the fields it
+        # writes; per step and env, the observation row (array observations only).
+        c = self.cols
+        self.rows = [(c["action"][t], c["reward"][t], c["terminated"][t], c["truncated"][t],
+                      c["done"][t], c["prev_action_full"][t + 1], c["prev_reward_full"][t + 1])
+                     for t in range(batch_T)]
+        if self.obs_tree:
+            self.obs_rows = [None] * (batch_T + 1)
+            self.obs_shape = self.obs_dtype = None
+        else:
+            self.obs_rows = [list(obs[t]) for t in range(batch_T + 1)]
             self.obs_shape, self.obs_dtype = obs.shape[2:], obs.dtype
         self.obs_leaves = list(tree_leaves(obs))
         self.info_leaves = [(path, arr) for path, arr in tree_leaves(self.cols["env_info"])]
@@ -122,14 +132,14 @@ class Collector:
         """First (seeded) reset of every env, then optional random-action decorrelation."""
         T = self.T
         for j, env in enumerate(self.envs):
-            o, _ = tagged(lambda: env.reset(seed=seed + self.lo + j),
-                          f"the first reset of env {self.lo + j}")
+            o, _ = tagged(env.reset, f"the first reset of env {self.lo + j}",
+                          seed=seed + self.lo + j)
             self.write_obs(T, j, o)
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for j in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
-            tagged(lambda: self._decorrelate(j, seed, max_decorrelation_steps),
-                   f"decorrelation of env {self.lo + j}")
+            tagged(self._decorrelate, f"decorrelation of env {self.lo + j}",
+                   j, seed, max_decorrelation_steps)
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
         env, b, T = self.envs[j], self.lo + j, self.T
@@ -182,15 +192,13 @@ class Collector:
 
     def step_envs(self, t: int) -> None:
         """Step every env with ``action[t]`` and record the results in rows t and t+1."""
-        c = self.cols
-        acts = c["action"][t]
-        acts = acts.tolist() if self.act_discrete else list(acts.copy())
+        action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
+        acts = action.tolist() if self.act_discrete else list(action.copy())
         rews, terms, truncs, waiting = self.rews, self.terms, self.truncs, self.waiting
         ended = []
         info_leaves = self.info_leaves
-        fast_obs = not self.obs_tree
-        if fast_obs:
-            nxt, shape, dtype = c["observation_full"][t + 1], self.obs_shape, self.obs_dtype
+        nxt = self.obs_rows[t + 1]  # per-env row views; None for dict observations
+        shape, dtype = self.obs_shape, self.obs_dtype
         j = 0
         try:
             for j, env in enumerate(self.envs):
@@ -207,27 +215,27 @@ class Collector:
                 if te or tr:
                     ended.append((j, o))
                     o = self._end_episode(t, j, o)
-                if fast_obs and o.__class__ is np.ndarray and o.shape == shape and (
+                if nxt is not None and o.__class__ is np.ndarray and o.shape == shape and (
                         o.dtype is dtype or o.dtype == dtype):
-                    nxt[j] = o
+                    nxt[j][...] = o
                 else:
                     self.write_obs(t + 1, j, o)
         except Exception as e:
             tag(e, f"env {self.lo + j}, step {t} of the batch")
             raise
         try:
-            c["reward"][t] = rews
+            reward[...] = rews
         except (TypeError, ValueError) as e:
             raise TypeError(f"{self.where}: an env in {self.lo}..{self.hi - 1} returned a "
                             f"non-numeric reward at step {t}: {rews}") from e
-        c["terminated"][t] = terms
-        c["truncated"][t] = truncs
-        np.logical_or(c["terminated"][t], c["truncated"][t], out=c["done"][t])
-        c["prev_action_full"][t + 1] = c["action"][t]
-        c["prev_reward_full"][t + 1] = c["reward"][t]
+        term[...] = terms
+        trunc[...] = truncs
+        np.logical_or(term, trunc, out=done)
+        prev_action[...] = action
+        prev_reward[...] = reward
         for j, final in ended:
-            c["prev_action_full"][t + 1, j] = 0
-            c["prev_reward_full"][t + 1, j] = 0
+            prev_action[j] = 0
+            prev_reward[j] = 0
             traj = self.trajs[j]
             traj.update(Segment(self.cols, self.ep_start[j], t + 1, j))
             self.completed.append((t, self.lo + j, traj.terminate(final)))

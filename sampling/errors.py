@@ -59,10 +59,10 @@ def tag(e: BaseException, where: str) -> None:
             pass
 
 
-def tagged(fn: Callable[[], Any], where: str) -> Any:
-    """Call ``fn()``; tag any exception with ``where``."""
+def tagged(fn: Callable[..., Any], where: str, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn(*args, **kwargs)``; tag any exception with ``where``."""
     try:
-        return fn()
+        return fn(*args, **kwargs)
     except Exception as e:
         tag(e, where)
         raise

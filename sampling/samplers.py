@@ -26,13 +26,11 @@ from .buffers import SharedBuffer, is_tree, layout, spec_of, tree_leaves, tree_m
 from .collector import Collector, TrajInfo
 from .errors import RemoteTraceback, SamplerClosedError, WorkerError, tagged
 from .spaces import random_action_fn
-from .worker import restart_eval, run_batch, run_eval, worker_main
+from .worker import acquire, restart_eval, run_batch, run_eval, worker_main
 
 __all__ = ["Kind", "KINDS", "Batch", "Sampler"]
 
 log = logging.getLogger(__name__)
-
-POLL_S = 0.1  # between liveness checks while the parent waits on a semaphore
 
 
 @dataclass(frozen=True)
@@ -178,7 +176,7 @@ class Sampler:
         obs, act_shape, act_dtype, env_info, agent_info = _probe(env_fn, self._runner, o.seed)
         specs = {"main": _batch_specs(T, B, obs, act_shape, act_dtype, env_info, agent_info,
                                       o.final_observation, o.bootstrap_value),
-                 "ctrl": ((2 + max(1, self.n_workers),), "<i8")}
+                 "ctrl": ((1,), "<i8")}  # ctrl[0]: the parent's "stop evaluating" flag
         if E:
             specs["eval"] = _batch_specs(1, E, obs, act_shape, act_dtype, env_info, agent_info,
                                          False, False)
@@ -346,10 +344,9 @@ class Sampler:
         E = o.eval_n_envs
         max_T = o.eval_max_steps // E if o.eval_max_steps is not None else 2**62
         max_traj = o.eval_max_trajectories if o.eval_max_trajectories is not None else 2**62
-        ctrl[0], ctrl[1] = 0, max_traj
-        ctrl[2:] = 0
         first = self._eval_count == 0
         self._eval_count += 1
+        runner.call("eval_mode", itr)
         if not k.workers:
             if self._ecoll is None:
                 env_fn = o.eval_env_fn
@@ -358,20 +355,18 @@ class Sampler:
                 self._ecoll = Collector(self._res.envs[self.batch_B:], 0, ebufs, batch_T=1,
                                         wait=False, traj_info=self._new_traj,
                                         where="serial sampler (eval)")
-            runner.call("eval_mode", itr)
             restart_eval(self._ecoll, runner, o.seed + self.batch_B, first)
-            results = run_eval(self._ecoll, runner, None, ebufs, max_T, ctrl, 2)
-        elif not k.served:
-            runner.call("eval_mode", itr)
-            if self._params is not None:
-                _copy_params(self._params, self._runner.agent.shared_arrays())
-            self._send_all(("eval", itr, max_T))
-            results = self._merge(self._gather(range(self.n_workers), "done"))
+            results = run_eval(self._ecoll, runner, None, ebufs, max_T, max_traj, ctrl)
         else:
-            runner.call("eval_mode", itr)
+            # Lockstep: workers report every step; the parent counts finished episodes over
+            # all eval envs and says when to stop, so every kind stops at the same step.
+            if self._params is not None:
+                _copy_params(self._params, runner.agent.shared_arrays())
+            ctrl[0] = 0
             self._send_all(("eval", itr, max_T))
             everyone = list(range(self.n_workers))
-            runner.reset_started(np.ones(E, bool), ebufs["env_ids"])
+            if k.served:
+                runner.reset_started(np.ones(E, bool), ebufs["env_ids"])
             finished = 0
             for step in range(max_T + 1):
                 self._wait_obs(everyone)
@@ -381,7 +376,8 @@ class Sampler:
                     ctrl[0] = 1
                     self._release(everyone)
                     break
-                runner.act(ebufs, 0, 0, E, False, "action server (eval)")
+                if k.served:
+                    runner.act(ebufs, 0, 0, E, False, "action server (eval)")
                 self._release(everyone)
             results = self._merge(self._gather(everyone, "done"))
         results.sort(key=lambda r: (r[0], r[1]))
@@ -420,11 +416,9 @@ class Sampler:
         return out
 
     def _wait_obs(self, workers) -> None:
-        sems = self._res.sems
+        sems, check = self._res.sems, self._check_workers
         for w in workers:
-            sem = sems[w][0]
-            while not sem.acquire(timeout=POLL_S):
-                self._check_workers()
+            acquire(sems[w][0], check)
 
     def _release(self, workers) -> None:
         sems = self._res.sems
@@ -541,9 +535,9 @@ def _probe(env_fn: Callable, runner: AgentRunner, seed: int) -> tuple:
         a0 = a[0]
         out = env.step(a0.item() if np.ndim(a0) == 0 and np.dtype(dtype).kind in "iub" else a0)
         if not isinstance(out, tuple) or len(out) != 5:
+            got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
             raise TypeError("env.step must return (observation, reward, terminated, truncated, "
-                            "info) as in the gymnasium API; got "
-                            f"{type(out).__name__} of length {len(out) if isinstance(out, tuple) else '?'}")
+                            f"info) as in the gymnasium API; got {got}")
         info = out[4] or {}
     finally:
         try:

@@ -36,7 +36,8 @@ class Discrete:
         return v == x and self.start <= v < self.start + self.n
 
     def __repr__(self) -> str:
-        return f"Discrete({self.n})" if self.start == 0 else f"Discrete({self.n}, start={self.start})"
+        start = f", start={self.start}" if self.start else ""
+        return f"Discrete({self.n}{start})"
 
 
 class Box:

@@ -14,6 +14,13 @@ import os
 import signal
 import sys
 import traceback
+from time import perf_counter
+
+try:
+    from os import sched_yield
+except ImportError:  # not on every platform
+    def sched_yield() -> None:
+        pass
 
 import numpy as np
 
@@ -23,6 +30,23 @@ from .collector import Collector
 from .errors import tagged
 
 POLL_S = 0.5  # how often a waiting worker checks that its parent is alive
+# Per-step waits first retry the semaphore without blocking for up to SPIN_S, yielding the
+# CPU between tries: a process put to sleep takes tens of microseconds to wake (more on VMs),
+# longer than an action-server step, while yielding leaves the core to anyone who needs it.
+SPIN_S = 100e-6
+
+
+def acquire(sem, check) -> None:
+    """Acquire ``sem``: spin-then-sleep, calling ``check()`` (which may raise) between sleeps."""
+    if sem.acquire(False):
+        return
+    deadline = perf_counter() + SPIN_S
+    while perf_counter() < deadline:
+        sched_yield()
+        if sem.acquire(False):
+            return
+    while not sem.acquire(timeout=POLL_S):
+        check()
 
 
 class ParentGone(Exception):
@@ -40,12 +64,14 @@ class Handoff:
     def parent_alive(self) -> bool:
         return os.getppid() == self.ppid and (self.parent is None or self.parent.is_alive())
 
+    def check_parent(self) -> None:
+        if not self.parent_alive():
+            raise ParentGone
+
     def exchange(self) -> None:
         """Tell the parent this step's observations are written; wait for its actions."""
         self.obs_ready.release()
-        while not self.act_ready.acquire(timeout=POLL_S):
-            if not self.parent_alive():
-                raise ParentGone
+        acquire(self.act_ready, self.check_parent)
 
 
 def _recv(conn, handoff: Handoff):
@@ -68,30 +94,29 @@ def run_batch(coll: Collector, runner, handoff, bufs: dict, itr: int) -> list:
     return coll.end_batch()
 
 
-def run_eval(coll: Collector, runner, handoff, bufs: dict, max_steps: int, ctrl: np.ndarray,
-             count_slot: int) -> list:
-    """Step eval envs until ``max_steps`` or a stop; return ``(step, env, TrajInfo)`` tuples.
+def run_eval(coll: Collector, runner, handoff, bufs: dict, max_steps: int, max_traj: int,
+             ctrl: np.ndarray) -> list:
+    """Step eval envs until ``max_steps`` or ``max_traj`` finished episodes.
 
-    With a local agent the stop is the shared count of finished episodes reaching
-    ``ctrl[1]``; with an action server the parent raises ``ctrl[0]`` instead.
+    Returns ``(step, env, TrajInfo)`` tuples. In a worker every step goes through the
+    handoff and the parent decides when to stop (``ctrl[0]``), counting finished episodes
+    over all workers: that lockstep makes evaluation identical in every kind.
     """
     results = []
     lo, hi, where = coll.lo, coll.hi, coll.where
     for step in range(max_steps + 1):
         coll.begin_batch()
-        if runner is not None:
-            if step == max_steps or ctrl[0] or ctrl[2:].sum() >= ctrl[1]:
-                break
-            runner.act(bufs, 0, lo, hi, False, where)
-        else:
+        if handoff is not None:
             handoff.exchange()
-            if ctrl[0]:
-                break
+            stop = ctrl[0]
+        else:
+            stop = step == max_steps or len(results) >= max_traj
+        if stop:
+            break
+        if runner is not None:
+            runner.act(bufs, 0, lo, hi, False, where)
         coll.step_envs(0)
-        done = coll.end_batch()
-        results.extend((step, b, traj) for _, b, traj in done)
-        if done and count_slot >= 0:
-            ctrl[count_slot] += len(done)
+        results.extend((step, b, traj) for _, b, traj in coll.end_batch())
     return results
 
 
@@ -177,8 +202,7 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                     runner.call("eval_mode", itr)
                 restart_eval(ecoll, runner, cfg["seed"] + cfg["batch_B"], first_eval)
                 first_eval = False
-                slot = 2 + w if runner is not None else -1
-                conn.send(("done", run_eval(ecoll, runner, handoff, ebufs, max_steps, ctrl, slot)))
+                conn.send(("done", run_eval(ecoll, runner, handoff, ebufs, max_steps, 0, ctrl)))
             elif cmd == "close":
                 break
     except ParentGone:

@@ -1,0 +1,163 @@
+"""Toy envs and agents that fail on purpose, for tests/test_faults.py.
+
+Importable under spawn/forkserver (workers unpickle these classes by reference).
+Every fault first writes ``time.monotonic()`` (system-wide on Linux, so comparable
+across processes) to the ``stamp`` file when one is given: the test measures the time
+from the fault to the parent's raise.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+
+from tests.helpers import CountingEnv
+
+
+class EnvFault(RuntimeError):
+    """Raised by :class:`FaultEnv`."""
+
+
+class AgentFault(RuntimeError):
+    """Raised by :class:`WorkerFaultAgent` and :class:`ParentFaultAgent`."""
+
+
+def write_stamp(stamp) -> None:
+    if stamp is not None:
+        with open(stamp, "w") as f:
+            f.write(repr(time.monotonic()))
+
+
+def read_stamp(stamp) -> float:
+    with open(stamp) as f:
+        return float(f.read())
+
+
+def in_worker(w: int) -> bool:
+    """True in the process of sampler worker ``w`` (processes are named "sampling-<kind>-worker-<w>")."""
+    name = mp.current_process().name
+    return name.startswith("sampling-") and name.endswith(f"-worker-{w}")
+
+
+class FaultEnv(CountingEnv):
+    """CountingEnv that fails once, at ``where``:
+
+    - ``"init"``: in the constructor, only in the process of worker ``worker``;
+    - ``"reset"``: in any reset of the env with global index ``fail_env``;
+    - ``"step"``: in the step after ``after`` steps of env ``fail_env`` (decorrelation
+      steps count too).
+
+    ``how``: ``"raise"`` (an :class:`EnvFault`), ``"exit"`` (``os._exit(3)``) or
+    ``"kill"`` (SIGKILL to itself). Never fails in the process with pid ``safe_pid``
+    (the parent's probe env).
+    """
+
+    def __init__(self, where="step", after=0, fail_env=3, worker=1, how="raise", stamp=None,
+                 safe_pid=None, **kw):
+        super().__init__(**kw)
+        self.where, self.after, self.fail_env, self.how = where, after, fail_env, how
+        self.stamp, self.safe_pid = stamp, safe_pid
+        self.n_steps = 0
+        if where == "init" and in_worker(worker) and os.getpid() != safe_pid:
+            self._inject_fault()
+
+    def _armed(self) -> bool:
+        return self.env_id == self.fail_env and os.getpid() != self.safe_pid
+
+    def _inject_fault(self):
+        write_stamp(self.stamp)
+        if self.how == "exit":
+            os._exit(3)
+        if self.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(10)  # the signal is on its way
+        raise EnvFault(f"boom in {self.where} of env {self.env_id}")
+
+    def reset(self, *, seed=None, options=None):
+        out = super().reset(seed=seed, options=options)
+        if self.where == "reset" and self._armed():
+            self._inject_fault()
+        return out
+
+    def step(self, action):
+        self.n_steps += 1
+        if self.where == "step" and self.n_steps > self.after and self._armed():
+            self._inject_fault()
+        return super().step(action)
+
+
+class _ZeroActions:
+    """action 0 for every env; agent_info {"v": float32}."""
+
+    @staticmethod
+    def _act(observation):
+        n = len(observation)
+        return np.zeros(n, np.int64), {"v": np.zeros(n, np.float32)}
+
+
+class WorkerFaultAgent(_ZeroActions):
+    """A cpu-kind agent whose copy serving env ``fail_env`` raises :class:`AgentFault` on
+    its call number ``after + 1``; never fails in the process with pid ``safe_pid``."""
+
+    def __init__(self, fail_env=3, after=12, safe_pid=None, stamp=None):
+        self.fail_env, self.after, self.safe_pid, self.stamp = fail_env, after, safe_pid, stamp
+        self.calls = 0
+
+    def step(self, observation, prev_action, prev_reward, env_ids=None):
+        if env_ids is not None and self.fail_env in env_ids and os.getpid() != self.safe_pid:
+            self.calls += 1
+            if self.calls > self.after:
+                self._agent_fault()
+        return self._act(observation)
+
+    def _agent_fault(self):
+        write_stamp(self.stamp)
+        raise AgentFault(f"agent boom after {self.after} calls")
+
+
+class ParentFaultAgent(_ZeroActions):
+    """Raises ``exc`` (an instance or class) in the process with pid ``parent_pid`` only:
+    from ``step`` on its call number ``fail_at`` (the probe is call 1), or from
+    ``sample_mode``/``eval_mode`` when ``hook`` names it. ``fault_time`` records when."""
+
+    def __init__(self, parent_pid, fail_at=3, exc=AgentFault, hook="step"):
+        self.parent_pid, self.fail_at, self.exc, self.hook = parent_pid, fail_at, exc, hook
+        self.calls = 0
+        self.fault_time = None
+
+    def _maybe_fail(self, hook):
+        if hook == self.hook and os.getpid() == self.parent_pid:
+            self.fault_time = time.monotonic()
+            exc = self.exc
+            raise exc(f"parent agent boom in {hook}") if isinstance(exc, type) else exc
+
+    def step(self, observation, prev_action, prev_reward):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            self._maybe_fail("step")
+        return self._act(observation)
+
+    def sample_mode(self, itr):
+        if itr >= 1:
+            self._maybe_fail("sample_mode")
+
+    def eval_mode(self, itr):
+        self._maybe_fail("eval_mode")
+
+
+class ReadyThenHangAgent(_ZeroActions):
+    """For the parent-SIGKILL test: on its call ``at`` in the parent it prints READY and
+    sleeps, so the parent is killed while the workers wait for actions mid-batch."""
+
+    def __init__(self, parent_pid, at=5):
+        self.parent_pid, self.at, self.calls = parent_pid, at, 0
+
+    def step(self, observation, prev_action, prev_reward):
+        self.calls += 1
+        if os.getpid() == self.parent_pid and self.calls == self.at:
+            print("READY", flush=True)
+            time.sleep(120)
+        return self._act(observation)
