@@ -1,0 +1,61 @@
+"""Package hygiene: imports, public names, worker CPU affinity."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sampling
+
+
+def test_import_has_no_heavy_or_side_effects():
+    code = ("import sys, os; before = set(os.listdir('/dev/shm')) if os.path.isdir('/dev/shm') "
+            "else set(); import sampling, sampling.envs, sampling.spaces; "
+            "bad = [m for m in ('torch', 'gymnasium', 'gym') if m in sys.modules]; "
+            "assert not bad, bad; "
+            "after = set(os.listdir('/dev/shm')) if os.path.isdir('/dev/shm') else set(); "
+            "assert after == before, after - before; "
+            "import multiprocessing; assert not multiprocessing.active_children()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert out.returncode == 0, out.stderr
+
+
+def test_public_names():
+    assert sampling.__version__
+    for name in sampling.__all__:
+        assert hasattr(sampling, name), name
+    assert set(sampling.KINDS) == {"serial", "cpu", "gpu", "alternating",
+                                   "no_overlap_alternating"}
+
+
+class AffinityAgent:
+    """Records the worker's CPU affinity (as a bitmask) in agent_info."""
+
+    def step(self, observation, prev_action, prev_reward):
+        mask = sum(1 << c for c in os.sched_getaffinity(0))
+        n = len(observation)
+        return np.zeros(n, np.int64), {"mask": np.full(n, mask, np.int64)}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_setaffinity")
+def test_cpu_affinity_pins_each_worker():
+    cpus = sorted(os.sched_getaffinity(0))
+    pins = [[cpus[0]], [cpus[-1]]]
+    with sampling.make_sampler("cpu", sampling.CartPole, AffinityAgent(), batch_T=2, batch_B=4,
+                               n_workers=2, cpu_affinity=pins) as s:
+        mask = s.obtain_samples().agent_info["mask"]
+    assert (mask[:, :2] == 1 << cpus[0]).all()
+    assert (mask[:, 2:] == 1 << cpus[-1]).all()
+
+
+def test_cpu_affinity_is_validated():
+    with pytest.raises(ValueError, match="may not use"):
+        sampling.make_sampler("cpu", sampling.CartPole, AffinityAgent(), batch_T=2, batch_B=2,
+                              cpu_affinity=[[10_000]])
+    with pytest.raises(TypeError, match="one list of CPU ids per worker"):
+        sampling.make_sampler("cpu", sampling.CartPole, AffinityAgent(), batch_T=2, batch_B=2,
+                              cpu_affinity=[0, 1])
