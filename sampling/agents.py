@@ -136,7 +136,7 @@ class AgentRunner:
             waiting = sv.done[t - 1]
             if waiting.any():
                 dst[waiting] = 0
-                for _, arr in sv.info[t]:
+                for _, arr in sv.info[t] if sv.info else ():
                     arr[waiting] = 0
 
 

@@ -205,6 +205,8 @@ class Collector:
                 if waiting[j]:  # wait mode: keep terminated/truncated, record zeros
                     rews[j] = 0.0
                     self.write_obs(t + 1, j, None)
+                    for _, arr in info_leaves:
+                        arr[t, j] = 0
                     continue
                 o, r, te, tr, info = env.step(acts[j])
                 rews[j] = r

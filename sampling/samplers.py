@@ -204,7 +204,7 @@ class Sampler:
             envs = self._res.envs
             for b in range(B):
                 envs.append(tagged(env_fn, f"env_fn() for env {b}"))
-            self._coll = Collector(envs, 0, self._bufs, batch_T=T, wait=wait,
+            self._coll = Collector(list(envs), 0, self._bufs, batch_T=T, wait=wait,
                                    traj_info=self._new_traj, where="serial sampler")
             self._runner.call("reset")
             self._coll.reset_all(o.seed, o.max_decorrelation_steps)
