@@ -90,8 +90,9 @@ class Collector:
     """
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, batch_T: int, wait: bool,
-                 traj_info: Callable[[], TrajInfo], where: str):
+                 traj_info: Callable[[], TrajInfo], where: str, label: str = "env"):
         self.envs = envs
+        self.label = label  # "env" or "eval env": how messages name env lo + j
         self.lo, self.hi = lo, lo + len(envs)
         self.T = batch_T
         self.wait = wait
@@ -132,13 +133,13 @@ class Collector:
         """First (seeded) reset of every env, then optional random-action decorrelation."""
         T = self.T
         for j, env in enumerate(self.envs):
-            o, _ = tagged(env.reset, f"the first reset of env {self.lo + j}",
+            o, _ = tagged(env.reset, f"the first reset of {self.label} {self.lo + j}",
                           seed=seed + self.lo + j)
             self.write_obs(T, j, o)
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for j in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
-            tagged(self._decorrelate, f"decorrelation of env {self.lo + j}",
+            tagged(self._decorrelate, f"decorrelation of {self.label} {self.lo + j}",
                    j, seed, max_decorrelation_steps)
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
@@ -175,7 +176,7 @@ class Collector:
         if self.wait:
             for j, w in enumerate(self.waiting):
                 if w:
-                    o, _ = self.envs[j].reset()
+                    o, _ = tagged(self.envs[j].reset, f"the reset of {self.label} {self.lo + j}")
                     self.write_obs(T, j, o)
                     c["prev_action_full"][T, j] = 0
                     c["prev_reward_full"][T, j] = 0
@@ -223,12 +224,12 @@ class Collector:
                 else:
                     self.write_obs(t + 1, j, o)
         except Exception as e:
-            tag(e, f"env {self.lo + j}, step {t} of the batch")
+            tag(e, f"{self.label} {self.lo + j}, step {t} of the batch")
             raise
         try:
             reward[...] = rews
         except (TypeError, ValueError) as e:
-            raise TypeError(f"{self.where}: an env in {self.lo}..{self.hi - 1} returned a "
+            raise TypeError(f"{self.where}: a {self.label} in {self.lo}..{self.hi - 1} returned a "
                             f"non-numeric reward at step {t}: {rews}") from e
         term[...] = terms
         trunc[...] = truncs
@@ -286,8 +287,8 @@ class Collector:
 
     def _bad(self, j: int, field: str, got: str, want: str):
         raise ValueError(
-            f"env {self.lo + j} ({self.where}) returned {field} with {got}, expected {want} "
-            f"as on its first observation; an env must keep the shape and dtype of every "
+            f"{self.label} {self.lo + j} ({self.where}) returned {field} with {got}, expected "
+            f"{want} as on its first observation; an env must keep the shape and dtype of every "
             f"observation field (cast it in the env or a wrapper)")
 
     def _write_env_info(self, t: int, j: int, info: dict) -> None:
@@ -299,7 +300,7 @@ class Collector:
                 arr[t, j] = v
             except (TypeError, ValueError) as e:
                 raise ValueError(
-                    f"env {self.lo + j} ({self.where}) returned env_info "
+                    f"{self.label} {self.lo + j} ({self.where}) returned env_info "
                     f"{'/'.join(path)!r}={v!r} at step {t}; expected {arr.dtype} of shape "
                     f"{arr.shape[2:]} as on the probe step") from e
 

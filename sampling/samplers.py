@@ -24,7 +24,7 @@ import numpy as np
 from .agents import AgentRunner, write_checked
 from .buffers import SharedBuffer, is_tree, layout, spec_of, tree_leaves, tree_map, views
 from .collector import Collector, TrajInfo
-from .errors import RemoteTraceback, SamplerClosedError, WorkerError, tagged
+from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError, tagged
 from .spaces import random_action_fn
 from .worker import acquire, restart_eval, run_batch, run_eval, worker_main
 
@@ -354,7 +354,7 @@ class Sampler:
                     self._res.envs.append(tagged(env_fn, f"eval_env_fn() for eval env {e}"))
                 self._ecoll = Collector(self._res.envs[self.batch_B:], 0, ebufs, batch_T=1,
                                         wait=False, traj_info=self._new_traj,
-                                        where="serial sampler (eval)")
+                                        where="serial sampler", label="eval env")
             restart_eval(self._ecoll, runner, o.seed + self.batch_B, first)
             results = run_eval(self._ecoll, runner, None, ebufs, max_T, max_traj, ctrl)
         else:
@@ -404,8 +404,8 @@ class Sampler:
                     w = pending.pop(obj)
                     try:
                         msg = obj.recv()
-                    except (EOFError, OSError):
-                        self._raise_worker_error(w)
+                    except Exception as e:  # a closed pipe, or a message that won't unpickle
+                        self._raise_worker_error(w, _unreadable(e))
                     if msg[0] != expect:
                         self._raise_worker_error(w, msg)
                     out[w] = msg[1] if len(msg) > 1 else None
@@ -438,6 +438,8 @@ class Sampler:
                     msg = conn.recv()
             except (EOFError, OSError):
                 msg = None
+            except Exception as e:
+                msg = _unreadable(e)
         lo, hi = self._slices[w]
         envs = list(range(lo, hi))
         head = f"{self.kind} sampler: worker {w} (envs {lo}..{hi - 1})"
@@ -557,6 +559,15 @@ def _probe(env_fn: Callable, runner: AgentRunner, seed: int) -> tuple:
                          f"space {space!r})")
     agent_info = tree_map(lambda x: _np(x)[0], agent_info) if agent_info else {}
     return obs, act_shape, act_dtype, env_info, agent_info
+
+
+def _unreadable(e: Exception) -> tuple | None:
+    """An error message standing in for a worker message the parent could not read."""
+    if isinstance(e, (EOFError, OSError)):
+        return None  # the pipe closed: the worker died; its exit code tells the rest
+    return ("error", SamplerError(f"its message could not be unpickled in the parent "
+                                  f"({type(e).__name__}: {e})"), "(no traceback: the message "
+            "itself was unreadable)")
 
 
 def _numeric(info: dict) -> dict:

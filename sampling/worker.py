@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -85,11 +86,17 @@ def run_batch(coll: Collector, runner, handoff, bufs: dict, itr: int) -> list:
     """Collect one ``[T, slice]`` batch, with the local agent or through the handoff."""
     coll.begin_batch()
     lo, hi, wait, where = coll.lo, coll.hi, coll.wait, coll.where
+    check_at = perf_counter() + POLL_S
     for t in range(coll.T):
-        if runner is not None:
-            runner.act(bufs, t, lo, hi, wait, where)
-        else:
+        if runner is None:
             handoff.exchange()
+        else:
+            runner.act(bufs, t, lo, hi, wait, where)
+            if handoff is not None and perf_counter() > check_at:
+                # A cpu worker waits on nobody mid-batch: look for its parent now and then,
+                # so a long batch cannot outlive a killed parent by more than POLL_S.
+                handoff.check_parent()
+                check_at = perf_counter() + POLL_S
         coll.step_envs(t)
     return coll.end_batch()
 
@@ -195,7 +202,7 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                                  for e in range(elo, ehi)]
                     ebufs["env_ids"] = np.arange(cfg["batch_B"], cfg["batch_B"] + cfg["eval_n"])
                     ecoll = Collector(eval_envs, elo, ebufs, batch_T=1, wait=False,
-                                      traj_info=cfg["traj_info"], where=where + " (eval)")
+                                      traj_info=cfg["traj_info"], where=where, label="eval env")
                 if runner is not None:
                     if shared_params:
                         _load_params(runner.agent, shared_params)
@@ -224,12 +231,17 @@ def _rows(tree, t, lo, hi):
 def _report(conn, e: BaseException) -> None:
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     try:
+        # Some exceptions pickle but fail to unpickle (custom __init__ signatures): check here,
+        # where a stand-in can still carry the message and the traceback.
+        pickle.loads(pickle.dumps(e))
+    except Exception:
+        stand_in = RuntimeError(f"{type(e).__name__}: {e}")
+        stand_in.sampling_where = getattr(e, "sampling_where", None)
+        e = stand_in
+    try:
         conn.send(("error", e, tb))
-    except Exception:  # the exception itself may not pickle
-        try:
-            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), tb))
-        except Exception:
-            pass
+    except Exception:
+        pass  # the pipe is gone: the parent learns from the exit code
 
 
 def _limit_threads(n) -> None:
