@@ -118,6 +118,8 @@ class AgentRunner:
         In wait mode, envs whose episode ended earlier in the batch get zero actions and
         infos. ``where`` names the caller for error messages.
         """
+        if hi <= lo:  # a worker with no eval envs: agents need not handle empty batches
+            return
         sv = self._views.get((id(view), lo, hi))
         if sv is None:
             sv = self._views[(id(view), lo, hi)] = _SliceViews(view, lo, hi, where)

@@ -169,7 +169,7 @@ class TorchAgent:
         leaves = [state[k] for k in sorted(state, key=int)] if is_tree(state) else [state]
         out = tuple(torch.as_tensor(x[t], device=self.device).transpose(0, 1).contiguous()
                     for x in leaves)
-        return out if self._tuple_state else out[0]
+        return out if is_tree(state) else out[0]
 
     # -- internals ---------------------------------------------------------------------
     def _ids(self, prev_reward, env_ids) -> np.ndarray:
@@ -191,16 +191,16 @@ class TorchAgent:
         d = self.dist(out, validate_args=False)  # also takes calls for no env (an empty slice)
         greedy = self.greedy or len(ids) == 0
         if self.distribution == "categorical":
-            logits = d.logits
             if greedy:
-                action = logits.argmax(-1)
+                action = d.logits.argmax(-1)
             else:
                 action = torch.multinomial(d.probs, 1, generator=self._generator(ids))[:, 0]
-        else:
-            mean, std = d.base_dist.loc, d.base_dist.scale
-            action = mean if greedy else mean + std * torch.randn(
-                mean.shape, generator=self._generator(ids), device=mean.device, dtype=mean.dtype)
-        return action, d.log_prob(action)
+            return action, d.log_prob(action)
+        normal = d.base_dist
+        action = normal.loc if greedy else normal.loc + normal.scale * torch.randn(
+            normal.loc.shape, generator=self._generator(ids), device=normal.loc.device,
+            dtype=normal.loc.dtype)
+        return action, normal.log_prob(action).sum(-1)  # = d.log_prob, also for no env
 
     def _generator(self, ids: np.ndarray) -> torch.Generator:
         if self._gen is None:
@@ -264,7 +264,7 @@ class PinnedStaging:
             self._copied.synchronize()
         out = _map_arrays(tree, lambda path, a: self._copy(path, a, device))
         self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(device))
         return out
 
     def _copy(self, path: tuple, a: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,384 @@
+"""Torch agents: the adapter's protocol, zero-copy batches, parameter sharing with the
+``cpu`` kind's workers, worker threads, recurrent state per env, and the README's
+training example learning CartPole end to end.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+import sampling  # noqa: E402
+from sampling.spaces import Box  # noqa: E402
+from sampling.torch_agent import PinnedStaging, TorchAgent, to_torch  # noqa: E402
+from tests.helpers import CountingAgent, CountingEnv, DictObsEnv  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = "<!-- example: a2c -->"
+ALL_KINDS = ["serial", "cpu", "gpu", "alternating", "no_overlap_alternating"]
+
+
+class ActorCritic(nn.Module):
+    """Feed-forward model of the contract: obs -> (logits or mean, value)."""
+
+    def __init__(self, obs_dim=4, n_out=3):
+        super().__init__()
+        self.pi = nn.Linear(obs_dim, n_out)
+        self.v = nn.Linear(obs_dim, 1)
+
+    def forward(self, obs):
+        return self.pi(obs), self.v(obs)  # value [n, 1]: the agent flattens it
+
+
+class StepCounter(nn.Module):
+    """Recurrent: the state [1, n, 1] counts steps since the env's episode began;
+    the action is that count % 3 (logits so peaked that sampling is deterministic)."""
+
+    def forward(self, obs, state):
+        if state is None:
+            state = torch.zeros(1, obs.shape[0], 1)
+        count = state[0, :, 0].long()
+        logits = 100.0 * nn.functional.one_hot(count % 3, 3).float()
+        return logits, None, state + 1
+
+
+class ForgetsItsState(ActorCritic):
+    def forward(self, obs, state):
+        return super().forward(obs)
+
+
+class LSTMPolicy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8)
+        self.pi = nn.Linear(8, 3)
+        self.v = nn.Linear(8, 1)
+
+    def forward(self, obs, state):
+        out, state = self.lstm(obs[None] / 10, state)
+        return self.pi(out[0]), self.v(out[0]).squeeze(-1), state
+
+
+class PointEnv:
+    """Continuous actions: obs = position (float32[2]); action moves it; 5-step episodes."""
+
+    def __init__(self):
+        self.observation_space = Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)
+        self.action_space = Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+        self.x, self.t = np.zeros(2, np.float32), 0
+
+    def reset(self, *, seed=None, options=None):
+        self.x, self.t = np.zeros(2, np.float32), 0
+        return self.x.copy(), {}
+
+    def step(self, action):
+        self.x = (self.x + np.asarray(action, np.float32)).astype(np.float32)
+        self.t += 1
+        return self.x.copy(), -float(np.abs(self.x).sum()), False, self.t >= 5, {}
+
+    def close(self):
+        pass
+
+
+def _biased(bias):
+    """A categorical agent over CartPole whose action is argmax(bias), whatever it sees."""
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor(bias))
+    return TorchAgent(lin)
+
+
+# -- import and batches ------------------------------------------------------------------
+def test_importing_sampling_does_not_import_torch():
+    code = "import sys, sampling; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_to_torch_is_zero_copy_on_cpu(device):
+    env_fn = lambda: DictObsEnv(lengths=(2, 3))  # noqa: E731
+    with sampling.make_sampler("serial", env_fn, CountingAgent(), batch_T=5, batch_B=3,
+                               bootstrap_value=True) as sampler:
+        batch = sampler.obtain_samples()
+        tensors = to_torch(batch, device)
+        assert isinstance(tensors, sampling.Batch)
+        assert tensors.traj_infos is batch.traj_infos
+        n = 0
+        for key in ("observation", "agent_info", "env_info"):
+            for name in batch[key]:
+                arr, ten = batch[key][name], tensors[key][name]
+                if isinstance(arr, dict):
+                    arr, ten = arr["k"], ten["k"]
+                assert ten.data_ptr() == arr.__array_interface__["data"][0], (key, name)
+                n += 1
+        for key in ("action", "reward", "done", "terminated", "prev_action", "bootstrap_value"):
+            assert tensors[key].data_ptr() == batch[key].__array_interface__["data"][0], key
+            assert tensors[key].shape == batch[key].shape
+        assert n >= 5
+        assert tensors.done.dtype == torch.bool
+        tensors.reward[0, 0] = -7.0  # the very same memory
+        assert batch.reward[0, 0] == -7.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_torch_cuda_stages_through_reused_pinned_buffers():
+    staging = PinnedStaging()
+    batch = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "n": {"b": np.ones(3, bool)},
+             "traj_infos": []}
+    first = to_torch(batch, "cuda", staging)
+    buffers = {k: v.data_ptr() for k, v in staging._buffers.items()}
+    batch["a"] += 100  # the sampler overwrites its batch
+    second = to_torch(batch, "cuda", staging)
+    torch.cuda.synchronize()
+    assert first["a"].device.type == "cuda" and first["n"]["b"].dtype == torch.bool
+    assert torch.equal(first["a"].cpu(), torch.arange(12.0).reshape(3, 4))
+    assert torch.equal(second["a"].cpu(), torch.arange(12.0).reshape(3, 4) + 100)
+    assert {k: v.data_ptr() for k, v in staging._buffers.items()} == buffers
+    assert all(v.is_pinned() for v in staging._buffers.values())
+
+
+# -- the adapter ---------------------------------------------------------------------
+def test_categorical_step_value_and_modes():
+    torch.manual_seed(0)
+    model = ActorCritic(n_out=3)
+    agent = TorchAgent(model)
+    obs = np.random.default_rng(0).normal(size=(500, 4)).astype(np.float32)
+    zeros_a, zeros_r = np.zeros(500, np.int64), np.zeros(500, np.float32)
+    action, info = agent.step(obs, zeros_a, zeros_r, env_ids=np.arange(500))
+    assert action.shape == (500,) and action.dtype == np.int64
+    assert sorted(info) == ["log_prob", "value"]
+    with torch.no_grad():
+        logits, value = model(torch.from_numpy(obs))
+    expected = torch.distributions.Categorical(logits=logits).log_prob(torch.from_numpy(action))
+    np.testing.assert_allclose(info["log_prob"], expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(info["value"], value[:, 0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(agent.value(obs, zeros_a, zeros_r), value[:, 0].numpy(), rtol=1e-6)
+    greedy = logits.argmax(-1).numpy()
+    assert (action != greedy).sum() > 50  # sampled
+    agent.eval_mode(0)
+    np.testing.assert_array_equal(agent.step(obs, zeros_a, zeros_r)[0], greedy)
+    agent.sample_mode(1)
+    assert (agent.step(obs, zeros_a, zeros_r)[0] != greedy).any()
+
+
+class MeanAndLogStd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mean = nn.Linear(2, 2)
+
+    def forward(self, obs):
+        return (self.mean(obs), torch.full((obs.shape[0], 2), -1.0)), None
+
+
+@pytest.mark.parametrize("std_from", ["parameter", "output"])
+def test_gaussian_step(std_from):
+    torch.manual_seed(0)
+    if std_from == "parameter":
+        model = nn.Linear(2, 2)
+        model.log_std = nn.Parameter(torch.full((2,), -1.0))
+    else:
+        model = MeanAndLogStd()
+    agent = TorchAgent(model, distribution="gaussian")
+    obs = np.ones((4000, 2), np.float32)
+    action, info = agent.step(obs, np.zeros((4000, 2), np.float32), np.zeros(4000, np.float32))
+    assert action.shape == (4000, 2) and action.dtype == np.float32
+    with torch.no_grad():
+        out = model(torch.from_numpy(obs))
+    mean = (out[0][0] if std_from == "output" else out).numpy()
+    np.testing.assert_allclose(action.std(0), np.exp(-1.0), rtol=0.1)
+    np.testing.assert_allclose(action.mean(0), mean[0], atol=0.02)
+    normal = torch.distributions.Normal(torch.from_numpy(mean), np.exp(-1.0))
+    expected = normal.log_prob(torch.from_numpy(action)).sum(-1).numpy()
+    np.testing.assert_allclose(info["log_prob"], expected, rtol=1e-4)
+    agent.eval_mode(0)
+    np.testing.assert_allclose(agent.step(obs[:3], action[:3], np.zeros(3))[0], mean[:3])
+
+
+@pytest.mark.parametrize("kind", ["serial", "cpu"])
+def test_gaussian_agent_in_a_sampler(kind):
+    model = nn.Linear(2, 2)
+    model.log_std = nn.Parameter(torch.zeros(2))
+    agent = TorchAgent(model, distribution="gaussian")
+    with sampling.make_sampler(kind, PointEnv, agent, batch_T=5, batch_B=4, n_workers=2) as s:
+        batch = s.obtain_samples()
+        assert batch.action.shape == (5, 4, 2) and batch.action.dtype == np.float32
+        # each observation is the sum of the episode's previous actions
+        np.testing.assert_allclose(batch.observation[1:], np.cumsum(batch.action, 0)[:-1],
+                                   rtol=1e-5, atol=1e-5)
+        assert batch.agent_info["log_prob"].shape == (5, 4)
+
+
+def test_adapter_errors():
+    with pytest.raises(ValueError, match="distribution must be one of 'categorical', 'gaussian'"):
+        TorchAgent(nn.Linear(4, 2), distribution="beta")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        TorchAgent(lambda obs: obs)
+    obs, a, r = np.zeros((2, 4), np.float32), np.zeros(2, np.int64), np.zeros(2, np.float32)
+    with pytest.raises(TypeError, match="have a log_std parameter"):
+        TorchAgent(nn.Linear(4, 2), distribution="gaussian").step(obs, a, r)
+    with pytest.raises(TypeError, match="the model returns no value"):
+        TorchAgent(nn.Linear(4, 2)).value(obs, a, r)
+    with pytest.raises(TypeError, match=r"recurrent model must return \(out, value, new_state\)"):
+        TorchAgent(ForgetsItsState(), recurrent=True).step(obs, a, r)
+    meta = TorchAgent(nn.Linear(4, 2), device="meta")
+    with pytest.raises(RuntimeError, match="use device='cpu' there, or an action-server kind"):
+        meta.shared_arrays()
+
+
+def test_a_worker_without_eval_envs_calls_the_agent_on_no_env():
+    # eval_n_envs=1 over 2 workers: worker 1's eval slice is empty
+    for agent in (TorchAgent(ActorCritic()), TorchAgent(StepCounter(), recurrent=True)):
+        with sampling.make_sampler("cpu", CountingEnv, agent, batch_T=4, batch_B=2,
+                                   n_workers=2, eval_n_envs=1, eval_max_steps=6) as sampler:
+            sampler.obtain_samples()
+            assert len(sampler.evaluate_agent()) == 1
+    gaussian = nn.Linear(2, 2)
+    gaussian.log_std = nn.Parameter(torch.zeros(2))
+    action, info = TorchAgent(gaussian, distribution="gaussian").step(
+        np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
+        env_ids=np.arange(0))
+    assert action.shape == (0, 2) and info["log_prob"].shape == (0,)
+
+
+def test_shared_arrays_are_views_of_parameters_and_buffers():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    arrays = TorchAgent(model).shared_arrays()
+    assert {"0.weight", "0.bias", "1.running_mean", "1.num_batches_tracked"} <= set(arrays)
+    arrays["0.bias"][:] = 5.0
+    arrays["1.running_mean"][:] = 2.0
+    assert torch.equal(model[0].bias.detach(), torch.full((3,), 5.0))
+    assert torch.equal(model[1].running_mean, torch.full((3,), 2.0))
+
+
+def test_bootstrap_value_is_the_value_of_the_next_batch_first_observation():
+    torch.manual_seed(0)
+    agent = TorchAgent(ActorCritic(n_out=3))
+    for kind in ("serial", "cpu", "gpu"):
+        with sampling.make_sampler(kind, CountingEnv, agent, batch_T=4, batch_B=4,
+                                   n_workers=2, bootstrap_value=True) as sampler:
+            bootstrap = sampler.obtain_samples().bootstrap_value.copy()
+            nxt = sampler.obtain_samples()
+            np.testing.assert_allclose(bootstrap, nxt.agent_info["value"][0], rtol=1e-6)
+
+
+# -- workers: threads and parameters ---------------------------------------------------
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_cpu_workers_run_torch_with_one_thread(start_method):
+    class ThreadsAgent(TorchAgent):  # local: sent to spawned workers by value
+        def step(self, observation, prev_action, prev_reward, env_ids=None):
+            action, info = super().step(observation, prev_action, prev_reward, env_ids)
+            info["threads"] = np.full(len(action), torch.get_num_threads(), np.int64)
+            return action, info
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a fork inherits
+    try:
+        with sampling.make_sampler("cpu", sampling.CartPole, ThreadsAgent(nn.Linear(4, 2)),
+                                   batch_T=3, batch_B=2, n_workers=2,
+                                   start_method=start_method) as sampler:
+            threads = sampler.obtain_samples().agent_info["threads"]
+            assert threads.tolist() == [[1, 1]] * 3
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind,start_method", [
+    ("cpu", "fork"), ("cpu", "spawn"), ("cpu", "forkserver"), ("gpu", None),
+    ("alternating", None)])
+def test_parent_parameter_updates_reach_every_batch(kind, start_method):
+    agent = _biased([40.0, -40.0])
+    bias = agent.model.bias
+    with sampling.make_sampler(kind, sampling.CartPole, agent, batch_T=4, batch_B=4,
+                               n_workers=2, start_method=start_method) as sampler:
+        assert (sampler.obtain_samples().action == 0).all()
+        for want in (1, 0, 1):
+            with torch.no_grad():
+                bias.neg_()  # in place, as an optimizer step does
+            assert (sampler.obtain_samples().action == want).all(), want
+
+
+# -- recurrent ---------------------------------------------------------------------------
+@pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_recurrent_state_is_per_env_and_reset_at_episode_starts(kind, reset_mode):
+    agent = TorchAgent(StepCounter(), recurrent=True)
+    env_fn = lambda: CountingEnv(lengths=(3, 5, 4))  # noqa: E731
+    with sampling.make_sampler(kind, env_fn, agent, batch_T=7, batch_B=4, n_workers=2,
+                               reset_mode=reset_mode, eval_n_envs=2,
+                               eval_max_steps=8) as sampler:
+        for itr in range(3):
+            batch = sampler.obtain_samples(itr)
+            state = batch.agent_info["state"]
+            assert state.shape == (7, 4, 1, 1)
+            t_in_episode = batch.observation[..., 2]
+            np.testing.assert_array_equal(state[..., 0, 0], t_in_episode)
+            np.testing.assert_array_equal(batch.action, t_in_episode.astype(np.int64) % 3)
+            assert sampler.evaluate_agent(itr)  # eval envs keep their own states
+
+
+@pytest.mark.parametrize("kind", ["serial", "alternating"])
+def test_lstm_batch_replays_from_its_recorded_initial_state(kind):
+    torch.manual_seed(0)
+    model = LSTMPolicy()
+    agent = TorchAgent(model, recurrent=True)
+    with sampling.make_sampler(kind, CountingEnv, agent, batch_T=6, batch_B=4,
+                               n_workers=2) as sampler:
+        sampler.obtain_samples(0)
+        batch = sampler.obtain_samples(1)  # starts mid-episode: a nonzero initial state
+        b = to_torch(batch)
+        assert sorted(b.agent_info["state"]) == ["0", "1"]  # LSTM (h, c)
+        h, c = agent.batch_state(b.agent_info["state"], 0)
+        assert h.shape == (1, 4, 8) and h.abs().sum() > 0
+        state = (h, c)
+        with torch.no_grad():
+            for t in range(6):  # what a training loop does with a recurrent batch
+                recorded = agent.batch_state(b.agent_info["state"], t)
+                for mine, theirs in zip(state, recorded):
+                    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+                logits, value, state = model(b.observation[t], state)
+                log_prob = agent.dist(logits).log_prob(b.action[t])
+                torch.testing.assert_close(log_prob, b.agent_info["log_prob"][t],
+                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(value, b.agent_info["value"][t], rtol=1e-5, atol=1e-6)
+                keep = (~b.done[t]).float()[None, :, None]
+                state = tuple(s * keep for s in state)
+
+
+# -- the README example ----------------------------------------------------------------
+def _readme_example() -> str:
+    """The ```python block after the marker line in README.md."""
+    text = (ROOT / "README.md").read_text()
+    assert MARKER in text, f"README.md has no {MARKER!r} example"
+    block = text.split(MARKER, 1)[1].lstrip()
+    assert block.startswith("```python\n"), "the example marker must precede a ```python block"
+    return block[len("```python\n"):].split("\n```", 1)[0]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_readme_example_learns_cartpole(kind, capsys):
+    namespace = {"__name__": "readme_example"}
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(_readme_example(), "README.md (example: a2c)", "exec"), namespace)
+        assert namespace["KIND"] == "cpu"
+        curve = namespace["train"](kind=kind)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.count("mean return") == len(curve) == namespace["ITERATIONS"]
+    with capsys.disabled():
+        print(f"\n{kind}: " + " ".join(f"{i}:{r:.0f}" for i, r in enumerate(curve) if i % 5 == 0
+                                       or i == len(curve) - 1))
+    assert curve[0] < 60  # a random policy lasts ~20 steps
+    assert np.mean(curve[-5:]) >= 300, curve  # learned: solved is 195; the cap is 500
