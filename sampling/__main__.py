@@ -30,18 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default="random", choices=("random", "mlp"),
                    help="random: uniform random actions (measures the sampler); mlp: a "
                         "2x64 torch MLP policy (needs torch)")
-    p.add_argument("-T", "--batch-T", type=int, default=128, help="time steps per batch (128)")
-    p.add_argument("-B", "--batch-B", type=int, default=16, help="envs per batch (16)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("-T", "--batch-T", type=int, default=128, metavar="T",
+                   help="time steps per batch (128)")
+    p.add_argument("-B", "--batch-B", type=int, default=16, metavar="B", help="envs per batch (16)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes (default: min(B, usable CPUs); the alternating "
                         "kinds round down to an even count)")
-    p.add_argument("--kinds", default=",".join(ALL_KINDS),
+    p.add_argument("--kinds", default=",".join(ALL_KINDS), metavar="K1,K2",
                    help=f"comma-separated kinds to measure (default: all: {','.join(ALL_KINDS)})")
     p.add_argument("--seconds", type=float, default=3.0,
-                   help="timed seconds per kind, and for the env alone (default 3)")
+                   help="timed seconds per kind and per reference (the env alone, W envs "
+                        "alone, serial with env.step timed); default 3, so a full run takes "
+                        "about half a minute")
     p.add_argument("--start-method", default=None, choices=mp.get_all_start_methods(),
                    help="multiprocessing start method (default: the platform's)")
-    p.add_argument("--torch-threads", type=int, default=1,
+    p.add_argument("--torch-threads", type=int, default=1, metavar="N",
                    help="torch threads of this (the parent) process with --agent mlp; workers "
                         "always use 1 (default 1: more threads of a small MLP only contend "
                         "with the workers for the CPUs)")

@@ -273,6 +273,75 @@ def env_alone(env_fn: Callable[[], Any], seconds: float = 3.0, seed: int = 0) ->
             pass
 
 
+def _env_alone_worker(payload: bytes, conn) -> None:
+    import cloudpickle
+    env_fn, seed = cloudpickle.loads(payload)
+    env = env_fn()
+    try:
+        chunk = _env_chunks(env, seed)
+        conn.send("ready")
+        while True:
+            target = conn.recv()
+            if target is None:
+                break
+            conn.send(chunk(target))
+    finally:
+        env.close()
+
+
+class _ParallelEnvAlone:
+    """``n`` processes, each stepping one env alone, timed together: what this machine
+    gives ``n`` workers at best right now (cores, SMT, other load), with no sampler."""
+
+    def __init__(self, env_fn: Callable, n: int, start_method: str | None):
+        import cloudpickle
+        ctx = mp.get_context(start_method)
+        self.procs, self.conns = [], []
+        try:
+            for i in range(n):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_env_alone_worker, daemon=True,
+                                name=f"sampling-bench-env-{i}",
+                                args=(cloudpickle.dumps((env_fn, i)), child))
+                p.start()
+                child.close()
+                self.procs.append(p)
+                self.conns.append(parent)
+            for c in self.conns:
+                if not c.poll(60) or c.recv() != "ready":
+                    raise BenchError("a process stepping the env alone did not start")
+        except BaseException:
+            self.close()
+            raise
+
+    def chunk(self, target: float) -> tuple:
+        """Run all processes for ``target`` seconds; returns (their summed rate, 1.0)."""
+        for c in self.conns:
+            c.send(target)
+        rate = 0.0
+        for c in self.conns:
+            if not c.poll(60 + 10 * target):
+                raise BenchError("a process stepping the env alone stopped answering")
+            n, dt = c.recv()
+            rate += n / dt
+        return rate, 1.0
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except Exception:
+                pass
+        for p in self.procs:
+            p.join(2.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for c in self.conns:
+            c.close()
+        self.procs, self.conns = [], []
+
+
 def _sampler_chunks(s: Any) -> Callable[[float], tuple]:
     """A chunk runner collecting whole batches from sampler ``s``; returns (env steps, dt)."""
     itr = [1]
@@ -393,25 +462,6 @@ class _TimedEnv:
         return getattr(self.__dict__["_env"], name)
 
 
-def serial_env_step_s(env_fn: Callable, agent: Any, *, batch_T: int, batch_B: int,
-                      seconds: float) -> float:
-    """Seconds per ``env.step`` inside a serial sampler, timed around each call.
-
-    A separate short run: the timing proxy costs a little per step, so the throughput
-    figures come from runs without it.
-    """
-    total = [0.0]
-    with make_sampler("serial", lambda: _TimedEnv(env_fn(), total), agent, batch_T=batch_T,
-                      batch_B=batch_B) as s:
-        s.obtain_samples(0)
-        total[0], n = 0.0, 0
-        end = time.perf_counter() + seconds
-        while n < 2 or time.perf_counter() < end:
-            s.obtain_samples(1 + n)
-            n += 1
-    return total[0] / (n * batch_T * batch_B)
-
-
 class _NoopEnv:
     """Costs (almost) nothing per step and never ends: isolates the sampler's own cost."""
 
@@ -450,22 +500,22 @@ def handoff_us(kind: str, n_workers: int, *, seconds: float = 0.5,
 
 
 def _breakdown(r: dict, env_step_s: float, agent_est_s: dict, batch_B: int,
-               serial_step_s: float | None) -> dict:
+               serial_prof: dict | None) -> dict:
     """Fractions of wall time per batch step: envs, agent, the rest (see format_report)."""
     k = KINDS[r["kind"]]
     W = r["workers"]
     wall_step = batch_B / r["steps_per_s"]
-    if not k.workers and serial_step_s is not None:
-        env_f, env_est = batch_B * serial_step_s / wall_step, False
-    else:  # the envs on the critical path: all (serial), or one worker's (rounded up)
+    if not k.workers and serial_prof is not None:  # measured around each call
+        env_f, env_est = serial_prof["env_s"] / serial_prof["elapsed_s"], False
+        agent_f, agent_est = serial_prof["agent_s"] / serial_prof["elapsed_s"], False
+    else:
+        # The envs on the critical path: all (serial), or one worker's (rounded up).
         envs_on_path = batch_B if not k.workers else -(-batch_B // W)
         env_f, env_est = envs_on_path * env_step_s / wall_step, True
-    if r["agent_s"] is not None:
-        agent_f = r["agent_s"] / r["elapsed_s"]
-        agent_est = False
-    else:
-        agent_f = agent_est_s[-(-batch_B // W)] / wall_step
-        agent_est = True
+        if r["agent_s"] is not None:
+            agent_f, agent_est = r["agent_s"] / r["elapsed_s"], False
+        else:
+            agent_f, agent_est = agent_est_s[-(-batch_B // W)] / wall_step, True
     other = 1.0 - env_f - agent_f
     return {"env": env_f, "agent": agent_f, "other": max(0.0, other),
             "overlapped": other < 0 and k.overlap,
@@ -498,17 +548,17 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
     except Exception:
         twin = agent
     agent_s = _agent_call_s(twin, *spaces, sizes, 0.3)
-    serial_step_s = None
-    if "serial" in kinds:
-        progress("timing env.step inside the serial sampler...")
-        serial_step_s = serial_env_step_s(env_fn, twin, batch_T=batch_T, batch_B=batch_B,
-                                          seconds=min(1.0, seconds / 3))
     results: dict = {}
     timed: dict = {}
     with ExitStack() as stack:
         env = env_fn()
         stack.callback(env.close)
         chunks = {None: _env_chunks(env, 0)}  # None: the env alone
+        if W > 1:
+            progress(f"starting {W} processes that step the env alone...")
+            par = _ParallelEnvAlone(env_fn, W, start_method)
+            stack.callback(par.close)
+            chunks["parallel"] = par.chunk
         for kind in kinds:
             w = _kind_workers(kind, W, batch_B)
             progress(f"starting {kind}" + (f" ({w} workers)" if w else "") + "...")
@@ -527,18 +577,41 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
             results[kind] = {"kind": kind, "workers": s.n_workers}
             if kind in timed:
                 timed[kind].seconds = 0.0
+        if "serial" in kinds:
+            # A second serial sampler with timing proxies around env.step and the agent:
+            # where serial's time goes, measured in the same rounds (its own rate, a little
+            # lower because of the proxies, is not reported).
+            progress("starting serial with env.step timed...")
+            env_total = [0.0]
+            prof_agent = _timed(twin)
+            s = stack.enter_context(make_sampler(
+                "serial", lambda: _TimedEnv(env_fn(), env_total), prof_agent,
+                batch_T=batch_T, batch_B=batch_B))
+            s.obtain_samples(0)
+            env_total[0] = prof_agent.seconds = 0.0
+            chunks["profile"] = _sampler_chunks(s)
         rates: dict = {name: [] for name in chunks}
+        steps = dict.fromkeys(chunks, 0)
         elapsed = dict.fromkeys(chunks, 0.0)
         order = list(chunks)
         for rnd in range(N_CHUNKS):
             names = order[rnd % len(order):] + order[:rnd % len(order)]
+            label = {None: "the env alone", "parallel": f"{W} envs alone",
+                     "profile": "serial with env.step timed"}
             progress(f"round {rnd + 1}/{N_CHUNKS}: measuring "
-                     + ", ".join("the env alone" if n is None else n for n in names) + "...")
+                     + ", ".join(label.get(n, n) for n in names) + "...")
             for name in names:
-                units, dt = chunks[name](seconds / N_CHUNKS)
+                units, dt = chunks[name](seconds / N_CHUNKS / (2 if name == "profile" else 1))
                 rates[name].append(units / dt)
                 elapsed[name] += dt
+                steps[name] += units
+    serial_prof = None
+    if "profile" in chunks:
+        serial_prof = {"env_s": env_total[0], "agent_s": prof_agent.seconds,
+                       "elapsed_s": elapsed["profile"],
+                       "env_step_s": env_total[0] / steps["profile"]}
     alone = statistics.median(rates[None])
+    par_alone = statistics.median(rates["parallel"]) if "parallel" in rates else alone
     for kind, r in results.items():
         if "skipped" in r:
             continue
@@ -548,7 +621,10 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
         ideal_x = 1 if not r["workers"] else min(r["workers"], cpus)
         r["ratio_to_env_alone"] = r["steps_per_s"] / alone
         r["share_of_ideal"] = r["steps_per_s"] / (alone * ideal_x)
-        r["breakdown"] = _breakdown(r, 1.0 / alone, agent_s, batch_B, serial_step_s)
+        if r["workers"] in (0, W):
+            r["share_of_parallel_env_alone"] = r["steps_per_s"] / (par_alone if r["workers"]
+                                                                   else alone)
+        r["breakdown"] = _breakdown(r, 1.0 / alone, agent_s, batch_B, serial_prof)
         if KINDS[kind].served:
             progress(f"measuring the {kind} handoff (no-op env and agent)...")
             r["handoff_us"] = handoff_us(kind, W, seconds=min(0.6, max(0.15, seconds / 5)),
@@ -563,8 +639,8 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
             "start_method": start_method or mp.get_start_method(allow_none=True)
             or mp.get_context().get_start_method(),
             "seconds_per_kind": seconds, "other_load_cpus": other,
-            "env_alone_steps_per_s": alone,
-            "env_step_us_in_serial": serial_step_s * 1e6 if serial_step_s else None,
+            "env_alone_steps_per_s": alone, "parallel_env_alone_steps_per_s": par_alone,
+            "env_step_us_in_serial": serial_prof["env_step_s"] * 1e6 if serial_prof else None,
             "agent_us_per_call": {str(n): s * 1e6 for n, s in sorted(agent_s.items())},
             "results": list(results.values()), "best": best["kind"] if best else None,
             "recommendation": _recommend(best) if best else "no kind could run"}
@@ -602,28 +678,33 @@ def _recommend(r: dict) -> str:
 
 def format_report(rep: dict) -> str:
     """The human-readable table of a :func:`benchmark` report."""
-    alone = rep["env_alone_steps_per_s"]
+    alone, W = rep["env_alone_steps_per_s"], rep["workers"]
+    par = rep.get("parallel_env_alone_steps_per_s")
     lines = [
         f"env {rep.get('env', '?')}"
         + (f" {json.dumps(rep['env_kwargs'])}" if rep.get("env_kwargs") else "")
         + f", agent {rep.get('agent', '?')}"
         + (f" (torch threads {rep['torch_threads']})" if rep.get("torch_threads") else "")
-        + f", T={rep['batch_T']}, "
-        f"B={rep['batch_B']}, {rep['workers']} workers, {rep['usable_cpus']} usable CPUs, "
-        f"start method {rep['start_method']}, {rep['seconds_per_kind']:g} s per kind",
+        + f", T={rep['batch_T']}, B={rep['batch_B']}, {W} workers, {rep['usable_cpus']} "
+        f"usable CPUs, start method {rep['start_method']}, {rep['seconds_per_kind']:g} s per kind",
         f"env alone (one env, one process): {alone:,.0f} steps/s ({1e6 / alone:.3g} us/step)"
         + (f"; env.step in the serial sampler: {rep['env_step_us_in_serial']:.3g} us"
            if rep.get("env_step_us_in_serial") else ""),
+    ]
+    if W > 1 and par:
+        lines.append(f"{W} envs alone, {W} processes at once: {par:,.0f} steps/s "
+                     f"({par / alone:.2f}x one)")
+    lines += [
         "agent: " + ", ".join(f"{us:.3g} us per call on {n} envs"
                              for n, us in rep["agent_us_per_call"].items()),
         "",
-        f"{'kind':<24}{'workers':>8}{'steps/s':>12}{'x alone':>9}{'of ideal':>10}"
-        f"   where the time goes (env / agent / other)",
+        f"{'kind':<23}{'workers':>8}{'steps/s':>10}{'x alone':>9}{'of ideal':>9}"
+        f"{'of W alone':>11}  where the time goes (env / agent / other)",
     ]
     notes = set()
     for r in rep["results"]:
         if "skipped" in r:
-            lines.append(f"{r['kind']:<24}{r['workers'] or '-':>8}   skipped: {r['skipped']}")
+            lines.append(f"{r['kind']:<23}{r['workers'] or '-':>8}  skipped: {r['skipped']}")
             continue
         b = r["breakdown"]
         env = ("~" if b["env_estimated"] else "") + f"{b['env']:.0%}"
@@ -631,25 +712,28 @@ def format_report(rep: dict) -> str:
         other = "overlapped" if b["overlapped"] else f"{b['other']:.0%}"
         if b["env_estimated"] or b["agent_estimated"]:
             notes.add("~")
-        where = f"env {env} / agent {agent} / other {other}"
+        where = f"{env} / {agent} / {other}"
         if "handoff_us" in r:
             where += f"; handoff {r['handoff_us']:.0f} us/step"
-        lines.append(f"{r['kind']:<24}{r['workers'] or '-':>8}{r['steps_per_s']:>12,.0f}"
-                     f"{r['ratio_to_env_alone']:>8.2f}x{r['share_of_ideal']:>10.0%}   {where}")
+        of_w = r.get("share_of_parallel_env_alone")
+        lines.append(f"{r['kind']:<23}{r['workers'] or '-':>8}{r['steps_per_s']:>10,.0f}"
+                     f"{r['ratio_to_env_alone']:>8.2f}x{r['share_of_ideal']:>9.0%}"
+                     f"{'-' if of_w is None else format(of_w, '.0%'):>11}  {where}")
     lines += [
         "",
-        "x alone = steps/s over the env alone; of ideal = steps/s over (env alone x",
-        "  min(workers, usable CPUs)), 1 for serial. env / agent / other: shares of wall time",
-        "  of the process on the critical path; other = sampler bookkeeping, waiting,",
-        "  handoffs, CPU contention.",
+        "x alone: steps/s over the env alone. of ideal: over the env alone x min(workers,",
+        "  usable CPUs) (x 1 for serial). of W alone: over W envs stepping alone in W",
+        "  processes at once, measured in the same rounds (what the machine gives W workers",
+        "  now). env / agent / other: shares of the wall time of the process on the critical",
+        "  path; other = sampler bookkeeping, waiting, handoffs, CPU contention.",
     ]
     if "~" in notes:
-        lines.append("~ = estimated: a worker's env time as its envs times the env-alone step "
-                     "time; cpu's\n  agent time from timing the agent in the parent on one "
-                     "worker's envs.")
+        lines.append("~ = estimated: a worker's env time as its envs x the env-alone step time; "
+                     "cpu's agent\n  time from timing the agent in the parent on one worker's "
+                     "envs.")
     if any("handoff_us" in r for r in rep["results"]):
-        lines.append("handoff = wall time per batch step with a no-op env and agent, one env "
-                     "per worker\n  (the action server's round trip, bookkeeping included).")
+        lines.append("handoff: wall time per batch step with a no-op env and agent, one env per "
+                     "worker\n  (the action server's round trip, bookkeeping included).")
     if rep.get("other_load_cpus") is not None and rep["other_load_cpus"] >= 0.2:
         lines.append(f"note: other processes kept {rep['other_load_cpus']:.1f} CPUs busy on "
                      f"average during the run;\n  they compete with the sampler and lower "

@@ -244,7 +244,7 @@ class Sampler:
             p = ctx.Process(target=worker_main, name=f"sampling-{self.kind}-worker-{w}",
                             args=(w, payload, res.shared.name, nbytes, placed, child_conn,
                                   obs_ready, act_ready), daemon=True)
-            with _without_mpi_env():
+            with _without_mpi_env(), _sigint_blocked():
                 p.start()
             child_conn.close()
             res.procs.append(p)
@@ -639,6 +639,20 @@ def _signame(n: int) -> str:
         return signal.Signals(n).name
     except ValueError:
         return str(n)
+
+
+@contextmanager
+def _sigint_blocked():
+    # A child inherits the signal mask (across exec too): with SIGINT blocked until the worker
+    # ignores it, a Ctrl-C while a spawn worker still imports the main module cannot kill it.
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextmanager

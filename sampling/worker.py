@@ -146,6 +146,8 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                 obs_ready, act_ready) -> None:
     """Entry point of worker ``w`` (the target of every worker process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     handoff = Handoff(obs_ready, act_ready)
     envs, eval_envs = [], []
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -25,6 +26,33 @@ class AgentFault(RuntimeError):
     """Raised by :class:`WorkerFaultAgent` and :class:`ParentFaultAgent`."""
 
 
+class TwoArgError(Exception):
+    """Pickles, but does not unpickle: ``__init__`` needs two arguments and ``args`` has one."""
+
+    def __init__(self, what, detail):
+        super().__init__(f"{what}: {detail}")
+
+
+class LockedError(Exception):
+    """Cannot be pickled at all (it holds a lock)."""
+
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+def two_arg_error(msg):
+    return TwoArgError(msg, "two-arg detail")
+
+
+def locked_error(msg):
+    return LockedError(msg)
+
+
+def sys_exit(msg):
+    return SystemExit(f"sys.exit: {msg}")
+
+
 def write_stamp(stamp) -> None:
     if stamp is not None:
         with open(stamp, "w") as f:
@@ -37,7 +65,7 @@ def read_stamp(stamp) -> float:
 
 
 def in_worker(w: int) -> bool:
-    """True in the process of sampler worker ``w`` (processes are named "sampling-<kind>-worker-<w>")."""
+    """True in the process of sampler worker ``w`` (named "sampling-<kind>-worker-<w>")."""
     name = mp.current_process().name
     return name.startswith("sampling-") and name.endswith(f"-worker-{w}")
 
@@ -51,14 +79,16 @@ class FaultEnv(CountingEnv):
       steps count too).
 
     ``how``: ``"raise"`` (an :class:`EnvFault`), ``"exit"`` (``os._exit(3)``) or
-    ``"kill"`` (SIGKILL to itself). Never fails in the process with pid ``safe_pid``
+    ``"kill"`` (SIGKILL to itself); ``exc(message)`` makes the exception to raise (default
+    :class:`EnvFault`). Never fails in the process with pid ``safe_pid``
     (the parent's probe env).
     """
 
     def __init__(self, where="step", after=0, fail_env=3, worker=1, how="raise", stamp=None,
-                 safe_pid=None, **kw):
+                 safe_pid=None, exc=EnvFault, **kw):
         super().__init__(**kw)
         self.where, self.after, self.fail_env, self.how = where, after, fail_env, how
+        self.exc = exc
         self.stamp, self.safe_pid = stamp, safe_pid
         self.n_steps = 0
         if where == "init" and in_worker(worker) and os.getpid() != safe_pid:
@@ -74,7 +104,7 @@ class FaultEnv(CountingEnv):
         if self.how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(10)  # the signal is on its way
-        raise EnvFault(f"boom in {self.where} of env {self.env_id}")
+        raise self.exc(f"boom in {self.where} of env {self.env_id}")
 
     def reset(self, *, seed=None, options=None):
         out = super().reset(seed=seed, options=options)
@@ -161,3 +191,27 @@ class ReadyThenHangAgent(_ZeroActions):
             print("READY", flush=True)
             time.sleep(120)
         return self._act(observation)
+
+
+class SlowInitEnv(CountingEnv):
+    """Sleeps ``delay`` seconds in its constructor inside sampler workers (not in the
+    parent's probe), so that a sampler stays mid-construction for a while."""
+
+    def __init__(self, delay=1.5, **kw):
+        super().__init__(**kw)
+        if mp.current_process().name.startswith("sampling-"):
+            time.sleep(delay)
+
+
+class BadShapeAgent(_ZeroActions):
+    """Returns one action too many from its call ``from_call`` on (the probe is call 1)."""
+
+    def __init__(self, from_call=3):
+        self.from_call, self.calls = from_call, 0
+
+    def step(self, observation, prev_action, prev_reward):
+        self.calls += 1
+        action, info = self._act(observation)
+        if self.calls >= self.from_call:
+            action = np.zeros(len(action) + 1, np.int64)
+        return action, info

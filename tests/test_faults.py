@@ -1,11 +1,20 @@
 """Never hang, never leak: faults, interrupts and bad input, for every parallel kind and
 start method.
 
-Each case checks the error (type, message, cause chain), the time from the fault to the
-parent's raise, that the sampler is closed afterwards, and that nothing is left behind:
-no /dev/shm entry (segments and named semaphores) created by the sampler, no worker
-process alive. Resource-tracker warnings are checked in subprocesses (they are printed
-when the interpreter exits), and so is a SIGKILL of the parent itself.
+``test_fault_matrix`` provokes each worker fault (an exception in env_fn, reset,
+decorrelation, step, evaluation or the worker's agent; a worker that os._exit()s or is
+SIGKILLed at construction, mid-step, between batches or during evaluation) for every
+kind and start method. Each case checks the error (type, message, cause chain), the
+time from the fault to the parent's raise, that the sampler is closed afterwards, and
+that nothing is left behind: no /dev/shm entry (segment or named semaphore) created by
+the sampler, no worker process alive. Separate tests cover the parent's agent raising,
+KeyboardInterrupt (from the agent, a signal, a Ctrl-C to the process group), slow envs,
+exceptions that do not pickle, bad env/agent output, and, in subprocesses,
+resource-tracker warnings at exit and a SIGKILL of the parent itself.
+
+/dev/shm is shared with whatever else runs on the machine, so the leak check compares
+before/after only for the names the watched samplers created (recorded by patching
+SharedMemory and SemLock in this process).
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import multiprocessing.process
 import multiprocessing.shared_memory
 import multiprocessing.synchronize
 import os
+import re
 import select
 import signal
 import subprocess
@@ -32,13 +42,17 @@ import sampling
 from sampling import RemoteTraceback, SamplerClosedError, WorkerError
 from tests.fault_helpers import (
     AgentFault,
+    BadShapeAgent,
     EnvFault,
     FaultEnv,
     ParentFaultAgent,
     WorkerFaultAgent,
+    locked_error,
     read_stamp,
+    sys_exit,
+    two_arg_error,
 )
-from tests.helpers import CountingAgent, CountingEnv, SlowEnv, shm_entries
+from tests.helpers import CountingAgent, CountingEnv, ShapeChangingEnv, SlowEnv, shm_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["cpu", "gpu", "alternating", "no_overlap_alternating"]
@@ -152,15 +166,16 @@ FAULTS = {
     "reset": ("construct", dict(where="reset"), "the first reset of env 3"),
     "decorrelation": ("construct", dict(where="step", after=3), "decorrelation of env 3"),
     "step": ("batch", dict(where="step", after=15), "env 3, step 5 of the batch"),
-    "eval": ("eval", dict(where="step", after=2, fail_env=5), "step 0 of the batch"),
+    "eval": ("eval", dict(where="step", after=2, fail_env=5), None),  # see test_eval_fault_*
     "worker_agent": ("batch", None, None),
+    "kill_init": ("construct", dict(where="init", how="kill"), None),
     "exit_step": ("batch", dict(where="step", after=15, how="exit"), None),
     "kill_step": ("batch", dict(where="step", after=15, how="kill"), None),
     "kill_between": ("between", None, None),
     "kill_eval": ("eval", dict(where="step", after=2, fail_env=5, how="kill"), None),
 }
 RAISES = ("init", "reset", "decorrelation", "step", "eval", "worker_agent")
-EXITCODE = {"exit_step": 3, "kill_step": -9, "kill_between": -9, "kill_eval": -9}
+EXITCODE = {"kill_init": -9, "exit_step": 3, "kill_step": -9, "kill_between": -9, "kill_eval": -9}
 
 
 def _run_fault(kind, method, fault, tmp_path, watch) -> dict:
@@ -263,6 +278,148 @@ def test_fault_matrix(kind, start_method, fault, tmp_path, watch):
     watch.assert_clean()
 
 
+# -- exceptions that do not travel well, and bad env output --------------------------------------
+def _step_fault_sampler(kind, tmp_path, exc, method="fork"):
+    stamp = str(tmp_path / "fault_time")
+    env_fn = functools.partial(FaultEnv, after=15, stamp=stamp, safe_pid=os.getpid(), exc=exc)
+    return sampling.make_sampler(kind, env_fn, CountingAgent(), start_method=method,
+                                 **SMALL), stamp
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_worker_exception_that_cannot_be_pickled(kind, tmp_path, watch):
+    sampler, stamp = _step_fault_sampler(kind, tmp_path, locked_error)
+    with sampler:
+        with pytest.raises(WorkerError, match=r"worker 1 \(envs 2\.\.3\) raised RuntimeError: "
+                                              r"LockedError: boom in step of env 3") as ei:
+            for i in range(3):
+                sampler.obtain_samples(i)
+        assert time.monotonic() - read_stamp(stamp) < BOUND_S
+        assert isinstance(ei.value.__cause__.__cause__, RemoteTraceback)
+        assert "_inject_fault" in ei.value.remote_traceback
+        assert "LockedError" in ei.value.remote_traceback
+        _assert_closed(sampler)
+    del sampler, ei
+    watch.assert_clean()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_worker_exception_that_cannot_be_unpickled(kind, tmp_path, watch):
+    # It pickles in the worker but TwoArgError(*args) fails in the parent.
+    sampler, stamp = _step_fault_sampler(kind, tmp_path, two_arg_error)
+    with sampler:
+        with pytest.raises(WorkerError,
+                           match=r"worker 1 \(envs 2\.\.3\) raised .*TwoArgError") as ei:
+            for i in range(3):
+                sampler.obtain_samples(i)
+        assert time.monotonic() - read_stamp(stamp) < BOUND_S
+        assert "_inject_fault" in ei.value.remote_traceback
+        assert "TwoArgError" in ei.value.remote_traceback
+        assert _sampling_children() == []
+        _assert_closed(sampler)
+    del sampler, ei
+    watch.assert_clean()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_worker_sys_exit(kind, tmp_path, watch):
+    sampler, stamp = _step_fault_sampler(kind, tmp_path, sys_exit)
+    with sampler:
+        with pytest.raises(WorkerError, match=r"worker 1 \(envs 2\.\.3\) raised SystemExit: "
+                                              r"sys.exit: boom") as ei:
+            for i in range(3):
+                sampler.obtain_samples(i)
+        assert time.monotonic() - read_stamp(stamp) < BOUND_S
+        assert type(ei.value.__cause__) is SystemExit
+        _assert_closed(sampler)
+    del sampler, ei
+    watch.assert_clean()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_env_output_in_worker(kind, watch):
+    env_fn = functools.partial(ShapeChangingEnv, bad_env=1, at=2)
+    with sampling.make_sampler(kind, env_fn, CountingAgent(), start_method="fork",
+                               **SMALL) as sampler:
+        with pytest.raises(WorkerError, match=r"worker 0 \(envs 0\.\.1\) raised ValueError: "
+                                              r"env 1 .*observation.*shape \(5,\)") as ei:
+            sampler.obtain_samples(0)
+        assert type(ei.value.__cause__) is ValueError
+        _assert_closed(sampler)
+    del sampler, ei
+    watch.assert_clean()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_agent_output(kind, watch):
+    with sampling.make_sampler(kind, CountingEnv, BadShapeAgent(from_call=3),
+                               start_method="fork", **SMALL) as sampler:
+        if kind == "cpu":  # each worker's copy fails: either may be reported
+            with pytest.raises(WorkerError, match=r"worker [01] \(envs [02]\.\.[13]\) raised "
+                                                  r"ValueError: .*agent.step returned shape "
+                                                  r"\(3,\), expected \(2,\)") as ei:
+                sampler.obtain_samples(0)
+            assert type(ei.value.__cause__) is ValueError
+        else:
+            with pytest.raises(ValueError, match=r"action server.*agent.step returned shape "
+                                                 r"\((5|3),\), expected \((4|2),\)"):
+                sampler.obtain_samples(0)
+        assert _sampling_children() == []
+        _assert_closed(sampler)
+    del sampler
+    watch.assert_clean()
+
+
+# -- the user's side: exceptions in the loop body, forgotten samplers -----------------------------
+class _TrainingError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exception_in_loop_body_shuts_down(kind, watch):
+    with pytest.raises(_TrainingError):
+        with sampling.make_sampler(kind, CountingEnv, CountingAgent(), start_method="fork",
+                                   **SMALL) as sampler:
+            for i, _ in enumerate(sampler.steps()):
+                if i == 1:
+                    raise _TrainingError("in train()")
+    assert _sampling_children() == []
+    _assert_closed(sampler)
+    del sampler
+    watch.assert_clean()
+
+
+@pytest.mark.parametrize("start_method", METHODS)
+def test_forgotten_sampler_is_cleaned_up_by_gc(start_method, watch):
+    sampler = sampling.make_sampler("gpu", CountingEnv, CountingAgent(),
+                                    start_method=start_method, **SMALL)
+    batch = sampler.obtain_samples(0)
+    assert len(_sampling_children()) == 2
+    del sampler
+    gc.collect()
+    assert batch.reward.shape == (10, 4)  # the views outlive the sampler
+    del batch
+    watch.assert_clean()
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_eval_fault_message_names_the_eval_env(kind, watch):
+    # Not "(in env 1, ...)": env 1 is a training env of worker 0; the failing one is eval env 1.
+    eval_env_fn = functools.partial(FaultEnv, after=2, fail_env=5, safe_pid=os.getpid())
+    with sampling.make_sampler(kind, CountingEnv, CountingAgent(), start_method="fork",
+                               eval_env_fn=eval_env_fn, eval_n_envs=2, eval_max_steps=40,
+                               **SMALL) as sampler:
+        sampler.obtain_samples(0)
+        with pytest.raises(WorkerError) as ei:
+            sampler.evaluate_agent(0)
+    msg = str(ei.value)
+    assert "worker 1" in msg and "eval" in msg
+    assert re.search(r"\beval env (1|5)\b", msg), msg
+    assert not re.search(r"\(in env 1\b", msg), msg
+    del sampler, ei
+    watch.assert_clean()
+
+
 # -- the agent in the parent ------------------------------------------------------------------
 @pytest.mark.parametrize("start_method", METHODS)
 @pytest.mark.parametrize("kind", KINDS)
@@ -274,8 +431,8 @@ def test_parent_agent_exception_propagates_unchanged(kind, start_method, watch):
     with sampling.make_sampler(kind, CountingEnv, agent, start_method=start_method,
                                **SMALL) as sampler:
         with pytest.raises(AgentFault, match="parent agent boom") as ei:
-            for _ in range(3):
-                sampler.obtain_samples(_)
+            for i in range(3):
+                sampler.obtain_samples(i)
         elapsed = time.monotonic() - agent.fault_time
         assert ei.type is AgentFault
         assert not isinstance(ei.value, WorkerError)
@@ -348,21 +505,45 @@ def test_keyboard_interrupt_signal_during_slow_batch(kind, start_method, watch):
     watch.assert_clean()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_keyboard_interrupt_signal_during_slow_evaluation(kind, watch):
+    eval_env_fn = functools.partial(SlowEnv, delay=0.2)  # an evaluation takes >= 2 s
+    sent = []
+    timer = threading.Timer(0.3, lambda: (sent.append(time.monotonic()), _interrupt_main()))
+    with sampling.make_sampler(kind, CountingEnv, CountingAgent(), start_method="fork",
+                               eval_env_fn=eval_env_fn, eval_n_envs=2, eval_max_steps=40,
+                               **SMALL) as sampler:
+        sampler.obtain_samples(0)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                timer.start()
+                sampler.evaluate_agent(0)
+            raised_at = time.monotonic()
+        finally:
+            timer.cancel()
+            timer.join()
+        assert sent and raised_at - sent[0] < BOUND_S
+        assert _sampling_children() == []
+        _assert_closed(sampler)
+    del sampler
+    watch.assert_clean()
+
+
 # -- a slow env is not a dead one --------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_slow_env_is_not_dead(kind, watch):
     # 0.3 s per step, longer than the parent's 0.1 s poll and the workers' 0.5 s poll / 2
     env_fn = functools.partial(SlowEnv, delay=0.3)
-    with sampling.make_sampler(kind, env_fn, CountingAgent(), batch_T=2, batch_B=2,
-                               n_workers=2, eval_n_envs=2, eval_max_steps=4,
+    with sampling.make_sampler(kind, env_fn, CountingAgent(), batch_T=3, batch_B=2,
+                               n_workers=2, eval_n_envs=2, eval_max_steps=6,
                                start_method="fork") as sampler:
-        for itr in range(2):
-            batch = sampler.obtain_samples(itr)
-            assert batch.observation.shape == (2, 2, 4)
-            np.testing.assert_array_equal(batch.observation[:, :, 0], [[0, 1], [0, 1]])
-            assert (batch.reward > 0).all()
-        trajs = sampler.evaluate_agent(0)
-        assert isinstance(trajs, list)
+        batch = sampler.obtain_samples(0)  # about 1 s
+        assert batch.observation.shape == (3, 2, 4)
+        np.testing.assert_array_equal(batch.observation[:, :, 0], [[0, 1]] * 3)
+        np.testing.assert_array_equal(batch.reward, [[1, 1], [2, 2], [3, 3]])
+        assert [t.Length for t in batch.traj_infos] == [3]  # env 0's first episode: 3 steps
+        trajs = sampler.evaluate_agent(0)  # 3 steps per eval env
+        assert len(trajs) == 1 and trajs[0].Length == 3
     del sampler, batch
     watch.assert_clean()
 
@@ -387,8 +568,8 @@ TRACKER_SCRIPT = textwrap.dedent("""
             return
         sys.exit(f"expected {exc.__name__}")
 
-    # normal shutdown, every kind, with evaluation
-    for kind in ("cpu", "gpu", "alternating", "no_overlap_alternating"):
+    # normal shutdown, with evaluation (one kind per group count)
+    for kind in ("cpu", "no_overlap_alternating"):
         with sampling.make_sampler(kind, CountingEnv, CountingAgent(), eval_n_envs=2,
                                    eval_max_steps=20, **kw) as s:
             s.obtain_samples(0)
@@ -456,43 +637,97 @@ def test_no_resource_tracker_warnings(start_method):
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-# -- the parent itself SIGKILLed -----------------------------------------------------------------
-PARENT_SCRIPT = textwrap.dedent("""
-    import os, sys, time
+# -- the parent itself SIGKILLed, and a real Ctrl-C ---------------------------------------------
+# The script records the /dev/shm names it creates (printed as they appear: the segment's
+# name is unlinked as soon as the workers attach) and prints PIDS and READY when the test
+# may strike: "construct" while the workers are still starting, "idle" between batches,
+# "batch" mid-batch (in served kinds the parent hangs in the agent, the workers wait for
+# actions; in cpu the workers step a slow env).
+CHILD_SCRIPT = textwrap.dedent("""
+    import functools, os, sys, threading, time
     import multiprocessing as mp
     import multiprocessing.shared_memory, multiprocessing.synchronize
-    created = []
+
     sem_init = mp.synchronize.SemLock.__init__
     shm_init = mp.shared_memory.SharedMemory.__init__
     def sem_init_rec(self, *a, **k):
         sem_init(self, *a, **k)
         if self._semlock.name:
-            created.append("sem." + self._semlock.name.lstrip("/"))
+            print("SHM", "sem." + self._semlock.name.lstrip("/"), flush=True)
     def shm_init_rec(self, name=None, create=False, size=0, *a, **k):
         shm_init(self, name, create, size, *a, **k)
         if create:
-            created.append(self.name.lstrip("/"))
+            print("SHM", self.name.lstrip("/"), flush=True)
     mp.synchronize.SemLock.__init__ = sem_init_rec
     mp.shared_memory.SharedMemory.__init__ = shm_init_rec
 
     import sampling
-    from tests.fault_helpers import ReadyThenHangAgent
-    from tests.helpers import CountingEnv
+    from tests.fault_helpers import ReadyThenHangAgent, SlowInitEnv
+    from tests.helpers import CountingEnv, SlowEnv
 
-    kind, method = sys.argv[1], sys.argv[2]
-    agent = ReadyThenHangAgent(os.getpid(), at=10**9)
-    s = sampling.make_sampler(kind, CountingEnv, agent, batch_T=10, batch_B=4, n_workers=2,
-                              start_method=method)
-    s.obtain_samples(0)
-    pids = [p.pid for p in mp.active_children() if p.name.startswith("sampling-")]
-    print("PIDS", *pids)
-    print("SHM", *created, flush=True)
-    if kind == "cpu":  # killed between batches, workers idle
+    kind, method, when = sys.argv[1], sys.argv[2], sys.argv[3]
+
+    def workers():
+        return [p.pid for p in mp.active_children() if p.name.startswith("sampling-")]
+
+    def ready():
+        print("PIDS", *workers())
         print("READY", flush=True)
-        time.sleep(120)
-    agent.at = agent.calls + 3  # killed mid-batch, workers waiting for actions
-    s.obtain_samples(1)
+
+    def ready_when_started():
+        while len(workers()) < 2:
+            time.sleep(0.02)
+        ready()
+
+    env_fn, T = CountingEnv, 10
+    if when == "construct":
+        env_fn = functools.partial(SlowInitEnv, delay=1.0)
+        threading.Thread(target=ready_when_started, daemon=True).start()
+    elif when == "batch" and kind == "cpu":  # a batch takes 20 s: 2 envs x 100 steps x 0.1 s
+        env_fn, T = functools.partial(SlowEnv, delay=0.1), 100
+    agent = ReadyThenHangAgent(os.getpid(), at=10**9)
+    try:
+        with sampling.make_sampler(kind, env_fn, agent, batch_T=T, batch_B=4, n_workers=2,
+                                   start_method=method) as s:
+            if when == "batch" and kind == "cpu":
+                timer = threading.Timer(0.5, ready)
+                timer.daemon = True
+                timer.start()
+            for i, _ in enumerate(s.steps(100)):
+                if i == 0 and when == "idle":
+                    ready()
+                    time.sleep(120)
+                if i == 0 and when == "batch":
+                    print("PIDS", *workers(), flush=True)
+                    agent.at = agent.calls + 3  # READY, then hang, in the next batch
+    except KeyboardInterrupt:
+        print("INTERRUPTED", flush=True)
 """)
+
+
+def _descendants(pid: int) -> list:
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _start_child(kind, start_method, when, **popen_kw):
+    return subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, kind, start_method, when],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_kw)
 
 
 def _read_until_ready(proc, deadline) -> dict:
@@ -506,9 +741,10 @@ def _read_until_ready(proc, deadline) -> dict:
             if not chunk:
                 break
             buf += chunk
+            lines = {}
             for line in buf.decode().splitlines():
                 key, _, rest = line.partition(" ")
-                lines[key] = rest.split()
+                lines.setdefault(key, []).extend(rest.split())
             if "READY" in lines:
                 return lines
         if proc.poll() is not None:
@@ -518,36 +754,119 @@ def _read_until_ready(proc, deadline) -> dict:
     raise AssertionError(f"the script did not get ready: {buf!r} {proc.stderr.read()!r}")
 
 
-@pytest.mark.parametrize("kind,start_method", [("cpu", m) for m in METHODS]
-                         + [("gpu", "fork"), ("alternating", "spawn")])
-def test_parent_sigkill_leaves_nothing(kind, start_method):
-    proc = subprocess.Popen([sys.executable, "-c", PARENT_SCRIPT, kind, start_method],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    pids: list = []
+def _wait_gone(pids, names, bound) -> tuple:
+    start = time.monotonic()
+    while True:
+        alive = [p for p in pids if _alive(p)]
+        left = set(names) & shm_entries()
+        if (not alive and not left) or time.monotonic() - start > bound:
+            return alive, left
+        time.sleep(0.1)
+
+
+def _cleanup_child(proc, pids) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for p in pids:
+        if _alive(p):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+PARENT_KILL_CASES = ([("cpu", m, "idle") for m in METHODS]
+                     + [("cpu", m, "construct") for m in METHODS]
+                     + [("gpu", "fork", "batch"), ("alternating", "forkserver", "batch"),
+                        ("no_overlap_alternating", "spawn", "batch")]
+                     # a cpu worker mid-batch (20 s of env steps) must look for its parent
+                     + [("cpu", "fork", "batch"), ("cpu", "spawn", "batch")])
+
+
+@pytest.mark.parametrize("kind,start_method,when", PARENT_KILL_CASES)
+def test_parent_sigkill_leaves_nothing(kind, start_method, when):
+    proc = _start_child(kind, start_method, when)
+    family: list = []
     try:
         info = _read_until_ready(proc, time.monotonic() + 30)
-        pids = [int(p) for p in info["PIDS"]]
+        workers = [int(p) for p in info["PIDS"]]
         created = set(info["SHM"])
-        assert len(pids) == 2 and created
-        assert all(_alive(p) for p in pids)
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        assert any(n.startswith("psm") for n in created)
+        family = _descendants(proc.pid)  # workers, forkserver, resource tracker
+        assert set(workers) <= set(family)
+        if when == "construct":  # the segment's name is still there: the tracker must unlink it
+            assert {n for n in created if n.startswith("psm")} <= shm_entries()
         proc.kill()
         proc.wait(10)
-        killed_at = time.monotonic()
-        while time.monotonic() - killed_at < BOUND_S:
-            alive = [p for p in pids if _alive(p)]
-            left = created & shm_entries()
-            if not alive and not left:
-                break
-            time.sleep(0.1)
-        assert not alive, f"workers outlived their SIGKILLed parent: {alive}"
+        # workers notice within their 0.5 s poll; a constructing one after its 1 s env_fn
+        alive, left = _wait_gone(family, created, BOUND_S)
+        assert not alive, f"processes outlived their SIGKILLed parent: {alive}"
         assert not left, f"left in /dev/shm after the parent was SIGKILLed: {sorted(left)}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for p in pids:
-            if _alive(p):
-                os.kill(p, signal.SIGKILL)
-        proc.stdout.close()
-        proc.stderr.close()
+        _cleanup_child(proc, family)
+
+
+@pytest.mark.parametrize("kind,start_method,when", [("cpu", m, "batch") for m in METHODS]
+                         + [("gpu", "spawn", "batch"),
+                            ("no_overlap_alternating", "forkserver", "batch")]
+                         + [("cpu", m, "construct") for m in METHODS])
+def test_ctrl_c_to_the_process_group(kind, start_method, when):
+    # What a terminal does on Ctrl-C: SIGINT to every process of the foreground group.
+    proc = _start_child(kind, start_method, when, start_new_session=True)
+    family: list = []
+    try:
+        info = _read_until_ready(proc, time.monotonic() + 30)
+        created = set(info["SHM"])
+        family = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=BOUND_S + 10)
+        assert time.monotonic() - sent < BOUND_S + 5  # shutdown included
+        out, err = out.decode(), err.decode()
+        assert proc.returncode == 0 and "INTERRUPTED" in out, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert "leaked" not in err, err
+        alive, left = _wait_gone(family, created, 1.0)
+        assert not alive and not left, (alive, left)
+    finally:
+        _cleanup_child(proc, family)
+
+
+SIGINT_BOOT_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    if __name__ == "__mp_main__":
+        time.sleep(1.0)  # a slow top-level import (torch, say), re-run in every spawn worker
+    if __name__ == "__main__":
+        import multiprocessing as mp
+        import sampling
+        from tests.helpers import CountingAgent, CountingEnv
+
+        def interrupt_workers():  # while they are still importing the main module
+            ws = []
+            while len(ws) < 2:
+                time.sleep(0.02)
+                ws = [p for p in mp.active_children() if p.name.startswith("sampling-")]
+            time.sleep(0.3)
+            for p in ws:
+                os.kill(p.pid, signal.SIGINT)
+
+        threading.Thread(target=interrupt_workers, daemon=True).start()
+        with sampling.make_sampler("cpu", CountingEnv, CountingAgent(), batch_T=10, batch_B=4,
+                                   n_workers=2, start_method="spawn") as s:
+            s.obtain_samples(0)
+        print("OK")
+""")
+
+
+def test_sigint_to_a_starting_spawn_worker_is_ignored(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SIGINT_BOOT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=60)
+    assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
