@@ -35,7 +35,7 @@ __all__ = ["choose_kind", "resolve_env", "make_agent", "MLPAgent", "env_alone", 
 log = logging.getLogger("sampling")
 
 ALL_KINDS = ("serial", "cpu", "gpu", "alternating", "no_overlap_alternating")
-N_CHUNKS = 5  # a kind's rate is the median of this many timed chunks
+ROUNDS = 9  # a rate is the median over this many interleaved timed chunks
 
 # Constants of the auto rule (measured on a 2-core VM; see choose_kind).
 HANDOFF_S = 30e-6    # one observation -> action round trip through the action server
@@ -223,7 +223,7 @@ def _action_pool(space: Any, n: int, seed: int) -> list:
 
 
 def _median_rate(run_chunk: Callable[[float], tuple], seconds: float,
-                 n_chunks: int = N_CHUNKS) -> float:
+                 n_chunks: int = ROUNDS) -> float:
     """Median of ``n_chunks`` rates; ``run_chunk(s)`` works >= s seconds, returns (units, dt)."""
     rates = []
     for _ in range(n_chunks):
@@ -274,10 +274,14 @@ def env_alone(env_fn: Callable[[], Any], seconds: float = 3.0, seed: int = 0) ->
 
 
 def _env_alone_worker(payload: bytes, conn) -> None:
+    import signal
+
     import cloudpickle
-    env_fn, seed = cloudpickle.loads(payload)
-    env = env_fn()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    env = None
     try:
+        env_fn, seed = cloudpickle.loads(payload)
+        env = env_fn()
         chunk = _env_chunks(env, seed)
         conn.send("ready")
         while True:
@@ -285,8 +289,20 @@ def _env_alone_worker(payload: bytes, conn) -> None:
             if target is None:
                 break
             conn.send(chunk(target))
+    except (EOFError, OSError):  # the parent is gone
+        pass
+    except Exception as e:
+        conn.send(f"{type(e).__name__}: {e}")
     finally:
-        env.close()
+        if env is not None:
+            env.close()
+
+
+def _answer(conn, timeout: float) -> Any:
+    try:
+        return conn.recv() if conn.poll(timeout) else f"no answer in {timeout:g} s"
+    except (EOFError, OSError):
+        return "it exited"
 
 
 class _ParallelEnvAlone:
@@ -308,8 +324,9 @@ class _ParallelEnvAlone:
                 self.procs.append(p)
                 self.conns.append(parent)
             for c in self.conns:
-                if not c.poll(60) or c.recv() != "ready":
-                    raise BenchError("a process stepping the env alone did not start")
+                msg = _answer(c, 60.0)
+                if msg != "ready":
+                    raise BenchError(f"a process stepping the env alone failed: {msg}")
         except BaseException:
             self.close()
             raise
@@ -320,9 +337,10 @@ class _ParallelEnvAlone:
             c.send(target)
         rate = 0.0
         for c in self.conns:
-            if not c.poll(60 + 10 * target):
-                raise BenchError("a process stepping the env alone stopped answering")
-            n, dt = c.recv()
+            msg = _answer(c, 60.0 + 10 * target)
+            if not isinstance(msg, tuple):
+                raise BenchError(f"a process stepping the env alone failed: {msg}")
+            n, dt = msg
             rate += n / dt
         return rate, 1.0
 
@@ -530,7 +548,7 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
               spaces: tuple | None = None) -> dict:
     """Measure the env alone and each of ``kinds`` for ``seconds`` each; return a report.
 
-    All samplers are started (and warmed up with one batch) first; then ``N_CHUNKS``
+    All samplers are started (and warmed up with one batch) first; then ``ROUNDS``
     rounds each time one chunk of whole batches per kind and one of the env alone, in a
     rotating order, so that load from other processes hits every figure alike. A rate is
     the median over the rounds.
@@ -594,14 +612,14 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
         steps = dict.fromkeys(chunks, 0)
         elapsed = dict.fromkeys(chunks, 0.0)
         order = list(chunks)
-        for rnd in range(N_CHUNKS):
+        for rnd in range(ROUNDS):
             names = order[rnd % len(order):] + order[:rnd % len(order)]
             label = {None: "the env alone", "parallel": f"{W} envs alone",
                      "profile": "serial with env.step timed"}
-            progress(f"round {rnd + 1}/{N_CHUNKS}: measuring "
+            progress(f"round {rnd + 1}/{ROUNDS}: measuring "
                      + ", ".join(label.get(n, n) for n in names) + "...")
             for name in names:
-                units, dt = chunks[name](seconds / N_CHUNKS / (2 if name == "profile" else 1))
+                units, dt = chunks[name](seconds / ROUNDS / (2 if name == "profile" else 1))
                 rates[name].append(units / dt)
                 elapsed[name] += dt
                 steps[name] += units
@@ -664,13 +682,14 @@ def _own_cpu_s() -> float:
 
 def _recommend(r: dict) -> str:
     b = r["breakdown"]
-    if b["env"] >= 0.5:
-        why = f"envs dominate (agent {b['agent']:.0%} of the time)"
-    elif b["agent"] >= 0.5:
-        why = f"the agent dominates ({b['agent']:.0%} of the time)"
+    env, agent, other = b["env"], b["agent"], b["other"]
+    if env >= max(agent, other):
+        why = f"envs dominate (agent {agent:.0%} of the time)"
+    elif agent >= other:
+        why = f"the agent dominates ({agent:.0%} of the time; envs {env:.0%})"
     else:
-        why = (f"sampler overhead is {b['other']:.0%} of the time (envs {b['env']:.0%}, "
-               f"agent {b['agent']:.0%})")
+        why = (f"sampler overhead dominates ({other:.0%} of the time; envs {env:.0%}, "
+               f"agent {agent:.0%})")
     w = f", {r['workers']} workers" if r["workers"] else ""
     return (f"{r['kind']}: {r['ratio_to_env_alone']:.2f}x the env alone "
             f"({r['share_of_ideal']:.0%} of the ideal{w}); {why}")
@@ -729,8 +748,9 @@ def format_report(rep: dict) -> str:
     ]
     if "~" in notes:
         lines.append("~ = estimated: a worker's env time as its envs x the env-alone step time; "
-                     "cpu's agent\n  time from timing the agent in the parent on one worker's "
-                     "envs.")
+                     "cpu's agent\n  time from timing the agent alone in the parent on one "
+                     "worker's envs (warm caches:\n  a lower bound; compare serial's measured "
+                     "agent share).")
     if any("handoff_us" in r for r in rep["results"]):
         lines.append("handoff: wall time per batch step with a no-op env and agent, one env per "
                      "worker\n  (the action server's round trip, bookkeeping included).")
@@ -835,9 +855,9 @@ def choose_kind(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) 
             kind = k
     speedup = pred["serial"] / pred[kind]
     probe_s = time.perf_counter() - t0
-    why = (f"env {e * 1e6:.1f} us/step, agent {a[B] * 1e6:.0f} us on {B} envs"
-           + (f" / {a[per_w] * 1e6:.0f} us on {per_w}" if per_w != B else "")
-           + f"; {W} workers on {cpus} CPUs; predicted {speedup:.2f}x serial")
+    why = (f"env {e * 1e6:.3g} us/step, agent {a[B] * 1e6:.3g} us on {B} envs"
+           + (f" / {a[per_w] * 1e6:.3g} us on {per_w}" if per_w != B else "")
+           + f"; model: {speedup:.2f}x serial with {W} workers on {cpus} idle CPUs")
     if kind == "cpu" and B * e >= W * a[per_w]:
         lead = "envs dominate and the agent is cheap: each worker runs its own copy"
     elif kind == "cpu":

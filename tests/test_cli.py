@@ -1,0 +1,296 @@
+"""``python -m sampling`` (the benchmark CLI) and ``make_sampler("auto")``: behaviour, not speed."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import sampling
+from sampling import bench
+from sampling.agents import RandomAgent
+from sampling.envs import make_cartpole
+from tests.helpers import CountingEnv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--seconds", "0.2", "-T", "8", "-B", "4", "--workers", "2"]
+
+
+def run_cli(*args, pre: str = "", timeout: float = 60):
+    """Run the CLI in a subprocess; ``pre`` is Python run first (e.g. to hide torch)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = pre + "import sys; from sampling.__main__ import main; sys.exit(main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def run_json(*args, **kw) -> dict:
+    p = run_cli(*TINY, "--json", *args, **kw)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)  # stdout holds the JSON object and nothing else
+
+
+# -- the table and the JSON ------------------------------------------------------------------
+def test_table_lists_the_chosen_kinds_and_progress_goes_to_stderr():
+    p = run_cli(*TINY, "--kinds", "serial,cpu")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "env alone" in out and "steps/s" in out
+    rows = [line.split()[0] for line in out.splitlines() if line.split()[:1] and
+            line.split()[0] in bench.ALL_KINDS]
+    assert rows == ["serial", "cpu"]
+    assert out.strip().splitlines()[-1].startswith("recommendation: ")
+    assert "measuring" not in out
+    assert "starting cpu (2 workers)..." in p.stderr
+    assert f"round 1/{bench.ROUNDS}: measuring" in p.stderr and "the env alone" in p.stderr
+
+
+def test_quiet_prints_no_progress():
+    p = run_cli(*TINY, "--kinds", "serial", "-q")
+    assert p.returncode == 0, p.stderr
+    assert "measuring" not in p.stderr
+
+
+def test_json_report_structure():
+    rep = run_json("--kinds", "serial,cpu,gpu")
+    assert rep["env"] == "sampling.envs:make_cartpole" and rep["agent"] == "random"
+    assert (rep["batch_T"], rep["batch_B"], rep["workers"]) == (8, 4, 2)
+    assert rep["env_alone_steps_per_s"] > 0
+    assert [r["kind"] for r in rep["results"]] == ["serial", "cpu", "gpu"]
+    for r in rep["results"]:
+        assert r["steps_per_s"] > 0
+        assert r["ratio_to_env_alone"] == pytest.approx(
+            r["steps_per_s"] / rep["env_alone_steps_per_s"])
+        ideal = 1 if r["kind"] == "serial" else min(2, rep["usable_cpus"])
+        assert r["share_of_ideal"] == pytest.approx(r["ratio_to_env_alone"] / ideal)
+        assert set(r["breakdown"]) >= {"env", "agent", "other"}
+        assert r["workers"] == (0 if r["kind"] == "serial" else 2)
+    by_kind = {r["kind"]: r for r in rep["results"]}
+    assert by_kind["gpu"]["handoff_us"] > 0
+    assert "handoff_us" not in by_kind["cpu"]
+    assert by_kind["serial"]["breakdown"]["env_estimated"] is False
+    assert rep["best"] == max(rep["results"], key=lambda r: r["steps_per_s"])["kind"]
+    assert rep["recommendation"].startswith(rep["best"] + ": ")
+
+
+def test_alternating_kinds_round_workers_to_even_and_report_handoff():
+    rep = run_json("--kinds", "alternating,no_overlap_alternating", "--workers", "3")
+    assert [r["workers"] for r in rep["results"]] == [2, 2]
+    assert all(r["handoff_us"] > 0 for r in rep["results"])
+
+
+def test_unsplittable_batch_is_reported_as_skipped():
+    rep = run_json("--kinds", "serial,alternating", "-B", "3")
+    alt = rep["results"][1]
+    assert alt["kind"] == "alternating" and "two equal groups" in alt["skipped"]
+    assert rep["best"] == "serial"
+
+
+def test_spawn_start_method():
+    rep = run_json("--kinds", "cpu", "--start-method", "spawn")
+    assert rep["start_method"] == "spawn" and rep["results"][0]["steps_per_s"] > 0
+
+
+# -- --env -----------------------------------------------------------------------------------
+def test_env_factory_with_kwargs():
+    rep = run_json("--kinds", "serial", "--env", "sampling.envs:make_cartpole",
+                   "--env-kwargs", '{"max_episode_steps": 20, "step_cost_us": 5}')
+    assert rep["env_kwargs"] == {"max_episode_steps": 20, "step_cost_us": 5}
+    # 5 us of burnt CPU per step bounds the env-alone rate.
+    assert rep["env_alone_steps_per_s"] < 1e6 / 5
+
+
+def test_gymnasium_id():
+    pytest.importorskip("gymnasium")
+    rep = run_json("--kinds", "serial,cpu", "--env", "CartPole-v1")
+    assert rep["env"] == "CartPole-v1" and len(rep["results"]) == 2
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--env", "no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
+    (["--env", "sampling.envs:no_such_factory"],
+     "module 'sampling.envs' has no callable 'no_such_factory'"),
+    (["--env", "sampling.envs:make_cartpole", "--env-kwargs", '{"bogus": 1}'],
+     "making the env failed: TypeError"),
+    (["--env", "sampling.envs:CartPole", "--env-kwargs", "[1, 2]"], "must be a JSON object"),
+    (["--env-kwargs", "{oops"], "not valid JSON"),
+    (["--env", "sampling.envs:Box"], "making the env failed"),
+    (["--kinds", "serial,warp"], "unknown kind.*'warp'.*valid kinds: serial, cpu"),
+    (["--kinds", "auto"], "unknown kind.*'auto'"),
+    (["-B", "0"], "-B must be >= 1"),
+    (["--seconds", "0"], "--seconds must be > 0"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(args, match):
+    import re
+    p = run_cli(*TINY, *args)
+    assert p.returncode == 2
+    assert p.stdout == ""
+    assert re.search(match, p.stderr), p.stderr
+
+
+def test_unknown_gymnasium_id_suggests_close_ones():
+    pytest.importorskip("gymnasium")
+    p = run_cli(*TINY, "--env", "CartPole-v9")
+    assert p.returncode == 2 and "no such gymnasium env id" in p.stderr
+    assert "CartPole-v1" in p.stderr
+
+
+def test_gymnasium_id_without_gymnasium():
+    p = run_cli(*TINY, "--env", "CartPole-v1", pre="import sys; sys.modules['gymnasium'] = None; ")
+    assert p.returncode == 2 and "gymnasium is not installed" in p.stderr
+
+
+# -- --agent ---------------------------------------------------------------------------------
+def test_mlp_agent():
+    pytest.importorskip("torch")
+    rep = run_json("--kinds", "serial,cpu,gpu", "--agent", "mlp")
+    assert rep["agent"] == "mlp" and rep["torch_threads"] == 1
+    assert all(r["steps_per_s"] > 0 for r in rep["results"])
+
+
+def test_mlp_agent_without_torch_is_a_clear_error():
+    p = run_cli(*TINY, "--agent", "mlp", pre="import sys; sys.modules['torch'] = None; ")
+    assert p.returncode == 2
+    assert "the mlp agent needs torch" in p.stderr and "--agent random" in p.stderr
+
+
+def test_mlp_agent_pickles_by_state_and_acts_in_its_space():
+    pytest.importorskip("torch")
+    import cloudpickle
+    env = make_cartpole()
+    agent = bench.MLPAgent(env.observation_space, env.action_space, seed=3)
+    twin = cloudpickle.loads(cloudpickle.dumps(agent))
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    a, info = agent.step(obs)
+    b, _ = twin.step(obs)
+    assert info is None and a.shape == (5,) and a.dtype == np.int64
+    assert set(a.tolist()) <= {0, 1} and np.array_equal(a, b)
+    for k, v in agent.shared_arrays().items():
+        assert np.array_equal(v, twin.shared_arrays()[k])
+
+
+# -- auto ------------------------------------------------------------------------------------
+class _RecordingEnvFn:
+    """env_fn whose envs are CountingEnvs kept in a list (those made in this process)."""
+
+    def __init__(self):
+        self.made = []
+
+    def __call__(self):
+        env = CountingEnv(lengths=(50,), base_seed=10)
+        env.closed = False
+
+        def close(env=env):
+            env.closed = True
+        env.close = close
+        self.made.append(env)
+        return env
+
+
+@pytest.mark.parametrize("batch_B, n_workers", [(4, 2), (1, None), (4, 1)])
+def test_auto_returns_a_working_sampler_and_logs_its_choice(caplog, no_leaks, batch_B, n_workers):
+    env_fn = _RecordingEnvFn()
+    agent = RandomAgent(CountingEnv().action_space)
+    with caplog.at_level(logging.INFO, logger="sampling"):
+        with sampling.make_sampler("auto", env_fn, agent, batch_T=6, batch_B=batch_B,
+                                   n_workers=n_workers, seed=10) as s:
+            assert s.kind in sampling.KINDS
+            assert isinstance(s.auto_reason, str) and s.auto_reason
+            batch = s.obtain_samples()
+            # Every env's first observation comes from its seeded reset: nothing (the probe
+            # included) stepped a training env before.
+            assert batch.observation[0, :, 0].tolist() == list(range(batch_B))
+            assert batch.observation[0, :, 2].tolist() == [0] * batch_B
+    picked = [r.getMessage() for r in caplog.records if r.name == "sampling"
+              and r.getMessage().startswith("auto picked")]
+    assert picked == [f"auto picked {s.kind}: {s.auto_reason}"]
+    if batch_B == 1 or n_workers == 1:
+        assert s.kind == "serial"
+    assert env_fn.made and all(env.closed for env in env_fn.made)  # probes closed too
+
+
+def test_auto_with_one_usable_cpu_picks_serial(monkeypatch):
+    monkeypatch.setattr(bench, "usable_cpus", lambda: 1)
+    kind, reason = bench.choose_kind(make_cartpole, RandomAgent(make_cartpole().action_space),
+                                     _opts(batch_B=8), None)
+    assert kind == "serial" and "1 usable CPU" in reason
+
+
+class _Unpicklable:
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __call__(self, observation):
+        return np.zeros(len(observation), np.int64)
+
+
+def _opts(batch_B=16, start_method=None, seed=0):
+    return sampling.samplers.Options(
+        batch_T=8, batch_B=batch_B, n_workers=0, seed=seed, reset_mode="mid_batch",
+        max_decorrelation_steps=0, bootstrap_value=False, final_observation=False,
+        discount=0.99, traj_info=sampling.TrajInfo, eval_env_fn=None, eval_n_envs=0,
+        eval_max_steps=None, eval_max_trajectories=None, start_method=start_method,
+        torch_threads=1, cpu_affinity=None, shutdown_timeout=5.0)
+
+
+def _fake_costs(monkeypatch, env_s, agent_s):
+    """Make the probe report fixed costs: env_s per step, agent_s(n) per call on n envs."""
+    env = make_cartpole()
+    spaces = (env.observation_space, env.action_space)
+    monkeypatch.setattr(bench, "_probe_env", lambda env_fn, seed: (env_s, spaces, env.reset()[0]))
+    monkeypatch.setattr(bench, "_agent_call_s",
+                        lambda agent, o, a, sizes, budget, sample_obs=None:
+                        {n: agent_s(n) for n in sizes})
+    monkeypatch.setattr(bench, "usable_cpus", lambda: 4)
+
+
+@pytest.mark.parametrize("env_s, agent_s, cuda, picklable, method, expect", [
+    # envs dominate, cheap picklable agent: every worker runs its own copy
+    (100e-6, lambda n: 5e-6, False, True, "spawn", "cpu"),
+    # the same agent (cost growing with the batch), but it cannot reach spawned workers:
+    # the parent serves one half while the other half steps
+    (100e-6, lambda n: 10e-6 * n, False, False, "spawn", "alternating"),
+    # a cheap agent, unpicklable: alternating would not be faster, so the simpler gpu
+    (100e-6, lambda n: 5e-6, False, False, "spawn", "gpu"),
+    # ... which fork does not need
+    (100e-6, lambda n: 5e-6, False, False, "fork", "cpu"),
+    # agent on a GPU, cheaper than one worker's envs: overlap the two groups
+    (100e-6, lambda n: 25e-6 * n, True, True, "spawn", "alternating"),
+    # agent on a GPU, dearer than one worker's envs: one batched call per step
+    (20e-6, lambda n: 500e-6, True, True, "spawn", "gpu"),
+    # envs so cheap next to an agent that must stay in the parent: parallel is no faster
+    (0.5e-6, lambda n: 500e-6, False, False, "spawn", "serial"),
+])
+def test_auto_rule(monkeypatch, env_s, agent_s, cuda, picklable, method, expect):
+    if method not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip(f"no {method} here")
+    _fake_costs(monkeypatch, env_s, agent_s)
+    monkeypatch.setattr(bench, "_uses_cuda", lambda agent: cuda)
+    agent = RandomAgent(make_cartpole().action_space) if picklable else _Unpicklable()
+    kind, reason = bench.choose_kind(make_cartpole, agent, _opts(start_method=method), 4)
+    assert kind == expect, reason
+    if not picklable and method == "spawn":
+        assert "cannot be pickled" in reason
+
+
+def test_auto_rule_without_an_even_worker_count_never_picks_alternating(monkeypatch):
+    _fake_costs(monkeypatch, 100e-6, lambda n: 200e-6)
+    monkeypatch.setattr(bench, "_uses_cuda", lambda agent: True)
+    kind, reason = bench.choose_kind(make_cartpole, _Unpicklable(), _opts(), 3)
+    assert kind == "gpu" and "alternating (needs an even worker count" in reason
+
+
+@pytest.mark.parametrize("workers, match", [
+    ("1", "WorkerError: cpu sampler: worker 0"),                 # a sampler's worker fails
+    ("2", "a process stepping the env alone failed: RuntimeError: boom"),  # the reference
+])
+def test_an_env_failing_during_the_run_exits_1_with_the_error(workers, match):
+    p = run_cli(*TINY, "--workers", workers, "--kinds", "cpu", "--env", "tests.helpers:FailingEnv",
+                "--env-kwargs", '{"where": "step", "after": 30}')
+    assert p.returncode == 1 and p.stdout == ""
+    assert match in p.stderr, p.stderr
