@@ -39,7 +39,9 @@ class Segment:
             arr = self._src[name]
         except KeyError:
             raise AttributeError(name) from None
-        return tree_map(lambda a: a[self._idx], arr)
+        if is_tree(arr):
+            return tree_map(lambda a: a[self._idx], arr)
+        return arr[self._idx]
 
 
 class TrajInfo:
@@ -60,14 +62,19 @@ class TrajInfo:
         self._cur_discount = 1.0
 
     def update(self, segment: Segment) -> None:
-        r = np.asarray(segment.reward, dtype=np.float64)
+        # Python floats: an episode's segment is short, and numpy's per-call cost would
+        # make these stats the most expensive thing the sampler does per episode.
+        r = segment.reward.tolist()
         n = len(r)
         self.Length += n
-        self.Return += float(r.sum())
-        self.NonzeroRewards += int(np.count_nonzero(r))
-        powers = self._cur_discount * self._discount ** np.arange(n)
-        self.DiscountedReturn += float(powers @ r)
-        self._cur_discount *= self._discount ** n
+        self.Return += sum(r)
+        self.NonzeroRewards += n - r.count(0.0)
+        discount, d, acc = self._discount, self._cur_discount, 0.0
+        for x in r:
+            acc += d * x
+            d *= discount
+        self.DiscountedReturn += acc
+        self._cur_discount = d
 
     def terminate(self, final_observation: Any) -> TrajInfo:
         return self
