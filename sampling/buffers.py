@@ -82,9 +82,11 @@ class SharedBuffer:
         self.name = shm.name
         self.nbytes = nbytes
         self._shm = shm
-        # Take the mapping away from the SharedMemory object: views handed to the user may
-        # outlive the sampler, and SharedMemory.close() raises BufferError while they exist.
-        self.buf = memoryview(shm._mmap)
+        # Take the mapping away from the SharedMemory object, whose close() would unmap it
+        # under views handed to the user. The views keep the mmap object itself as their
+        # base: it is unmapped when the last view dies, and (unlike a memoryview) it is not
+        # a garbage-collected container that a collection could release while views live.
+        self.buf = shm._mmap
         shm._buf.release()
         shm._buf = None
         shm._mmap = None

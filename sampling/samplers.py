@@ -385,11 +385,18 @@ class Sampler:
 
     # -- parent side of the protocol -----------------------------------------------------
     def _send_all(self, msg: tuple) -> None:
-        for w, c in enumerate(self._res.conns):
-            try:
-                c.send(msg)
-            except (BrokenPipeError, ConnectionResetError, EOFError):
-                self._raise_worker_error(w)
+        # A Ctrl-C in the middle of a send would leave half a message in the pipe (and
+        # a pickling buffer that CPython 3.13 complains about): let it land after the sends.
+        with _sigint_blocked():
+            failed = None
+            for w, c in enumerate(self._res.conns):
+                try:
+                    c.send(msg)
+                except (BrokenPipeError, ConnectionResetError, EOFError):
+                    failed = w
+                    break
+        if failed is not None:
+            self._raise_worker_error(failed)
 
     def _gather(self, workers, expect: str) -> dict:
         """Wait for one ``expect`` message from each of ``workers``; fail fast on any error."""
@@ -643,8 +650,10 @@ def _signame(n: int) -> str:
 
 @contextmanager
 def _sigint_blocked():
-    # A child inherits the signal mask (across exec too): with SIGINT blocked until the worker
-    # ignores it, a Ctrl-C while a spawn worker still imports the main module cannot kill it.
+    # Holds SIGINT back (it is delivered when the block ends). Around p.start() it also
+    # protects the child, which inherits the mask (across exec too) and keeps SIGINT blocked
+    # until worker_main ignores it: a Ctrl-C while a spawn worker still imports the main
+    # module cannot kill it.
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return

@@ -55,7 +55,8 @@ class CountingEnv:
 
 
 class DictObsEnv(CountingEnv):
-    """CountingEnv with a dict observation: {"vec": float32[4], "img": uint8[2, 3], "n": {"k": int64[]}}."""
+    """CountingEnv with a dict observation:
+    {"vec": float32[4], "img": uint8[2, 3], "n": {"k": int64[]}}."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
@@ -118,7 +119,8 @@ class SlowEnv(CountingEnv):
 
 
 class ShapeChangingEnv(CountingEnv):
-    """Env ``bad_env`` returns a wrong observation (shape (5,) or dtype float64) from step ``at`` on."""
+    """Env ``bad_env`` returns a wrong observation (shape (5,) or dtype float64) from step
+    ``at`` on."""
 
     def __init__(self, bad_env=1, at=2, change="shape", **kw):
         super().__init__(**kw)
