@@ -36,25 +36,36 @@ def tree_leaves(tree: Any, path: tuple = ()) -> Iterator[tuple]:
         yield path, tree
 
 
-def spec_of(example: Any, lead: tuple = ()) -> Any:
-    """Spec of arrays shaped ``lead + example.shape`` with the example's dtype."""
+def spec_of(example: Any, lead: tuple = (), env_major: bool = False) -> Any:
+    """Spec of arrays shaped ``lead + example.shape`` with the example's dtype.
+
+    ``env_major`` (for ``lead = (T, B)``): store each array as ``[B, T, ...]`` and view it
+    as ``[T, B, ...]``; see :func:`layout`.
+    """
     if is_tree(example):
-        return {k: spec_of(v, lead) for k, v in example.items()}
+        return {k: spec_of(v, lead, env_major) for k, v in example.items()}
     a = np.asarray(example)
-    return (tuple(lead) + a.shape, a.dtype.str)
+    return (tuple(lead) + a.shape, a.dtype.str) + ((True,) if env_major else ())
 
 
 def layout(specs: dict) -> tuple:
-    """Return ``(nbytes, placed)``: ``placed`` mirrors ``specs`` with ``(offset, shape, dtype)``."""
+    """Return ``(nbytes, placed)``: ``placed`` mirrors ``specs`` with ``(offset, shape, dtype,
+    env_major)``.
+
+    A leaf is ``(shape, dtype)`` or ``(shape, dtype, True)``: env-major, stored with its
+    first two axes swapped. Batches are ``[T, B]``, but each worker writes the columns
+    of its own envs at every step: stored time-major, a row of a small field (rewards,
+    done flags) shares one cache line between workers, which then bounce it between
+    cores at every step. Stored env-major, each worker's envs are contiguous.
+    """
     offset = 0
 
     def place(leaf):
         nonlocal offset
-        shape, dtype = leaf
-        dtype = np.dtype(dtype)
+        shape, dtype, env_major = leaf[0], np.dtype(leaf[1]), len(leaf) > 2 and leaf[2]
         start = offset
         offset += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // _ALIGN) * _ALIGN
-        return (start, tuple(shape), dtype.str)
+        return (start, tuple(shape), dtype.str, bool(env_major))
 
     placed = tree_map(place, specs) if specs else {}
     return max(offset, _ALIGN), placed
@@ -62,7 +73,13 @@ def layout(specs: dict) -> tuple:
 
 def views(buf: Any, placed: dict) -> dict:
     """Arrays over ``buf`` (any writable buffer) at the offsets of ``placed``."""
-    return tree_map(lambda p: np.ndarray(p[1], np.dtype(p[2]), buffer=buf, offset=p[0]), placed)
+    def view(p):
+        offset, shape, dtype, env_major = p
+        if not env_major:
+            return np.ndarray(shape, np.dtype(dtype), buffer=buf, offset=offset)
+        stored = (shape[1], shape[0]) + shape[2:]
+        return np.ndarray(stored, np.dtype(dtype), buffer=buf, offset=offset).swapaxes(0, 1)
+    return tree_map(view, placed)
 
 
 class SharedBuffer:

@@ -613,20 +613,23 @@ def _copy_params(dst: dict, src: Any) -> None:
 
 
 def _batch_specs(T, B, obs, act_shape, act_dtype, env_info, agent_info, final_obs, bootstrap):
+    def arr(rows, shape, dtype):
+        return ((rows, B) + tuple(shape), dtype, True)  # env-major: see buffers.layout
+
     s = {
-        "observation_full": spec_of(obs, (T + 1, B)),
-        "prev_action_full": ((T + 1, B) + act_shape, act_dtype),
-        "prev_reward_full": ((T + 1, B), "<f4"),
-        "action": ((T, B) + act_shape, act_dtype),
-        "agent_info": spec_of(agent_info, (T, B)),
-        "reward": ((T, B), "<f4"),
-        "terminated": ((T, B), "|b1"),
-        "truncated": ((T, B), "|b1"),
-        "done": ((T, B), "|b1"),
-        "env_info": spec_of(env_info, (T, B)),
+        "observation_full": spec_of(obs, (T + 1, B), env_major=True),
+        "prev_action_full": arr(T + 1, act_shape, act_dtype),
+        "prev_reward_full": arr(T + 1, (), "<f4"),
+        "action": arr(T, act_shape, act_dtype),
+        "agent_info": spec_of(agent_info, (T, B), env_major=True),
+        "reward": arr(T, (), "<f4"),
+        "terminated": arr(T, (), "|b1"),
+        "truncated": arr(T, (), "|b1"),
+        "done": arr(T, (), "|b1"),
+        "env_info": spec_of(env_info, (T, B), env_major=True),
     }
     if final_obs:
-        s["final_observation"] = spec_of(obs, (T, B))
+        s["final_observation"] = spec_of(obs, (T, B), env_major=True)
     if bootstrap:
         s["bootstrap_value"] = ((B,), "<f4")
     return s
