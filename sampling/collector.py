@@ -119,7 +119,7 @@ class Collector:
         self.rows = [(c["action"][t], c["reward"][t], c["terminated"][t], c["truncated"][t],
                       c["done"][t], c["prev_action_full"][t + 1], c["prev_reward_full"][t + 1])
                      for t in range(batch_T)]
-        if self.obs_tree:
+        if self.obs_tree or obs.ndim == 2:  # dicts, and scalar observations (no row views)
             self.obs_rows = [None] * (batch_T + 1)
             self.obs_shape = self.obs_dtype = None
         else:

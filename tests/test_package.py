@@ -57,3 +57,34 @@ def test_cpu_affinity_is_validated():
     with pytest.raises(TypeError, match="one list of CPU ids per worker"):
         sampling.make_sampler("cpu", sampling.CartPole, AffinityAgent(), batch_T=2, batch_B=2,
                               cpu_affinity=[0, 1])
+
+
+class ChainEnv:
+    """Scalar (Discrete-like) observations returned as 0-d arrays: 0, 1, 2, 3, then reset."""
+
+    def __init__(self):
+        from sampling.spaces import Discrete
+        self.observation_space, self.action_space = Discrete(10), Discrete(2)
+        self.s = 0
+
+    def reset(self, *, seed=None, options=None):
+        self.s = 0
+        return np.array(self.s), {}
+
+    def step(self, action):
+        self.s += 1
+        return np.array(self.s), 1.0, self.s >= 4, False, {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+def test_scalar_observations(kind):
+    with sampling.make_sampler(kind, ChainEnv, lambda o: np.zeros(len(o), np.int64),
+                               batch_T=6, batch_B=2, n_workers=None if kind == "serial"
+                               else 2, start_method="fork") as s:
+        batch = s.obtain_samples()
+    assert batch.observation.shape == (6, 2) and batch.observation.dtype == np.int64
+    np.testing.assert_array_equal(batch.observation[:, 0], [0, 1, 2, 3, 0, 1])
+    np.testing.assert_array_equal(batch.done[:, 1], [0, 0, 0, 1, 0, 0])
