@@ -188,6 +188,17 @@ def cartpole_policy(observation):
     return (observation[:, 2] + 0.5 * observation[:, 3] > 0).astype(np.int64)
 
 
+def snapshot(batch) -> dict:
+    """A deep copy of a batch (its arrays are views valid until the next batch)."""
+    def copy(x):
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        return np.array(x, copy=True)
+    out = {k: copy(v) for k, v in batch.items() if k != "traj_infos"}
+    out["traj_infos"] = [t.stats() for t in batch.traj_infos]
+    return out
+
+
 def shm_entries():
     """Names in /dev/shm (shared-memory segments and named semaphores)."""
     try:

@@ -22,23 +22,13 @@ from tests.helpers import (
     DictObsEnv,
     cartpole_policy,
     counting_policy,
+    snapshot,
 )
 
 F, T_ = False, True
 
 
 # -- helpers ---------------------------------------------------------------------------
-def snapshot(batch) -> dict:
-    """A deep copy of a batch (its arrays are views valid until the next batch)."""
-    def copy(x):
-        if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
-        return np.array(x, copy=True)
-    out = {k: copy(v) for k, v in batch.items() if k != "traj_infos"}
-    out["traj_infos"] = [t.stats() for t in batch.traj_infos]
-    return out
-
-
 def collect(kind="serial", env_fn=CountingEnv, agent=None, n=2, itr0=0, **kw) -> list:
     agent = CountingAgent() if agent is None else agent
     with sampling.make_sampler(kind, env_fn, agent, **kw) as s:

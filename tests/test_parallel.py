@@ -17,7 +17,7 @@ import pytest
 
 import sampling
 from sampling import TrajInfo
-from tests.helpers import CountingAgent, CountingEnv, DictObsEnv, cartpole_policy
+from tests.helpers import CountingAgent, CountingEnv, DictObsEnv, cartpole_policy, snapshot
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -29,17 +29,6 @@ N_BATCHES = 3
 
 
 # -- helpers ---------------------------------------------------------------------------
-def snapshot(batch) -> dict:
-    """A deep copy of a batch (its arrays are views valid until the next batch)."""
-    def copy(x):
-        if isinstance(x, dict):
-            return {k: copy(v) for k, v in x.items()}
-        return np.array(x, copy=True)
-    out = {k: copy(v) for k, v in batch.items() if k != "traj_infos"}
-    out["traj_infos"] = [t.stats() for t in batch.traj_infos]
-    return out
-
-
 def assert_batches_equal(a: dict, b: dict, path="batch") -> None:
     """Every field bit-identical (nested dicts included), same dtypes, same episode stats."""
     assert set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
