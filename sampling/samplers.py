@@ -281,7 +281,7 @@ class Sampler:
         k, bufs, runner = self._k, self._bufs, self._runner
         if not k.workers:
             runner.call("sample_mode", itr)
-            done = run_batch(self._coll, runner, None, bufs, itr)
+            done = run_batch(self._coll, runner, None, bufs)
         elif not k.served:
             runner.call("sample_mode", itr)
             if self._params is not None:

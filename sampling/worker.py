@@ -82,7 +82,7 @@ def _recv(conn, handoff: Handoff):
     return conn.recv()
 
 
-def run_batch(coll: Collector, runner, handoff, bufs: dict, itr: int) -> list:
+def run_batch(coll: Collector, runner, handoff, bufs: dict) -> list:
     """Collect one ``[T, slice]`` batch, with the local agent or through the handoff."""
     coll.begin_batch()
     lo, hi, wait, where = coll.lo, coll.hi, coll.wait, coll.where
@@ -186,7 +186,7 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                     if shared_params:
                         _load_params(runner.agent, shared_params)
                     runner.call("sample_mode", itr)
-                done = run_batch(coll, runner, handoff, bufs, itr)
+                done = run_batch(coll, runner, handoff, bufs)
                 if runner is not None and "bootstrap_value" in bufs:
                     T = coll.T
                     v = runner.value(_rows(bufs["observation_full"], T, lo, hi),

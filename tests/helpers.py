@@ -199,6 +199,20 @@ def snapshot(batch) -> dict:
     return out
 
 
+def assert_batches_equal(a: dict, b: dict, path="batch") -> None:
+    """Every field bit-identical (nested dicts included), same dtypes, same episode stats."""
+    assert set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_batches_equal(a[k], b[k], f"{path}.{k}")
+        elif k == "traj_infos":
+            assert a[k] == b[k], f"{path}.traj_infos differ:\n{a[k]}\n{b[k]}"
+        else:
+            assert a[k].dtype == b[k].dtype, f"{path}.{k}: dtype {a[k].dtype} != {b[k].dtype}"
+            assert a[k].shape == b[k].shape, f"{path}.{k}: shape {a[k].shape} != {b[k].shape}"
+            assert a[k].tobytes() == b[k].tobytes(), f"{path}.{k} differs"
+
+
 def shm_entries():
     """Names in /dev/shm (shared-memory segments and named semaphores)."""
     try:

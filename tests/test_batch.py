@@ -20,6 +20,7 @@ from tests.helpers import (
     CountingAgent,
     CountingEnv,
     DictObsEnv,
+    assert_batches_equal,
     cartpole_policy,
     counting_policy,
     snapshot,
@@ -38,18 +39,6 @@ def collect(kind="serial", env_fn=CountingEnv, agent=None, n=2, itr0=0, **kw) ->
 def envcols(*per_env) -> np.ndarray:
     """Stack per-env time series ([T, ...] each) into a [T, B, ...] array."""
     return np.stack([np.asarray(x) for x in per_env], axis=1)
-
-
-def assert_batches_equal(a: dict, b: dict, path="batch") -> None:
-    assert set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
-    for k in a:
-        if isinstance(a[k], dict):
-            assert_batches_equal(a[k], b[k], f"{path}.{k}")
-        elif k == "traj_infos":
-            assert a[k] == b[k], f"{path}.traj_infos differ"
-        else:
-            assert a[k].dtype == b[k].dtype, f"{path}.{k}: dtype {a[k].dtype} != {b[k].dtype}"
-            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{path}.{k}")
 
 
 def episode_lengths(env_id: int, lengths: tuple, n: int) -> list:

@@ -17,7 +17,14 @@ import pytest
 
 import sampling
 from sampling import TrajInfo
-from tests.helpers import CountingAgent, CountingEnv, DictObsEnv, cartpole_policy, snapshot
+from tests.helpers import (
+    CountingAgent,
+    CountingEnv,
+    DictObsEnv,
+    assert_batches_equal,
+    cartpole_policy,
+    snapshot,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
@@ -29,20 +36,6 @@ N_BATCHES = 3
 
 
 # -- helpers ---------------------------------------------------------------------------
-def assert_batches_equal(a: dict, b: dict, path="batch") -> None:
-    """Every field bit-identical (nested dicts included), same dtypes, same episode stats."""
-    assert set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
-    for k in a:
-        if isinstance(a[k], dict):
-            assert_batches_equal(a[k], b[k], f"{path}.{k}")
-        elif k == "traj_infos":
-            assert a[k] == b[k], f"{path}.traj_infos differ:\n{a[k]}\n{b[k]}"
-        else:
-            assert a[k].dtype == b[k].dtype, f"{path}.{k}: dtype {a[k].dtype} != {b[k].dtype}"
-            assert a[k].shape == b[k].shape, f"{path}.{k}: shape {a[k].shape} != {b[k].shape}"
-            assert a[k].tobytes() == b[k].tobytes(), f"{path}.{k} differs"
-
-
 def run(kind, env_fn, agent, n=N_BATCHES, **kw) -> list:
     with sampling.make_sampler(kind, env_fn, agent, **kw) as s:
         return [snapshot(b) for b in s.steps(n)]
