@@ -27,21 +27,34 @@ class Segment:
 
     __slots__ = ("_src", "_idx")
 
-    def __init__(self, source: dict, t0: int, t1: int, b: int):
-        self._src = source
-        self._idx = (slice(t0, t1), b)
+    def __init__(self, source: dict, t0: int, t1: int):
+        self._src = source  # one env's fields, each a [time, ...] array (or a tree of them)
+        self._idx = slice(t0, t1)
 
     def __len__(self) -> int:
-        return self._idx[0].stop - self._idx[0].start
+        return self._idx.stop - self._idx.start
 
-    def __getattr__(self, name: str) -> Any:
+    def _get(self, name: str) -> Any:
+        arr = self._src[name]
+        if arr.__class__ is np.ndarray:
+            return arr[self._idx]
+        return tree_map(lambda a: a[self._idx], arr)
+
+    # Properties for the usual fields: found without the failed lookup that precedes
+    # __getattr__, which would cost more than the slice itself.
+    observation = property(lambda self: self._get("observation"))
+    action = property(lambda self: self._get("action"))
+    reward = property(lambda self: self._get("reward"))
+    terminated = property(lambda self: self._get("terminated"))
+    truncated = property(lambda self: self._get("truncated"))
+    agent_info = property(lambda self: self._get("agent_info"))
+    env_info = property(lambda self: self._get("env_info"))
+
+    def __getattr__(self, name: str) -> Any:  # any other field of the batch
         try:
-            arr = self._src[name]
+            return self._get(name)
         except KeyError:
             raise AttributeError(name) from None
-        if is_tree(arr):
-            return tree_map(lambda a: a[self._idx], arr)
-        return arr[self._idx]
 
 
 class TrajInfo:
@@ -69,12 +82,11 @@ class TrajInfo:
         self.Length += n
         self.Return += sum(r)
         self.NonzeroRewards += n - r.count(0.0)
-        discount, d, acc = self._discount, self._cur_discount, 0.0
-        for x in r:
-            acc += d * x
-            d *= discount
-        self.DiscountedReturn += acc
-        self._cur_discount = d
+        g, acc = self._discount, 0.0
+        for x in reversed(r):  # Horner: r0 + g * (r1 + g * (r2 + ...))
+            acc = acc * g + x
+        self.DiscountedReturn += self._cur_discount * acc
+        self._cur_discount *= g ** n
 
     def terminate(self, final_observation: Any) -> TrajInfo:
         return self
@@ -119,17 +131,27 @@ class Collector:
         self.rows = [(c["action"][t], c["reward"][t], c["terminated"][t], c["truncated"][t],
                       c["done"][t], c["prev_action_full"][t + 1], c["prev_reward_full"][t + 1])
                      for t in range(batch_T)]
-        if self.obs_tree or obs.ndim == 2:  # dicts, and scalar observations (no row views)
-            self.obs_rows = [None] * (batch_T + 1)
-            self.obs_shape = self.obs_dtype = None
-        else:
-            self.obs_rows = [list(obs[t]) for t in range(batch_T + 1)]
-            self.obs_shape, self.obs_dtype = obs.shape[2:], obs.dtype
+        # Per step and env, a memoryview of the observation row (1-D array observations):
+        # assigning an array to it copies without a numpy call and raises unless shape and
+        # dtype (buffer format) match exactly, so the check costs nothing on the usual path.
+        self.obs_rows = [None] * (batch_T + 1)
+        if not self.obs_tree and obs.ndim == 3:
+            try:
+                self.obs_rows = [[memoryview(r) for r in obs[t]] for t in range(batch_T + 1)]
+            except (TypeError, ValueError, BufferError):  # dtypes without a buffer format
+                pass
+        # Per env, its fields as [time, ...] views: what a Segment of its episode slices.
+        self.env_cols = [{k: tree_map(lambda a, j=j: a[:, j], v) for k, v in c.items()}
+                         for j in range(len(envs))]
         self.obs_leaves = list(tree_leaves(obs))
         self.info_leaves = [(path, arr) for path, arr in tree_leaves(self.cols["env_info"])]
         self.act_discrete = bufs["action"].ndim == 2 and bufs["action"].dtype.kind in "iub"
         n = len(envs)
-        self.rews, self.terms, self.truncs = [0.0] * n, [False] * n, [False] * n
+        self.rews = [0.0] * n
+        self.ended: list = []          # (env, final observation, terminated, truncated) per step
+        self.ended_as = [(False, False)] * n  # wait mode: (terminated, truncated) of the end
+        # The loop without wait mode, env_info or non-array observations (see step_envs).
+        self.fast = not wait and not self.info_leaves and self.obs_rows[1] is not None
         self.trajs = [traj_info() for _ in range(n)]
         self.ep_start = [0] * n      # step where each open episode's segment begins
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
@@ -172,9 +194,9 @@ class Collector:
         self.cols["prev_action_full"][T, j] = 0 if last_a is None else last_a
         self.cols["prev_reward_full"][T, j] = last_r
         if record["reward"]:  # the open episode keeps its decorrelation steps in its stats
-            source = {k: tree_map(lambda a: a[:, None], _stack(v)) for k, v in record.items()}
+            source = {k: _stack(v) for k, v in record.items()}
             source["env_info"], source["agent_info"] = {}, {}
-            self.trajs[j].update(Segment(source, 0, len(record["reward"]), 0))
+            self.trajs[j].update(Segment(source, 0, len(record["reward"])))
 
     # -- one batch ---------------------------------------------------------------------
     def begin_batch(self) -> None:
@@ -202,34 +224,31 @@ class Collector:
         """Step every env with ``action[t]`` and record the results in rows t and t+1."""
         action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
         acts = action.tolist() if self.act_discrete else list(action.copy())
-        rews, terms, truncs, waiting = self.rews, self.terms, self.truncs, self.waiting
-        ended = []
-        info_leaves = self.info_leaves
-        nxt = self.obs_rows[t + 1]  # per-env row views; None for dict observations
-        shape, dtype = self.obs_shape, self.obs_dtype
+        rews, ended = self.rews, self.ended
+        ended.clear()
+        # Row t-1 of done stays as it is until here: an agent reads it at step t (at t=0,
+        # the last row of the previous batch) to learn which episodes start.
+        term.fill(False)
+        trunc.fill(False)
+        done.fill(False)
         j = 0
         try:
-            for j, env in enumerate(self.envs):
-                if waiting[j]:  # wait mode: keep terminated/truncated, record zeros
-                    rews[j] = 0.0
-                    self.write_obs(t + 1, j, None)
-                    for _, arr in info_leaves:
-                        arr[t, j] = 0
-                    continue
-                o, r, te, tr, info = env.step(acts[j])
-                rews[j] = r
-                terms[j] = te
-                truncs[j] = tr
-                if info_leaves:
-                    self._write_env_info(t, j, info)
-                if te or tr:
-                    ended.append((j, o))
-                    o = self._end_episode(t, j, o)
-                if nxt is not None and o.__class__ is np.ndarray and o.shape == shape and (
-                        o.dtype is dtype or o.dtype == dtype):
-                    nxt[j][...] = o
-                else:
-                    self.write_obs(t + 1, j, o)
+            if self.fast:
+                # The usual case (reset mode, array observations, no env_info): per env, the
+                # step, a list store and the observation copy; the rest is per step or per
+                # episode.
+                nxt = self.obs_rows[t + 1]
+                for j, env in enumerate(self.envs):
+                    o, rews[j], te, tr, _ = env.step(acts[j])
+                    if te or tr:
+                        ended.append((j, o, te, tr))
+                        o = self._end_episode(t, j, o, te, tr)
+                    try:
+                        nxt[j][:] = o
+                    except (TypeError, ValueError):  # not an array of this shape and dtype
+                        self.write_obs(t + 1, j, o)
+            else:
+                self._step_general(t, acts)  # tags its own errors
         except Exception as e:
             tag(e, f"{self.label} {self.lo + j}, step {t} of the batch")
             raise
@@ -238,25 +257,60 @@ class Collector:
         except (TypeError, ValueError) as e:
             raise TypeError(f"{self.where}: a {self.label} in {self.lo}..{self.hi - 1} returned a "
                             f"non-numeric reward at step {t}: {rews}") from e
-        term[...] = terms
-        trunc[...] = truncs
-        np.logical_or(term, trunc, out=done)
         prev_action[...] = action
         prev_reward[...] = reward
-        for j, final in ended:
+        for j, final, te, tr in ended:
+            term[j] = te
+            trunc[j] = tr
+            done[j] = True
             prev_action[j] = 0
             prev_reward[j] = 0
             traj = self.trajs[j]
-            traj.update(Segment(self.cols, self.ep_start[j], t + 1, j))
+            traj.update(Segment(self.env_cols[j], self.ep_start[j], t + 1))
             self.completed.append((t, self.lo + j, traj.terminate(final)))
             self.trajs[j] = self.new_traj()
             self.ep_start[j] = t + 1
 
-    def _end_episode(self, t: int, j: int, o: Any) -> Any:
+    def _step_general(self, t: int, acts: list) -> None:
+        """:meth:`step_envs`' loop with wait mode, env_info and any observation type."""
+        rews, ended, waiting, ended_as = self.rews, self.ended, self.waiting, self.ended_as
+        _, _, term, trunc, done, _, _ = self.rows[t]
+        info_leaves = self.info_leaves
+        nxt = self.obs_rows[t + 1]  # per-env memoryviews of row t+1, or None
+        j = 0
+        try:
+            for j, env in enumerate(self.envs):
+                if waiting[j]:  # wait mode: keep terminated/truncated, record zeros
+                    rews[j] = 0.0
+                    term[j], trunc[j] = ended_as[j]
+                    done[j] = True
+                    self.write_obs(t + 1, j, None)
+                    for _, arr in info_leaves:
+                        arr[t, j] = 0
+                    continue
+                o, rews[j], te, tr, info = env.step(acts[j])
+                if info_leaves:
+                    self._write_env_info(t, j, info)
+                if te or tr:
+                    ended.append((j, o, te, tr))
+                    o = self._end_episode(t, j, o, te, tr)
+                if nxt is None or o is None:
+                    self.write_obs(t + 1, j, o)
+                else:
+                    try:
+                        nxt[j][:] = o
+                    except (TypeError, ValueError):  # not an array of this shape and dtype
+                        self.write_obs(t + 1, j, o)
+        except Exception as e:
+            tag(e, f"{self.label} {self.lo + j}, step {t} of the batch")
+            raise
+
+    def _end_episode(self, t: int, j: int, o: Any, te: Any, tr: Any) -> Any:
         if "final_observation" in self.cols:
             self.write_obs(t, j, o, field="final_observation")
         if self.wait:
             self.waiting[j] = True
+            self.ended_as[j] = (te, tr)
             return None
         o, _ = self.envs[j].reset()
         return o
@@ -265,7 +319,7 @@ class Collector:
         """Add the open episodes' last segments to their stats; return finished episodes."""
         for j in range(len(self.envs)):
             if not self.waiting[j] and self.ep_start[j] < self.T:
-                self.trajs[j].update(Segment(self.cols, self.ep_start[j], self.T, j))
+                self.trajs[j].update(Segment(self.env_cols[j], self.ep_start[j], self.T))
         return self.completed
 
     # -- writing one env's observation / info ------------------------------------------

@@ -119,8 +119,9 @@ class SlowEnv(CountingEnv):
 
 
 class ShapeChangingEnv(CountingEnv):
-    """Env ``bad_env`` returns a wrong observation (shape (5,) or dtype float64) from step
-    ``at`` on."""
+    """Env ``bad_env`` returns a wrong observation from step ``at`` on: ``change`` is
+    "shape" (shape (5,)), "dtype" (float64), "broadcast" (shape (1,), which numpy would
+    silently broadcast) or "list" (a list of Python floats)."""
 
     def __init__(self, bad_env=1, at=2, change="shape", **kw):
         super().__init__(**kw)
@@ -129,7 +130,10 @@ class ShapeChangingEnv(CountingEnv):
     def _obs(self, action=0):
         o = super()._obs(action)
         if self.env_id == self.bad_env and self.t >= self.at:
-            return np.zeros(5, np.float32) if self.change == "shape" else o.astype(np.float64)
+            return {"shape": lambda: np.zeros(5, np.float32),
+                    "dtype": lambda: o.astype(np.float64),
+                    "broadcast": lambda: o[:1],
+                    "list": o.tolist}[self.change]()
         return o
 
 
