@@ -9,6 +9,7 @@ the traceback, and a worker whose parent is gone exits on its own.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -175,6 +176,9 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         coll.reset_all(cfg["seed"], cfg["max_decorrelation_steps"])
         _limit_threads(cfg["torch_threads"])  # env_fn may have imported torch
         shared_params = arrays.get("params")
+        # Everything built so far lives as long as the worker: keep the cyclic collector
+        # from walking it again and again (a full collection mid-batch stalls every worker).
+        gc.freeze()
         conn.send(("ready",))
         ecoll, first_eval = None, True
         while True:
