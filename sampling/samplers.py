@@ -26,7 +26,7 @@ from .buffers import SharedBuffer, is_tree, layout, spec_of, tree_leaves, tree_m
 from .collector import Collector, TrajInfo
 from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError, tagged
 from .spaces import random_action_fn
-from .worker import acquire, restart_eval, run_batch, run_eval, worker_main
+from .worker import PARENT_SPIN_S, acquire, restart_eval, run_batch, run_eval, worker_main
 
 __all__ = ["Kind", "KINDS", "Batch", "Sampler"]
 
@@ -425,7 +425,7 @@ class Sampler:
     def _wait_obs(self, workers) -> None:
         sems, check = self._res.sems, self._check_workers
         for w in workers:
-            acquire(sems[w][0], check)
+            acquire(sems[w][0], check, PARENT_SPIN_S)
 
     def _release(self, workers) -> None:
         sems = self._res.sems
