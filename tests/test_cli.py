@@ -61,6 +61,9 @@ def test_json_report_structure():
     assert rep["env"] == "sampling.envs:make_cartpole" and rep["agent"] == "random"
     assert (rep["batch_T"], rep["batch_B"], rep["workers"]) == (8, 4, 2)
     assert rep["env_alone_steps_per_s"] > 0
+    # the slowest of the W processes stepping alone is at most their mean
+    assert 0 < rep["parallel_env_alone_slowest_steps_per_s"] <= (
+        rep["parallel_env_alone_steps_per_s"] / rep["workers"] * (1 + 1e-9))
     assert [r["kind"] for r in rep["results"]] == ["serial", "cpu", "gpu"]
     for r in rep["results"]:
         assert r["steps_per_s"] > 0
