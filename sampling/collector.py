@@ -238,11 +238,12 @@ class Collector:
                 # step, a list store and the observation copy; the rest is per step or per
                 # episode.
                 nxt = self.obs_rows[t + 1]
+                keep_final = "final_observation" in self.cols
                 for j, env in enumerate(self.envs):
                     o, rews[j], te, tr, _ = env.step(acts[j])
                     if te or tr:
                         ended.append((j, o, te, tr))
-                        o = self._end_episode(t, j, o, te, tr)
+                        o = self._end_episode(t, j, o, te, tr) if keep_final else env.reset()[0]
                     try:
                         nxt[j][:] = o
                     except (TypeError, ValueError):  # not an array of this shape and dtype

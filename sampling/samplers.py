@@ -205,7 +205,7 @@ class Sampler:
             for b in range(B):
                 envs.append(tagged(env_fn, f"env_fn() for env {b}"))
             self._coll = Collector(list(envs), 0, self._bufs, batch_T=T, wait=wait,
-                                   traj_info=self._new_traj, where="serial sampler")
+                                   traj_info=self._new_traj(), where="serial sampler")
             self._runner.call("reset")
             self._coll.reset_all(o.seed, o.max_decorrelation_steps)
             self._ecoll = None
@@ -220,8 +220,9 @@ class Sampler:
                          self._slices[(i + 1) * g - 1][1]) for i in range(k.groups)]
         self._start_workers(env_fn, agent, nbytes, placed, wait)
 
-    def _new_traj(self) -> TrajInfo:
-        return self._o.traj_info(discount=self._o.discount)
+    def _new_traj(self) -> Callable[[], TrajInfo]:
+        """The TrajInfo factory a collector calls once per episode."""
+        return functools.partial(self._o.traj_info, discount=self._o.discount)
 
     def _start_workers(self, env_fn, agent, nbytes, placed, wait) -> None:
         import multiprocessing as mp
@@ -232,7 +233,7 @@ class Sampler:
                       agent=None if self._k.served else agent, batch_T=o.batch_T,
                       batch_B=o.batch_B, eval_n=o.eval_n_envs, wait=wait, seed=o.seed,
                       max_decorrelation_steps=o.max_decorrelation_steps,
-                      traj_info=functools.partial(o.traj_info, discount=o.discount),
+                      traj_info=self._new_traj(),
                       torch_threads=o.torch_threads)
         for w in range(self.n_workers):
             cfg = dict(common, slice=self._slices[w], eval_slice=self._eslices[w],
@@ -353,7 +354,7 @@ class Sampler:
                 for e in range(E):
                     self._res.envs.append(tagged(env_fn, f"eval_env_fn() for eval env {e}"))
                 self._ecoll = Collector(self._res.envs[self.batch_B:], 0, ebufs, batch_T=1,
-                                        wait=False, traj_info=self._new_traj,
+                                        wait=False, traj_info=self._new_traj(),
                                         where="serial sampler", label="eval env")
             restart_eval(self._ecoll, runner, o.seed + self.batch_B, first)
             results = run_eval(self._ecoll, runner, None, ebufs, max_T, max_traj, ctrl)
