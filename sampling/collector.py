@@ -285,7 +285,7 @@ class Collector:
                     rews[j] = 0.0
                     term[j], trunc[j] = ended_as[j]
                     done[j] = True
-                    self.write_obs(t + 1, j, None)
+                    self.zero_obs(t + 1, j)
                     for _, arr in info_leaves:
                         arr[t, j] = 0
                     continue
@@ -295,7 +295,10 @@ class Collector:
                 if te or tr:
                     ended.append((j, o, te, tr))
                     o = self._end_episode(t, j, o, te, tr)
-                if nxt is None or o is None:
+                    if o is None:  # wait mode: zeros until the next batch
+                        self.zero_obs(t + 1, j)
+                        continue
+                if nxt is None:
                     self.write_obs(t + 1, j, o)
                 else:
                     try:
@@ -324,13 +327,14 @@ class Collector:
         return self.completed
 
     # -- writing one env's observation / info ------------------------------------------
+    def zero_obs(self, row: int, j: int) -> None:
+        """Zeros for env j's observation in ``row`` (wait mode, after its episode ended)."""
+        for _, arr in tree_leaves(self.cols["observation_full"]):
+            arr[row, j] = 0
+
     def write_obs(self, row: int, j: int, o: Any, field: str = "observation_full") -> None:
-        """Write env j's observation (None means zeros) into ``field[row, j]``, checked."""
+        """Write env j's observation into ``field[row, j]``, checked."""
         dst = self.cols[field]
-        if o is None:
-            for _, arr in tree_leaves(dst):
-                arr[row, j] = 0
-            return
         if is_tree(dst) != isinstance(o, dict):
             self._bad(j, "observation", f"a {type(o).__name__}", "a dict" if is_tree(dst)
                       else "an array")

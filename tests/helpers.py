@@ -121,7 +121,7 @@ class SlowEnv(CountingEnv):
 class ShapeChangingEnv(CountingEnv):
     """Env ``bad_env`` returns a wrong observation from step ``at`` on: ``change`` is
     "shape" (shape (5,)), "dtype" (float64), "broadcast" (shape (1,), which numpy would
-    silently broadcast) or "list" (a list of Python floats)."""
+    silently broadcast), "list" (a list of Python floats) or "none" (None)."""
 
     def __init__(self, bad_env=1, at=2, change="shape", **kw):
         super().__init__(**kw)
@@ -133,7 +133,8 @@ class ShapeChangingEnv(CountingEnv):
             return {"shape": lambda: np.zeros(5, np.float32),
                     "dtype": lambda: o.astype(np.float64),
                     "broadcast": lambda: o[:1],
-                    "list": o.tolist}[self.change]()
+                    "list": o.tolist,
+                    "none": lambda: None}[self.change]()
         return o
 
 

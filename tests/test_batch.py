@@ -206,6 +206,28 @@ def test_counting_invariants(reset_mode, T, B, lengths):
     check_counting_invariants(batches, lengths, reset_mode == "wait", seed=3)
 
 
+class NoInfoCountingEnv(CountingEnv):
+    """CountingEnv without env_info: reset mode then takes the collector's fast loop."""
+
+    def step(self, action):
+        o, r, te, tr, _ = super().step(action)
+        return o, r, te, tr, {}
+
+
+@pytest.mark.parametrize("final_observation", [False, True])
+@pytest.mark.parametrize("T,B,lengths", [(4, 2, (2, 3)), (7, 3, (3, 5, 4)), (5, 4, (1, 1, 6))])
+def test_fast_loop_matches_general_loop(final_observation, T, B, lengths):
+    kw = dict(batch_T=T, batch_B=B, seed=3, final_observation=final_observation)
+    with sampling.make_sampler("serial", functools.partial(NoInfoCountingEnv, lengths=lengths),
+                               CountingAgent(), **kw) as s:
+        assert s._coll.fast
+        fast = [snapshot(s.obtain_samples(i)) for i in range(4)]
+    general = collect(env_fn=functools.partial(CountingEnv, lengths=lengths), n=4, **kw)
+    for bf, bg in zip(fast, general):
+        bg = dict(bg, env_info={})
+        assert_batches_equal(dict(bf, env_info={}), bg)
+
+
 @pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
 def test_final_observation(reset_mode):
     b0, b1 = collect(env_fn=LEN23, final_observation=True, reset_mode=reset_mode, **SMALL)

@@ -239,7 +239,8 @@ def test_agent_wrong_count_on_a_batch_in_worker(kind, no_leaks):
 @pytest.mark.parametrize("change,got", [("shape", r"shape \(5,\) dtype float32"),
                                         ("dtype", r"shape \(4,\) dtype float64"),
                                         ("broadcast", r"shape \(1,\) dtype float32"),
-                                        ("list", r"shape \(4,\) dtype float64")])
+                                        ("list", r"shape \(4,\) dtype float64"),
+                                        ("none", r"shape \(\) dtype object")])
 def test_shape_changing_env_serial(change, got):
     env_fn = functools.partial(ShapeChangingEnv, bad_env=1, at=2, change=change)
     s = make("serial", env_fn=env_fn)
