@@ -51,6 +51,8 @@ class Segment:
     env_info = property(lambda self: self._get("env_info"))
 
     def __getattr__(self, name: str) -> Any:  # any other field of the batch
+        if name.startswith("_"):  # e.g. copy's probes before the slots are set
+            raise AttributeError(name)
         try:
             return self._get(name)
         except KeyError:

@@ -9,6 +9,7 @@ action = (env_id + t + prev_action) % 3.
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import numpy as np
@@ -309,6 +310,11 @@ class IdTraj(TrajInfo):
             obs = segment.observation
             self.EnvId, self.Episode, self.StartT = int(obs[0, 0]), int(obs[0, 1]), int(obs[0, 2])
         assert len(segment) == len(segment.reward) == len(segment.action)
+        # any batch field, not only the usual ones (no decorrelation segments here)
+        assert len(segment.done) == len(segment) and not segment.done[:-1].any()
+        np.testing.assert_array_equal(copy.deepcopy(segment).reward, segment.reward)
+        with pytest.raises(AttributeError):
+            getattr(segment, "no_such_field")  # noqa: B009
         self.Segments += 1
         super().update(segment)
 
