@@ -11,22 +11,33 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .buffers import tree_leaves, tree_map
+from .buffers import cast_problem, tree_leaves, tree_map
 from .spaces import random_action_fn
 
 __all__ = ["RandomAgent", "AgentRunner"]
+
+# RandomAgent draws this many actions ahead (a few steps of a large batch): cheap to hold,
+# and one generator call per POOL_STEPS actions instead of one per step.
+POOL_STEPS = 4096
 
 
 class RandomAgent:
     """Uniformly random actions from ``action_space``; ignores observations.
 
     Vectorized (one draw per call for all envs), so it measures the sampler, not itself.
+    Draws come from ``self.rng`` (``np.random.default_rng(seed)``); in ``cpu``-kind workers
+    the sampler reseeds it per worker, like every generator an agent holds.
     """
 
     def __init__(self, action_space: Any, seed: int | None = 0):
         self.action_space = action_space
         self.seed = seed
-        self._sample = random_action_fn(action_space, np.random.default_rng(seed))
+        self.rng = np.random.default_rng(seed)
+        self._sample = random_action_fn(action_space, self.rng)
+        self._pool, self._used = None, 0
+
+    def reset(self) -> None:
+        """Drop the draws made ahead, so the next step draws from ``rng`` as it is now."""
         self._pool, self._used = None, 0
 
     def step(self, observation, prev_action=None, prev_reward=None, env_ids=None):
@@ -35,15 +46,21 @@ class RandomAgent:
         # Draw many steps' worth at once: one generator call per step would cost more than
         # the sampler's own per-step work, and this agent exists to measure the sampler.
         if self._pool is None or self._used + n > len(self._pool):
-            self._pool, self._used = self._sample(max(4096, n)), 0
+            self._pool, self._used = self._sample(max(POOL_STEPS, n)), 0
         self._used += n
         return self._pool[self._used - n:self._used], None
 
+    def shared_arrays(self) -> dict:
+        """No parameters: nothing for the ``cpu`` kind to copy into workers."""
+        return {}
+
     def __getstate__(self):
-        return {"action_space": self.action_space, "seed": self.seed}
+        return {"action_space": self.action_space, "seed": self.seed,
+                "rng": self.rng.bit_generator.state}
 
     def __setstate__(self, state):
         self.__init__(state["action_space"], state["seed"])
+        self.rng.bit_generator.state = state["rng"]
 
 
 def _accepts_env_ids(fn: Callable) -> bool:
@@ -160,18 +177,18 @@ class _SliceViews:
 
 
 def write_checked(dst: np.ndarray, src: Any, what: str, verb: str) -> None:
-    """Copy ``src`` into ``dst``; raise a clear error on a wrong shape or an unsafe cast."""
+    """Copy ``src`` into ``dst``; raise a clear error on a wrong shape or on any cast that
+    would change a value (:func:`sampling.buffers.cast_problem`)."""
     if hasattr(src, "detach"):  # a torch tensor
         src = src.detach().cpu().numpy()
     a = src if isinstance(src, np.ndarray) else np.asarray(src)
     if a.shape != dst.shape:
         raise ValueError(f"{what}: {verb} shape {a.shape}, expected {dst.shape} "
                          f"(one row per env, each shaped like the action space)")
-    try:
-        np.copyto(dst, a, casting="same_kind")
-    except TypeError as e:
-        raise TypeError(f"{what}: {verb} dtype {a.dtype}, which cannot be stored as "
-                        f"{dst.dtype}") from e
+    problem = cast_problem(a, dst.dtype)
+    if problem:
+        raise TypeError(f"{what}: {verb} {problem}; expected {dst.dtype} (cast it in the agent)")
+    np.copyto(dst, a, casting="unsafe")  # checked just above
 
 
 def write_info(leaves: list, info: Any, what: str) -> None:

@@ -1,13 +1,14 @@
 """Nested numpy arrays, optionally laid out in one shared-memory segment.
 
-Imports only numpy and the standard library. A *spec* is a nested dict whose leaves
-are ``(shape, dtype_str)``; :func:`layout` turns it into offsets, and every process
+Imports only numpy and the standard library. A *spec* is a tree whose leaves
+are :class:`Spec`; :func:`layout` turns it into offsets, and every process
 builds identical views from the same layout, so a batch is one contiguous segment
 that crosses processes without copying. Only the creating process unlinks.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator
 
@@ -17,23 +18,78 @@ _ALIGN = 64  # cache line: workers writing neighbouring fields never share one
 
 
 def is_tree(x: Any) -> bool:
-    return isinstance(x, dict)
+    """Dicts and tuples (observations of Dict and Tuple spaces) are trees; all else is a leaf."""
+    return isinstance(x, (dict, tuple))
 
 
 def tree_map(fn: Callable, tree: Any) -> Any:
-    """Apply ``fn`` to every leaf of a nested dict."""
-    if is_tree(tree):
+    """Apply ``fn`` to every leaf of nested dicts/tuples (namedtuples keep their type)."""
+    if isinstance(tree, dict):
         return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, tuple):
+        items = [tree_map(fn, v) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
     return fn(tree)
 
 
 def tree_leaves(tree: Any, path: tuple = ()) -> Iterator[tuple]:
-    """Yield ``(path, leaf)`` for every leaf, in insertion order."""
-    if is_tree(tree):
+    """Yield ``(path, leaf)`` for every leaf, in order (tuple items by index)."""
+    if isinstance(tree, dict):
         for k, v in tree.items():
             yield from tree_leaves(v, path + (k,))
+    elif isinstance(tree, tuple):
+        for i, v in enumerate(tree):
+            yield from tree_leaves(v, path + (i,))
     else:
         yield path, tree
+
+
+def cast_problem(a: np.ndarray, dtype: np.dtype) -> str | None:
+    """Why storing ``a`` in an array of ``dtype`` would change its values; None if it would
+    not. One rule for every value the sampler stores: the same kind of number (a float is
+    never stored as an int), integers only within the range of ``dtype``, strings only up to
+    its length."""
+    src = a.dtype
+    if src == dtype:
+        return None
+    if src.kind == "O":
+        return ("an integer beyond int64" if a.size and isinstance(a.flat[0], int)
+                else "not a number")
+    if src.kind in "biu" and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if a.size and (a.min() < info.min or a.max() > info.max):
+            return (f"values {a.min()}..{a.max()} outside the range of {dtype} "
+                    f"({info.min}..{info.max})")
+        return None
+    if src.kind in "US" and dtype.kind == src.kind:
+        chars = dtype.itemsize // np.dtype(dtype.kind + "1").itemsize
+        if a.size and int(np.char.str_len(a).max()) > chars:
+            return (f"a string longer than {chars} characters (the longest the first call "
+                    f"gave, which sized the buffer)")
+        return None
+    if not np.can_cast(src, dtype, "same_kind"):
+        return f"dtype {src}, which cannot be stored as {dtype} without changing its values"
+    return None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One array of a layout: its (viewed) shape and dtype; ``env_major``: stored with its
+    first two axes swapped (see :func:`layout`)."""
+
+    shape: tuple
+    dtype: str
+    env_major: bool = False
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A :class:`Spec` at a byte offset of the segment."""
+
+    offset: int
+    shape: tuple
+    dtype: str
+    env_major: bool
 
 
 def spec_of(example: Any, lead: tuple = (), env_major: bool = False) -> Any:
@@ -42,30 +98,29 @@ def spec_of(example: Any, lead: tuple = (), env_major: bool = False) -> Any:
     ``env_major`` (for ``lead = (T, B)``): store each array as ``[B, T, ...]`` and view it
     as ``[T, B, ...]``; see :func:`layout`.
     """
-    if is_tree(example):
-        return {k: spec_of(v, lead, env_major) for k, v in example.items()}
-    a = np.asarray(example)
-    return (tuple(lead) + a.shape, a.dtype.str) + ((True,) if env_major else ())
+    def leaf(x):
+        a = np.asarray(x)
+        return Spec(tuple(lead) + a.shape, a.dtype.str, env_major)
+    return tree_map(leaf, example)
 
 
 def layout(specs: dict) -> tuple:
-    """Return ``(nbytes, placed)``: ``placed`` mirrors ``specs`` with ``(offset, shape, dtype,
-    env_major)``.
+    """Return ``(nbytes, placed)``: ``placed`` mirrors ``specs`` (a tree of :class:`Spec`)
+    with :class:`Placed` leaves.
 
-    A leaf is ``(shape, dtype)`` or ``(shape, dtype, True)``: env-major, stored with its
-    first two axes swapped. Batches are ``[T, B]``, but each worker writes the columns
-    of its own envs at every step: stored time-major, a row of a small field (rewards,
-    done flags) shares one cache line between workers, which then bounce it between
-    cores at every step. Stored env-major, each worker's envs are contiguous.
+    Batches are ``[T, B]``, but each worker writes the columns of its own envs at every
+    step: stored time-major, a row of a small field (rewards, done flags) shares one cache
+    line between workers, which then bounce it between cores at every step. Stored
+    env-major, each worker's envs are contiguous.
     """
     offset = 0
 
-    def place(leaf):
+    def place(leaf: Spec) -> Placed:
         nonlocal offset
-        shape, dtype, env_major = leaf[0], np.dtype(leaf[1]), len(leaf) > 2 and leaf[2]
+        dtype = np.dtype(leaf.dtype)
         start = offset
-        offset += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // _ALIGN) * _ALIGN
-        return (start, tuple(shape), dtype.str, bool(env_major))
+        offset += -(-int(np.prod(leaf.shape, dtype=np.int64)) * dtype.itemsize // _ALIGN) * _ALIGN
+        return Placed(start, tuple(leaf.shape), dtype.str, bool(leaf.env_major))
 
     placed = tree_map(place, specs) if specs else {}
     return max(offset, _ALIGN), placed
@@ -73,12 +128,12 @@ def layout(specs: dict) -> tuple:
 
 def views(buf: Any, placed: dict) -> dict:
     """Arrays over ``buf`` (any writable buffer) at the offsets of ``placed``."""
-    def view(p):
-        offset, shape, dtype, env_major = p
-        if not env_major:
-            return np.ndarray(shape, np.dtype(dtype), buffer=buf, offset=offset)
-        stored = (shape[1], shape[0]) + shape[2:]
-        return np.ndarray(stored, np.dtype(dtype), buffer=buf, offset=offset).swapaxes(0, 1)
+    def view(p: Placed) -> np.ndarray:
+        if not p.env_major:
+            return np.ndarray(p.shape, np.dtype(p.dtype), buffer=buf, offset=p.offset)
+        stored = (p.shape[1], p.shape[0]) + p.shape[2:]
+        return np.ndarray(stored, np.dtype(p.dtype), buffer=buf,
+                          offset=p.offset).swapaxes(0, 1)
     return tree_map(view, placed)
 
 

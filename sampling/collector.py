@@ -10,11 +10,89 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .buffers import is_tree, tree_leaves, tree_map
+from .buffers import cast_problem, is_tree, tree_leaves, tree_map
 from .errors import tag, tagged
 from .spaces import random_action_fn
 
 __all__ = ["TrajInfo", "Segment", "Collector"]
+
+
+# env_info values of these Python types go into a leaf of this dtype as they are: exactly
+# (a Python int beyond int64 makes numpy raise OverflowError, never wrap).
+_DIRECT = {"<f8": (float, int), "<f4": (float, int), "<i8": (int,), "|b1": (bool,)}
+
+
+# -- the gymnasium API, checked where the sampler first meets an env --------------------
+def make_env(env_fn: Callable[[], Any], label: str, fn_name: str = "env_fn") -> Any:
+    """``env_fn()``, checked to look like a gymnasium env; errors name ``label``."""
+    env = tagged(env_fn, f"{fn_name}() for {label}")
+    missing = [m for m in ("reset", "step", "action_space") if not hasattr(env, m)]
+    if missing:
+        raise TypeError(f"{fn_name}() returned {type(env).__name__} for {label}, which has no "
+                        f"{', '.join(missing)}; it must return a gymnasium-API env (reset, step, "
+                        f"observation_space, action_space), e.g. return gymnasium.make(...)")
+    return env
+
+
+def check_reset(out: Any, what: str) -> Any:
+    """The observation of ``env.reset()``'s ``(observation, info)``; a clear error otherwise."""
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+        raise TypeError(f"{what}: env.reset() returned {_describe(out)}; the gymnasium API "
+                        f"returns (observation, info) with info a dict (old gym returned the "
+                        f"observation alone: return (obs, {{}}))")
+    return out[0]
+
+
+def check_step(out: Any, what: str) -> tuple:
+    """``env.step()``'s 5-tuple, checked once (the probe); a clear error otherwise."""
+    if not (isinstance(out, tuple) and len(out) == 5):
+        raise TypeError(f"{what}: env.step() returned {_describe(out)}; the gymnasium API "
+                        f"returns (observation, reward, terminated, truncated, info) (old gym "
+                        f"returned 4 values with one done flag)")
+    check_reward(out[1], what, "the probe step")
+    check_flag(out[2], "terminated", what, "the probe step")
+    check_flag(out[3], "truncated", what, "the probe step")
+    return out
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
+    return f"a {type(x).__name__}"
+
+
+def env_action(a: Any) -> Any:
+    """One env's action as the env gets it: a Python int for scalar integer actions."""
+    return a.item() if np.ndim(a) == 0 and np.asarray(a).dtype.kind in "iub" else a
+
+
+# Types whose values are real numbers a reward may be; others are checked one by one. Bool
+# is an int to Python but never a reward: it is what an env returns when its outputs are
+# out of order.
+_REWARD_TYPES = {float, int, np.float64, np.float32, np.float16, np.int64, np.int32,
+                 np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64}
+
+
+def check_reward(r: Any, what: str, when: str) -> float:
+    """``r`` as a float if it is a real number (a 0-d numeric array too); else an error."""
+    if r.__class__ in _REWARD_TYPES:
+        return r
+    if isinstance(r, np.ndarray) and r.shape == () and r.dtype.kind in "iuf":
+        return r.item()
+    raise TypeError(f"{what} returned reward {r!r} ({type(r).__name__}) at {when}; a "
+                    f"reward must be a real number (int or float, numpy scalars included), "
+                    f"stored as float32: return float(reward)")
+
+
+def check_flag(x: Any, name: str, what: str, when: str) -> bool:
+    """``x`` as a bool if it is one (numpy bools too); else an error."""
+    if x is True or x is False:
+        return x
+    if isinstance(x, np.bool_) or (isinstance(x, np.ndarray) and x.shape == ()
+                                   and x.dtype == bool):
+        return bool(x)
+    raise TypeError(f"{what} returned {name}={x!r} ({type(x).__name__}) at {when}; "
+                    f"terminated and truncated must be bools: return bool({name})")
 
 
 class Segment:
@@ -146,7 +224,10 @@ class Collector:
         self.env_cols = [{k: tree_map(lambda a, j=j: a[:, j], v) for k, v in c.items()}
                          for j in range(len(envs))]
         self.obs_leaves = list(tree_leaves(obs))
-        self.info_leaves = [(path, arr) for path, arr in tree_leaves(self.cols["env_info"])]
+        # Per env_info leaf: the Python types stored as they are (others go through
+        # cast_problem), so a float where the probe saw an int is refused, not truncated.
+        self.info_leaves = [(path, arr, _DIRECT.get(arr.dtype.str, ()))
+                            for path, arr in tree_leaves(self.cols["env_info"])]
         self.act_discrete = bufs["action"].ndim == 2 and bufs["action"].dtype.kind in "iub"
         n = len(envs)
         self.rews = [0.0] * n
@@ -185,6 +266,10 @@ class Collector:
         for _ in range(n_steps):
             a = tree_map(lambda x: x[0], random_action(1))
             o, r, te, tr, _info = env.step(a.item() if self.act_discrete else a)
+            what = f"{self.label} {b} ({self.where})"
+            r = check_reward(r, what, "decorrelation")
+            te = check_flag(te, "terminated", what, "decorrelation")
+            tr = check_flag(tr, "truncated", what, "decorrelation")
             for k, v in zip(record, (obs, a, r, te, tr)):
                 record[k].append(v)
             last_a, last_r, obs = a, r, o
@@ -242,7 +327,12 @@ class Collector:
                 nxt = self.obs_rows[t + 1]
                 keep_final = "final_observation" in self.cols
                 for j, env in enumerate(self.envs):
-                    o, rews[j], te, tr, _ = env.step(acts[j])
+                    o, r, te, tr, _ = env.step(acts[j])
+                    # Type tests, not conversions: a wrong type takes the checked path.
+                    rews[j] = r if r.__class__ in _REWARD_TYPES else self._reward(j, t, r)
+                    if (te is not False and te is not True) or (
+                            tr is not False and tr is not True):
+                        te, tr = self._flags(j, t, te, tr)
                     if te or tr:
                         ended.append((j, o, te, tr))
                         o = self._end_episode(t, j, o, te, tr) if keep_final else env.reset()[0]
@@ -255,11 +345,7 @@ class Collector:
         except Exception as e:
             tag(e, f"{self.label} {self.lo + j}, step {t} of the batch")
             raise
-        try:
-            reward[...] = rews
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{self.where}: a {self.label} in {self.lo}..{self.hi - 1} returned a "
-                            f"non-numeric reward at step {t}: {rews}") from e
+        reward[...] = rews  # each one checked to be a real number
         prev_action[...] = action
         prev_reward[...] = reward
         for j, final, te, tr in ended:
@@ -288,10 +374,13 @@ class Collector:
                     term[j], trunc[j] = ended_as[j]
                     done[j] = True
                     self.zero_obs(t + 1, j)
-                    for _, arr in info_leaves:
+                    for _, arr, _ in info_leaves:
                         arr[t, j] = 0
                     continue
-                o, rews[j], te, tr, info = env.step(acts[j])
+                o, r, te, tr, info = env.step(acts[j])
+                rews[j] = r if r.__class__ in _REWARD_TYPES else self._reward(j, t, r)
+                if (te is not False and te is not True) or (tr is not False and tr is not True):
+                    te, tr = self._flags(j, t, te, tr)
                 if info_leaves:
                     self._write_env_info(t, j, info)
                 if te or tr:
@@ -337,15 +426,17 @@ class Collector:
     def write_obs(self, row: int, j: int, o: Any, field: str = "observation_full") -> None:
         """Write env j's observation into ``field[row, j]``, checked."""
         dst = self.cols[field]
-        if is_tree(dst) != isinstance(o, dict):
-            self._bad(j, "observation", f"a {type(o).__name__}", "a dict" if is_tree(dst)
-                      else "an array")
         for path, arr in tree_leaves(dst):
             v = o
             for k in path:
-                if not isinstance(v, dict) or k not in v:
-                    self._bad(j, _field("observation", path), "no such key", "an array")
-                v = v[k]
+                if isinstance(v, dict) if isinstance(k, str) else isinstance(v, tuple):
+                    if (k in v) if isinstance(v, dict) else k < len(v):
+                        v = v[k]
+                        continue
+                self._bad(j, _field("observation", path), f"no such entry in a "
+                          f"{type(v).__name__}", "an array")
+            if is_tree(v):
+                self._bad(j, _field("observation", path), f"a {type(v).__name__}", "an array")
             a = v if isinstance(v, np.ndarray) else np.asarray(v)
             want = arr[row, j]
             if a.shape != want.shape or a.dtype != want.dtype:
@@ -359,18 +450,43 @@ class Collector:
             f"{want} as on its first observation; an env must keep the shape and dtype of every "
             f"observation field (cast it in the env or a wrapper)")
 
-    def _write_env_info(self, t: int, j: int, info: dict) -> None:
-        for path, arr in self.info_leaves:
+    def _reward(self, j: int, t: int, r: Any) -> float:
+        return check_reward(r, f"{self.label} {self.lo + j} ({self.where})",
+                            f"step {t} of the batch")
+
+    def _flags(self, j: int, t: int, te: Any, tr: Any) -> tuple:
+        what, when = f"{self.label} {self.lo + j} ({self.where})", f"step {t} of the batch"
+        return (check_flag(te, "terminated", what, when),
+                check_flag(tr, "truncated", what, when))
+
+    def _write_env_info(self, t: int, j: int, info: Any) -> None:
+        if not isinstance(info, dict):
+            raise TypeError(f"{self.label} {self.lo + j} ({self.where}) returned info of type "
+                            f"{type(info).__name__} at step {t}; the gymnasium API's info is "
+                            f"a dict")
+        for path, arr, direct in self.info_leaves:
             v = info
             for k in path:
-                v = v.get(k, 0) if isinstance(v, dict) else 0
-            try:
+                if not isinstance(v, dict) or k not in v:
+                    raise ValueError(
+                        f"{self.label} {self.lo + j} ({self.where}) returned no env_info "
+                        f"{'/'.join(map(str, path))!r} at step {t}; it had it on the probe "
+                        f"step, and a batch cannot tell a missing entry from 0. Report the "
+                        f"entry at every step (e.g. a wrapper that fills in a default)")
+                v = v[k]
+            if v.__class__ in direct:
                 arr[t, j] = v
-            except (TypeError, ValueError) as e:
-                raise ValueError(
+                continue
+            a = v if isinstance(v, np.ndarray) else np.asarray(v)
+            problem = (f"shape {a.shape}" if a.shape != arr.shape[2:]
+                       else cast_problem(a, arr.dtype))
+            if problem:
+                raise TypeError(
                     f"{self.label} {self.lo + j} ({self.where}) returned env_info "
-                    f"{'/'.join(path)!r}={v!r} at step {t}; expected {arr.dtype} of shape "
-                    f"{arr.shape[2:]} as on the probe step") from e
+                    f"{'/'.join(map(str, path))!r}={v!r} at step {t}: {problem}; expected "
+                    f"{arr.dtype} of shape {arr.shape[2:]} as on the probe step (keep each "
+                    f"entry's type: cast it in the env or a wrapper)")
+            arr[t, j] = a
 
 
 def _field(name: str, path: tuple) -> str:
@@ -380,4 +496,6 @@ def _field(name: str, path: tuple) -> str:
 def _stack(values: list) -> Any:
     if values and isinstance(values[0], dict):
         return {k: _stack([v[k] for v in values]) for k in values[0]}
+    if values and isinstance(values[0], tuple):
+        return tuple(_stack([v[i] for v in values]) for i in range(len(values[0])))
     return np.stack([np.asarray(v) for v in values])

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .agent_state import Params, RngGuard, to_numpy, unmirrored_arrays
 from .agents import AgentRunner, write_checked
-from .buffers import SharedBuffer, is_tree, layout, spec_of, tree_leaves, tree_map, views
-from .collector import Collector, TrajInfo
-from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError, tagged
+from .buffers import SharedBuffer, Spec, is_tree, layout, spec_of, tree_leaves, tree_map, views
+from .collector import Collector, TrajInfo, check_reset, check_step, env_action, make_env
+from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError
 from .spaces import random_action_fn
 from .worker import PARENT_SPIN_S, acquire, restart_eval, run_batch, run_eval, worker_main
 
@@ -173,18 +175,21 @@ class Sampler:
     def _setup(self, env_fn: Callable, agent: Any) -> None:
         o, k = self._o, self._k
         T, B, E = o.batch_T, o.batch_B, o.eval_n_envs
-        obs, act_shape, act_dtype, env_info, agent_info = _probe(env_fn, self._runner, o.seed)
-        specs = {"main": _batch_specs(T, B, obs, act_shape, act_dtype, env_info, agent_info,
-                                      o.final_observation, o.bootstrap_value),
-                 "ctrl": ((1,), "<i8")}  # ctrl[0]: the parent's "stop evaluating" flag
+        p = _probe(env_fn, self._runner, o.seed)
+        self.observation_space, self.action_space = p.observation_space, p.action_space
+        specs = {"main": _batch_specs(T, B, p, o.final_observation, o.bootstrap_value),
+                 "ctrl": Spec((1,), "<i8")}  # ctrl[0]: the parent's "stop evaluating" flag
         if E:
-            specs["eval"] = _batch_specs(1, E, obs, act_shape, act_dtype, env_info, agent_info,
-                                         False, False)
-        # cpu workers run copies of the agent: its shared_arrays() travel through the segment.
-        share_params = (k.workers and not k.served
-                        and callable(getattr(agent, "shared_arrays", None)))
-        if share_params:
-            specs["params"] = spec_of(_numpy_tree(agent.shared_arrays()))
+            specs["eval"] = _batch_specs(1, E, p, False, False)
+        # cpu workers run copies of the agent: its parameters travel through the segment
+        # before every batch (agent_state.Params has the rule).
+        self._mirror = Params(agent) if k.workers and not k.served else None
+        if self._mirror is not None:
+            _warn_unmirrored(agent, self._mirror)
+            if self._mirror.empty:
+                self._mirror = None
+            else:
+                specs["params"] = spec_of(_numpy_tree(self._mirror.arrays()))
         nbytes, placed = layout(specs)
         if k.workers:
             self._res.shared = SharedBuffer(nbytes)
@@ -197,13 +202,13 @@ class Sampler:
         if E:
             self._ebufs["env_ids"] = np.arange(B, B + E)
         self._ctrl = arrays["ctrl"]
-        self._params = arrays["params"] if share_params else None
+        self._params = arrays["params"] if self._mirror is not None else None
         self._batch = self._make_batch()
         wait = o.reset_mode == "wait"
         if not k.workers:
             envs = self._res.envs
             for b in range(B):
-                envs.append(tagged(env_fn, f"env_fn() for env {b}"))
+                envs.append(make_env(env_fn, f"env {b}"))
             self._coll = Collector(list(envs), 0, self._bufs, batch_T=T, wait=wait,
                                    traj_info=self._new_traj(), where="serial sampler")
             self._runner.call("reset")
@@ -229,6 +234,10 @@ class Sampler:
         o, res = self._o, self._res
         ctx = mp.get_context(o.start_method)
         method = ctx.get_start_method()
+        # Workers whose first message ("started") arrived: one that dies before it failed
+        # while its process was starting (see _raise_worker_error).
+        self._started: set = set()
+        self._start_method = method
         common = dict(env_fn=env_fn, eval_env_fn=o.eval_env_fn or env_fn,
                       agent=None if self._k.served else agent, batch_T=o.batch_T,
                       batch_B=o.batch_B, eval_n=o.eval_n_envs, wait=wait, seed=o.seed,
@@ -286,7 +295,7 @@ class Sampler:
         elif not k.served:
             runner.call("sample_mode", itr)
             if self._params is not None:
-                _copy_params(self._params, self._runner.agent.shared_arrays())
+                _copy_params(self._params, self._mirror.arrays())
             self._send_all(("batch", itr))
             done = self._merge(self._gather(range(self.n_workers), "done"))
         else:
@@ -352,7 +361,7 @@ class Sampler:
             if self._ecoll is None:
                 env_fn = o.eval_env_fn
                 for e in range(E):
-                    self._res.envs.append(tagged(env_fn, f"eval_env_fn() for eval env {e}"))
+                    self._res.envs.append(make_env(env_fn, f"eval env {e}", "eval_env_fn"))
                 self._ecoll = Collector(self._res.envs[self.batch_B:], 0, ebufs, batch_T=1,
                                         wait=False, traj_info=self._new_traj(),
                                         where="serial sampler", label="eval env")
@@ -362,7 +371,7 @@ class Sampler:
             # Lockstep: workers report every step; the parent counts finished episodes over
             # all eval envs and says when to stop, so every kind stops at the same step.
             if self._params is not None:
-                _copy_params(self._params, runner.agent.shared_arrays())
+                _copy_params(self._params, self._mirror.arrays())
             ctrl[0] = 0
             self._send_all(("eval", itr, max_T))
             everyone = list(range(self.n_workers))
@@ -409,11 +418,21 @@ class Sampler:
             ready = mp_connection.wait(list(pending) + list(sentinels), timeout=1.0)
             for obj in ready:
                 if obj in pending:
-                    w = pending.pop(obj)
+                    w = pending[obj]
                     try:
                         msg = obj.recv()
+                        # A worker's first message says its process started; what it was
+                        # asked for may be right behind it.
+                        while msg[0] == "started":
+                            self._started.add(w)
+                            if not obj.poll():
+                                break
+                            msg = obj.recv()
                     except Exception as e:  # a closed pipe, or a message that won't unpickle
                         self._raise_worker_error(w, _unreadable(e))
+                    if msg[0] == "started":
+                        continue  # still pending
+                    del pending[obj]
                     if msg[0] != expect:
                         self._raise_worker_error(w, msg)
                     out[w] = msg[1] if len(msg) > 1 else None
@@ -444,10 +463,16 @@ class Sampler:
             try:
                 if conn.poll(0.2):  # an error report may be just behind the exit
                     msg = conn.recv()
+                    while msg[0] == "started" and conn.poll(0.2):
+                        self._started.add(w)
+                        msg = conn.recv()
             except (EOFError, OSError):
                 msg = None
             except Exception as e:
                 msg = _unreadable(e)
+        if msg is not None and msg[0] == "started":
+            self._started.add(w)
+            msg = None
         lo, hi = self._slices[w]
         envs = list(range(lo, hi))
         head = f"{self.kind} sampler: worker {w} (envs {lo}..{hi - 1})"
@@ -470,9 +495,13 @@ class Sampler:
                 how = f"was killed by signal {_signame(-code)}"
             else:
                 how = f"exited with code {code}"
-            err = WorkerError(f"{head} {how} without reporting an error; if nothing killed "
-                              f"it, check the system log for the out-of-memory killer or "
-                              f"look for os._exit/sys.exit in the env", w, envs, code, None)
+            if code is not None and w not in self._started:
+                text = _startup_failure(head, how, code, self._start_method)
+            else:
+                text = (f"{head} {how} without reporting an error; if nothing killed it, "
+                        f"check the system log for the out-of-memory killer or look for "
+                        f"os._exit/sys.exit in the env")
+            err = WorkerError(text, w, envs, code, None)
         self._close(graceful=False, reason=str(err))
         raise err from cause
 
@@ -528,45 +557,88 @@ class Sampler:
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _probe(env_fn: Callable, runner: AgentRunner, seed: int) -> tuple:
+@dataclass
+class _Probed:
+    """What the probe env and one agent call tell about the batch layout."""
+
+    observation: Any       # one env's observation (a tree of arrays)
+    action_shape: tuple
+    action_dtype: str
+    env_info: dict         # the numeric entries of one step's info
+    agent_info: dict       # one env's agent_info
+    observation_space: Any
+    action_space: Any
+
+
+def _probe(env_fn: Callable, runner: AgentRunner, seed: int) -> _Probed:
     """Build one separate env to learn the layout: observation, action, infos.
 
     Training envs are never stepped before their seeded reset; this env is thrown away.
+    Everything runs under :class:`RngGuard`: the user's random streams (global, and the
+    agent's own generators) come out as they went in.
     """
-    env = tagged(env_fn, "env_fn() for the probe env (the parent builds one to size buffers)")
+    with RngGuard(runner.agent):
+        return _probe_unguarded(env_fn, runner, seed)
+
+
+def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> _Probed:
+    what = "the probe env (the parent builds one to size buffers)"
+    env = make_env(env_fn, what)
     try:
-        obs, _ = env.reset(seed=seed)
+        obs = check_reset(env.reset(seed=seed), what)
         space = env.action_space
-        a = random_action_fn(space, np.random.default_rng(seed))(1)
         shape, dtype = getattr(space, "shape", None), getattr(space, "dtype", None)
         if shape is None or dtype is None:
             raise TypeError(f"the env's action_space {space!r} has no shape/dtype; "
                             f"dict or tuple action spaces are not supported")
-        a0 = a[0]
-        out = env.step(a0.item() if np.ndim(a0) == 0 and np.dtype(dtype).kind in "iub" else a0)
-        if not isinstance(out, tuple) or len(out) != 5:
-            got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
-            raise TypeError("env.step must return (observation, reward, terminated, truncated, "
-                            f"info) as in the gymnasium API; got {got}")
-        info = out[4] or {}
+        a = random_action_fn(space, np.random.default_rng(seed))(1)
+        info = check_step(env.step(env_action(a[0])), what)[4]
+        obs_space = getattr(env, "observation_space", None)
     finally:
         try:
             env.close()
         except Exception:
             pass
-    env_info = _numeric(info)
     obs = tree_map(np.asarray, obs)
+    for path, leaf in tree_leaves(obs):
+        if leaf.dtype.kind not in "biufc":
+            raise TypeError(
+                f"{what}: observation{_path(path)} is {leaf.dtype} ({leaf!r:.80}); a batch "
+                f"stores numbers: observations must be numeric arrays (dicts and tuples of "
+                f"them are fine). Variable-size spaces (Graph, Sequence, Text) cannot be "
+                f"batched: wrap the env to return fixed-size arrays")
+    env_info = _numeric(info, what)
     obs1 = tree_map(lambda x: x[None], obs)
     act_shape, act_dtype = tuple(shape), np.dtype(dtype).str
     action, agent_info = runner.step(obs1, np.zeros((1,) + act_shape, act_dtype),
                                      np.zeros(1, np.float32), np.arange(1))
-    action = _np(action)
+    action = to_numpy(action)
     if action.shape != (1,) + act_shape:
         raise ValueError(f"the agent returned actions of shape {action.shape} for 1 env; "
                          f"expected {(1,) + act_shape} (one row per env, shaped like the action "
                          f"space {space!r})")
-    agent_info = tree_map(lambda x: _np(x)[0], agent_info) if agent_info else {}
-    return obs, act_shape, act_dtype, env_info, agent_info
+    agent_info = tree_map(lambda x: to_numpy(x)[0], agent_info) if agent_info else {}
+    return _Probed(obs, act_shape, act_dtype, env_info, agent_info, obs_space, space)
+
+
+def _path(path: tuple) -> str:
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def _warn_unmirrored(agent: Any, mirror: Params) -> None:
+    """Say once, at construction, if a cpu worker's copy would keep arrays frozen."""
+    if mirror.explicit:
+        return  # the agent says what to mirror: its shared_arrays() is the rule
+    frozen = unmirrored_arrays(agent)
+    if frozen:
+        warnings.warn(
+            f"the cpu kind runs a copy of the agent in every worker, and this agent holds "
+            f"float arrays outside any torch module ({', '.join(frozen[:5])}"
+            f"{', ...' if len(frozen) > 5 else ''}): the workers' copies would keep them at "
+            f"their initial values, whatever the training loop does to them here. Give the "
+            f"agent a shared_arrays() method returning them (a dict of arrays updated in "
+            f"place; it is copied into every worker before each batch), or use the 'gpu' or "
+            f"'serial' kind, where this process runs the agent itself", stacklevel=4)
 
 
 def _unreadable(e: Exception) -> tuple | None:
@@ -578,14 +650,26 @@ def _unreadable(e: Exception) -> tuple | None:
             "itself was unreadable)")
 
 
-def _numeric(info: dict) -> dict:
+INT64 = np.iinfo(np.int64)
+
+
+def _numeric(info: Any, what: str, path: tuple = ()) -> dict:
+    """The numeric entries of an info dict, as arrays (the env_info layout)."""
+    if not isinstance(info, dict):
+        raise TypeError(f"{what}: env.step returned info{_path(path)} of type "
+                        f"{type(info).__name__}; the gymnasium API's info is a dict "
+                        f"(return {{}} if there is nothing to report)")
     out = {}
     for k, v in info.items():
         if isinstance(v, dict):
-            sub = _numeric(v)
+            sub = _numeric(v, what, path + (k,))
             if sub:
                 out[k] = sub
             continue
+        if isinstance(v, int) and not INT64.min <= v <= INT64.max:
+            raise OverflowError(f"{what}: env.step returned info{_path(path + (k,))}={v}, "
+                                f"beyond int64: a batch cannot store it. Report it as a "
+                                f"float, or leave it out of info")
         try:
             a = np.asarray(v)
         except Exception:
@@ -595,14 +679,8 @@ def _numeric(info: dict) -> dict:
     return out
 
 
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
 def _numpy_tree(x: Any) -> Any:
-    return tree_map(_np, x) if is_tree(x) else _np(x)
+    return tree_map(to_numpy, x)
 
 
 def _copy_params(dst: dict, src: Any) -> None:
@@ -610,29 +688,29 @@ def _copy_params(dst: dict, src: Any) -> None:
         v = src
         for k in path:
             v = v[k]
-        np.copyto(arr, _np(v))
+        np.copyto(arr, to_numpy(v))
 
 
-def _batch_specs(T, B, obs, act_shape, act_dtype, env_info, agent_info, final_obs, bootstrap):
+def _batch_specs(T: int, B: int, p: _Probed, final_obs: bool, bootstrap: bool) -> dict:
     def arr(rows, shape, dtype):
-        return ((rows, B) + tuple(shape), dtype, True)  # env-major: see buffers.layout
+        return Spec((rows, B) + tuple(shape), dtype, True)  # env-major: see buffers.layout
 
     s = {
-        "observation_full": spec_of(obs, (T + 1, B), env_major=True),
-        "prev_action_full": arr(T + 1, act_shape, act_dtype),
+        "observation_full": spec_of(p.observation, (T + 1, B), env_major=True),
+        "prev_action_full": arr(T + 1, p.action_shape, p.action_dtype),
         "prev_reward_full": arr(T + 1, (), "<f4"),
-        "action": arr(T, act_shape, act_dtype),
-        "agent_info": spec_of(agent_info, (T, B), env_major=True),
+        "action": arr(T, p.action_shape, p.action_dtype),
+        "agent_info": spec_of(p.agent_info, (T, B), env_major=True),
         "reward": arr(T, (), "<f4"),
         "terminated": arr(T, (), "|b1"),
         "truncated": arr(T, (), "|b1"),
         "done": arr(T, (), "|b1"),
-        "env_info": spec_of(env_info, (T, B), env_major=True),
+        "env_info": spec_of(p.env_info, (T, B), env_major=True),
     }
     if final_obs:
-        s["final_observation"] = spec_of(obs, (T, B), env_major=True)
+        s["final_observation"] = spec_of(p.observation, (T, B), env_major=True)
     if bootstrap:
-        s["bootstrap_value"] = ((B,), "<f4")
+        s["bootstrap_value"] = Spec((B,), "<f4")
     return s
 
 
@@ -677,3 +755,22 @@ def _without_mpi_env():
         yield
     finally:
         os.environ.update(saved)
+
+
+def _startup_failure(head: str, how: str, code: int, method: str) -> str:
+    """The message for a worker that died before worker_main's first statement ran."""
+    if code < 0:
+        return (f"{head} {how} while its process was starting ({method!r} start method), "
+                f"before running any sampling code; if nothing killed it, check the system "
+                f"log for the out-of-memory killer")
+    fork = ("" if method == "fork" else
+            ", or use start_method='fork' where available (not on Windows)")
+    return (f"{head} {how} while its process was starting ({method!r} start method), before "
+            f"running any sampling code; the cause is printed on the worker's stderr above. "
+            f"Usually the child could not import the main module: a script without an "
+            f"`if __name__ == \"__main__\":` guard (spawn and forkserver workers re-run the "
+            f"script, and multiprocessing stops them in its bootstrapping phase), a script run "
+            f"from stdin (`python - < script.py`) or a notebook cell (there is no file to "
+            f"re-import), or a main module that fails when imported in the child. Fix: put the "
+            f"script's top-level code under `if __name__ == \"__main__\":`, define env_fn and "
+            f"the agent in an importable module{fork}")

@@ -100,9 +100,14 @@ def _uniform(rng, low, high, size, dtype):
 def random_action_fn(space: Any, rng: np.random.Generator) -> Callable[[int], Any]:
     """Return ``f(n) -> [n, ...]`` random actions for ``space``, drawn from ``rng``.
 
-    Vectorized for Discrete-, Box- and MultiDiscrete-like spaces; other spaces fall
+    Vectorized for Discrete-, MultiBinary-, Box- and MultiDiscrete-like spaces; others fall
     back to ``space.sample()`` (after ``space.seed`` with a draw from ``rng``).
     """
+    shape = tuple(getattr(space, "shape", None) or ())
+    if hasattr(space, "n") and not hasattr(space, "nvec") and shape:
+        # MultiBinary(n): ``n`` is the shape of a 0/1 vector, not a count of choices.
+        dtype = np.dtype(space.dtype)
+        return lambda k: rng.integers(0, 2, size=(k,) + shape).astype(dtype, copy=False)
     if hasattr(space, "n") and not hasattr(space, "nvec"):
         n_, start, dtype = int(space.n), int(getattr(space, "start", 0)), np.dtype(space.dtype)
         return lambda k: (start + rng.integers(n_, size=k)).astype(dtype, copy=False)

@@ -26,10 +26,10 @@ except ImportError:  # not on every platform
 
 import numpy as np
 
+from .agent_state import Params, load_params, reseed, worker_seed
 from .agents import AgentRunner, write_checked
 from .buffers import SharedBuffer, is_tree, tree_leaves, tree_map, views
-from .collector import Collector
-from .errors import tagged
+from .collector import Collector, make_env
 
 POLL_S = 0.5  # how often a waiting worker checks that its parent is alive
 # Per-step waits first retry the semaphore without blocking for a short while, yielding the
@@ -152,6 +152,13 @@ def restart_eval(coll: Collector, runner, seed: int, first: bool) -> None:
 def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                 obs_ready, act_ready) -> None:
     """Entry point of worker ``w`` (the target of every worker process)."""
+    # First of all, say that the process got this far: a worker that dies before this
+    # message failed in multiprocessing's start-up (importing the main module under
+    # spawn/forkserver, unpickling its arguments), and the parent says so.
+    try:
+        conn.send(("started",))
+    except OSError:  # the parent is gone already
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -171,8 +178,13 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         _limit_threads(cfg["torch_threads"])
         if cfg["cpu_affinity"] is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cfg["cpu_affinity"])
+        # This worker's random streams: global ones (for env_fn and envs that use them)
+        # and, once env_fn may have imported torch, torch's and the agent's own generators.
+        seeds = worker_seed(cfg["seed"], lo)
+        reseed(None, seeds)
         env_fn = cfg["env_fn"]
-        envs = [tagged(env_fn, f"env_fn() for env {b}") for b in range(lo, hi)]
+        envs = [make_env(env_fn, f"env {b}") for b in range(lo, hi)]
+        reseed(cfg["agent"], seeds)
         runner = AgentRunner(cfg["agent"]) if cfg["agent"] is not None else None
         bufs["env_ids"] = np.arange(cfg["batch_B"])
         coll = Collector(envs, lo, bufs, batch_T=cfg["batch_T"], wait=cfg["wait"],
@@ -182,6 +194,7 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         coll.reset_all(cfg["seed"], cfg["max_decorrelation_steps"])
         _limit_threads(cfg["torch_threads"])  # env_fn may have imported torch
         shared_params = arrays.get("params")
+        mirror = _mirror(runner, shared_params)
         # Everything built so far lives as long as the worker: keep the cyclic collector
         # from walking it again and again (a full collection mid-batch stalls every worker).
         gc.freeze()
@@ -193,8 +206,8 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
             if cmd == "batch":
                 itr = msg[1]
                 if runner is not None:
-                    if shared_params:
-                        _load_params(runner.agent, shared_params)
+                    if mirror is not None:
+                        load_params(mirror.arrays(), shared_params)
                     runner.call("sample_mode", itr)
                 done = run_batch(coll, runner, handoff, bufs)
                 if runner is not None and "bootstrap_value" in bufs:
@@ -210,14 +223,14 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                 itr, max_steps = msg[1], msg[2]
                 if ecoll is None:
                     eval_env_fn = cfg["eval_env_fn"]
-                    eval_envs = [tagged(eval_env_fn, f"eval_env_fn() for eval env {e}")
+                    eval_envs = [make_env(eval_env_fn, f"eval env {e}", "eval_env_fn")
                                  for e in range(elo, ehi)]
                     ebufs["env_ids"] = np.arange(cfg["batch_B"], cfg["batch_B"] + cfg["eval_n"])
                     ecoll = Collector(eval_envs, elo, ebufs, batch_T=1, wait=False,
                                       traj_info=cfg["traj_info"], where=where, label="eval env")
                 if runner is not None:
-                    if shared_params:
-                        _load_params(runner.agent, shared_params)
+                    if mirror is not None:
+                        load_params(mirror.arrays(), shared_params)
                     runner.call("eval_mode", itr)
                 restart_eval(ecoll, runner, cfg["seed"] + cfg["batch_B"], first_eval)
                 first_eval = False
@@ -262,10 +275,18 @@ def _limit_threads(n) -> None:
         torch.set_num_threads(n)
 
 
-def _load_params(agent, shared: dict) -> None:
-    own = agent.shared_arrays()
-    for path, arr in tree_leaves(shared):
-        dst = own
-        for k in path:
-            dst = dst[k]
-        np.copyto(dst, arr)
+def _mirror(runner, shared: dict | None) -> Params | None:
+    """This copy's parameters, checked to match the parent's (see agent_state.Params)."""
+    if runner is None or not shared:
+        return None
+    mirror = Params(runner.agent)
+    own = {path for path, _ in tree_leaves(mirror.arrays())}
+    theirs = {path for path, _ in tree_leaves(shared)}
+    if own != theirs:
+        raise RuntimeError(
+            f"this worker's copy of the agent has parameters {sorted(own - theirs)[:3]} that "
+            f"the parent's lacks, or lacks {sorted(theirs - own)[:3]}: the copy is built "
+            f"differently from the original (e.g. modules made at random or per process). "
+            f"Give the agent a shared_arrays() method that returns the same arrays in every "
+            f"copy")
+    return mirror
