@@ -4,11 +4,14 @@ Imports samplers (and, for ``"auto"``, the benchmark module lazily).
 """
 from __future__ import annotations
 
+import collections.abc
 import multiprocessing as mp
 import numbers
 import os
 import warnings
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from .collector import TrajInfo
 from .samplers import KINDS, Options, Sampler
@@ -110,9 +113,7 @@ def make_sampler(
                          f"got {reset_mode!r}")
     if not isinstance(discount, numbers.Real) or not 0.0 <= discount <= 1.0:
         raise ValueError(f"discount must be a number in [0, 1], got {discount!r}")
-    if not callable(traj_info):
-        raise TypeError(f"traj_info must be a TrajInfo subclass (or a callable accepting "
-                        f"discount=), got {traj_info!r}")
+    _check_traj_info(traj_info, float(discount))
     if eval_n_envs and eval_max_steps is None and eval_max_trajectories is None:
         raise ValueError("eval_n_envs > 0 needs a stopping rule: set eval_max_steps and/or "
                          "eval_max_trajectories")
@@ -203,15 +204,70 @@ def _group_sizes(batch_B: int, n: int) -> tuple:
     return (sl[half - 1][1] - sl[0][0], sl[-1][1] - sl[half][0])
 
 
-def _affinity(spec: Sequence) -> list:
+TRAJ_INFO_METHODS = ("update(segment)", "terminate(final_observation)", "stats()")
+
+
+def _check_traj_info(traj_info: Any, discount: float) -> None:
+    """``traj_info(discount=...)`` must make a TrajInfo-like object: make one here, once
+    (an episode's stats object is cheap), so that a mistake fails now and not in workers."""
+    head = (f"traj_info must be a TrajInfo subclass (or a callable accepting discount= that "
+            f"returns a TrajInfo-like object), got {traj_info!r}")
+    fix = ("pass traj_info=sampling.TrajInfo, a subclass of it, or a factory such as "
+           "functools.partial(MyTrajInfo, extra=1) that accepts discount= and returns an "
+           "object with " + ", ".join(TRAJ_INFO_METHODS) + " methods")
+    if isinstance(traj_info, TrajInfo):
+        raise TypeError(f"{head}, an instance; pass the class itself: "
+                        f"traj_info={type(traj_info).__name__}")
+    if not callable(traj_info):
+        raise TypeError(f"{head}; {fix}")
     try:
-        out = [sorted({int(c) for c in cpus}) for cpus in spec]
-    except TypeError:
+        made = traj_info(discount=discount)
+    except Exception as e:
+        raise TypeError(f"{head}: traj_info(discount={discount!r}) raised "
+                        f"{type(e).__name__}: {e}; {fix}") from e
+    missing = [m for m in TRAJ_INFO_METHODS if not callable(getattr(made, m.split("(")[0], None))]
+    if missing:
+        raise TypeError(f"{head}: traj_info(discount={discount!r}) returned {made!r:.80} "
+                        f"({type(made).__name__}), which has no {', '.join(missing)} "
+                        f"method{'s' if len(missing) > 1 else ''}; {fix}")
+
+
+AFFINITY_EXAMPLE = "e.g. cpu_affinity=[[0], [1]] pins worker 0 to CPU 0 and worker 1 to CPU 1"
+
+
+def _affinity(spec: Any) -> list:
+    """Per worker, the sorted CPU ids to pin it to. Ids must be ints: int() would turn
+    0.7, '1' and True into CPU ids without a word."""
+    if isinstance(spec, np.ndarray):
+        spec = spec.tolist()
+    if isinstance(spec, (str, bytes, bytearray)) or not isinstance(spec, collections.abc.Sequence):
         raise TypeError(f"cpu_affinity must be a list with one list of CPU ids per worker, "
-                        f"e.g. [[0], [1]]; got {spec!r}") from None
-    if not out or any(not cpus for cpus in out):
+                        f"{AFFINITY_EXAMPLE}; got {spec!r} ({type(spec).__name__})")
+    if not spec:
         raise ValueError(f"cpu_affinity must hold a non-empty list of CPU ids per worker, "
-                         f"got {spec!r}")
+                         f"got {spec!r}; {AFFINITY_EXAMPLE}")
+    out = []
+    for w, cpus in enumerate(spec):
+        if isinstance(cpus, np.ndarray):
+            cpus = cpus.tolist()
+        if isinstance(cpus, (str, bytes, bytearray)) or not isinstance(
+                cpus, (collections.abc.Sequence, collections.abc.Set)):
+            raise TypeError(f"cpu_affinity must be a list with one list of CPU ids per worker, "
+                            f"{AFFINITY_EXAMPLE}; cpu_affinity[{w}] is {cpus!r} "
+                            f"({type(cpus).__name__}), not a list of CPU ids")
+        if not cpus:
+            raise ValueError(f"cpu_affinity must hold a non-empty list of CPU ids per worker; "
+                             f"cpu_affinity[{w}] is {cpus!r}; {AFFINITY_EXAMPLE}")
+        ordered = isinstance(cpus, collections.abc.Sequence)  # else a set: no positions
+        for i, c in enumerate(cpus):
+            entry = f"cpu_affinity[{w}][{i}]" if ordered else f"an entry of cpu_affinity[{w}]"
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral):
+                raise TypeError(f"cpu_affinity holds CPU ids, which are ints: {entry} is {c!r} "
+                                f"({type(c).__name__}); {AFFINITY_EXAMPLE}")
+            if c < 0:
+                raise ValueError(f"cpu_affinity holds CPU ids, which are >= 0: {entry} is {c}; "
+                                 f"{AFFINITY_EXAMPLE}")
+        out.append(sorted({int(c) for c in cpus}))
     if hasattr(os, "sched_getaffinity"):
         allowed = os.sched_getaffinity(0)
         bad = sorted({c for cpus in out for c in cpus} - allowed)

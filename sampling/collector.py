@@ -475,8 +475,11 @@ class Collector:
                         f"entry at every step (e.g. a wrapper that fills in a default)")
                 v = v[k]
             if v.__class__ in direct:
-                arr[t, j] = v
-                continue
+                try:
+                    arr[t, j] = v
+                    continue
+                except OverflowError:  # an int beyond int64: the checked path says so
+                    pass
             a = v if isinstance(v, np.ndarray) else np.asarray(v)
             problem = (f"shape {a.shape}" if a.shape != arr.shape[2:]
                        else cast_problem(a, arr.dtype))

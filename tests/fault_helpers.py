@@ -215,3 +215,23 @@ class BadShapeAgent(_ZeroActions):
         if self.calls >= self.from_call:
             action = np.zeros(len(action) + 1, np.int64)
         return action, info
+
+
+# Stand-ins for sampling.worker.worker_main (same arguments), for the start-up tests: a
+# worker process that dies before worker_main's first statement is one that failed in
+# multiprocessing's start-up (importing the main module, unpickling its arguments).
+def exit_before_worker_main(w, payload, shm_name, nbytes, placed, conn, *semaphores):
+    """Dies as a start-up failure does: exit code 1, no word on the pipe."""
+    os._exit(1)
+
+
+def killed_before_worker_main(w, payload, shm_name, nbytes, placed, conn, *semaphores):
+    """SIGKILLed (say, by the out-of-memory killer) before any sampling code ran."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)  # the signal is on its way
+
+
+def exit_after_started(w, payload, shm_name, nbytes, placed, conn, *semaphores):
+    """Says "started" as worker_main does first, then exits: a death after start-up."""
+    conn.send(("started",))
+    os._exit(3)

@@ -198,6 +198,8 @@ def snapshot(batch) -> dict:
     def copy(x):
         if isinstance(x, dict):
             return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return tuple(copy(v) for v in x)
         return np.array(x, copy=True)
     out = {k: copy(v) for k, v in batch.items() if k != "traj_infos"}
     out["traj_infos"] = [t.stats() for t in batch.traj_infos]
@@ -208,7 +210,10 @@ def assert_batches_equal(a: dict, b: dict, path="batch") -> None:
     """Every field bit-identical (nested dicts included), same dtypes, same episode stats."""
     assert set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
     for k in a:
-        if isinstance(a[k], dict):
+        if isinstance(a[k], tuple):
+            assert isinstance(b[k], tuple) and len(a[k]) == len(b[k]), f"{path}.{k} differs"
+            assert_batches_equal(dict(enumerate(a[k])), dict(enumerate(b[k])), f"{path}.{k}")
+        elif isinstance(a[k], dict):
             assert_batches_equal(a[k], b[k], f"{path}.{k}")
         elif k == "traj_infos":
             assert a[k] == b[k], f"{path}.traj_infos differ:\n{a[k]}\n{b[k]}"

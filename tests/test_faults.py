@@ -870,3 +870,127 @@ def test_sigint_to_a_starting_spawn_worker_is_ignored(tmp_path):
                           text=True, timeout=60)
     assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
+# -- a worker that dies while its process is starting ------------------------------------------
+STARTUP = (r"while its process was starting \('{method}' start method\), before running any "
+           r"sampling code")
+STARTUP_CAUSES = (r"the cause is printed on the worker's stderr above\. Usually the child could "
+                  r"not import the main module: a script without an `if __name__ == "
+                  r"\"__main__\":` guard .*a script run from stdin .*a notebook cell.*Fix: put "
+                  r"the script's top-level code under `if __name__ == \"__main__\":`, define "
+                  r"env_fn and the agent in an importable module")
+
+
+@pytest.mark.parametrize("start_method", METHODS)
+@pytest.mark.parametrize("case", ["exit_before", "killed_before", "exit_after_started"])
+def test_worker_dying_before_it_started(case, start_method, monkeypatch, watch):
+    # The worker's target is swapped for a stand-in that dies before worker_main would run
+    # (or just after its "started" message): only the first is a start-up failure.
+    from tests import fault_helpers
+
+    target, code = {"exit_before": (fault_helpers.exit_before_worker_main, 1),
+                    "killed_before": (fault_helpers.killed_before_worker_main, -9),
+                    "exit_after_started": (fault_helpers.exit_after_started, 3)}[case]
+    monkeypatch.setattr("sampling.samplers.worker_main", target)
+    with pytest.raises(WorkerError) as ei:
+        sampling.make_sampler("cpu", CountingEnv, CountingAgent(), start_method=start_method,
+                              **SMALL)
+    err, msg = ei.value, str(ei.value)
+    assert err.exitcode == code and err.remote_traceback is None and err.__cause__ is None
+    head = r"^cpu sampler: worker [01] \(envs [02]\.\.[13]\) "
+    startup = STARTUP.format(method=start_method)
+    if case == "exit_before":
+        assert re.search(rf"{head}exited with code 1 {startup}; {STARTUP_CAUSES}", msg), msg
+        assert ("start_method='fork'" in msg) == (start_method != "fork"), msg
+        assert "out-of-memory" not in msg, msg
+    elif case == "killed_before":
+        assert re.search(rf"{head}was killed by signal SIGKILL {startup}; if nothing killed "
+                         r"it, check the system log for the out-of-memory killer$", msg), msg
+    else:  # it had started: the message for a worker that dies later
+        assert re.search(rf"{head}exited with code 3 without reporting an error; if nothing "
+                         r"killed it, check the system log for the out-of-memory killer", msg), msg
+        assert "while its process was starting" not in msg, msg
+    del err, ei
+    watch.assert_clean()
+
+
+# The classic start-up failures, for real: a script without the main guard (spawn and
+# forkserver workers re-run it and multiprocessing stops them in its bootstrapping phase;
+# fork workers never re-run it, so it works there), and a script fed through stdin (the
+# workers look for a file named "<stdin>").
+NO_GUARD_SCRIPT = textwrap.dedent("""
+    import sys
+
+    import sampling
+    from tests.helpers import CountingAgent, CountingEnv
+
+    with sampling.make_sampler("cpu", CountingEnv, CountingAgent(), batch_T=4, batch_B=4,
+                               n_workers=2, start_method=sys.argv[1]) as s:
+        s.obtain_samples(0)
+    print("OK", flush=True)
+""")
+SCRIPT_TIMEOUT_S = 60  # a few seconds here; generous for a loaded machine, yet bounded
+# After the script exits, its resource tracker and forkserver notice their closed pipes and
+# exit too; its workers are gone already (the script kills them before it raises).
+LEFTOVER_WAIT_S = 5.0
+
+
+def _tagged_pids(tag: str) -> list:
+    """Live processes whose environment holds ``tag`` (the script and all it started, even
+    those reparented after it exited)."""
+    want, out = tag.encode(), []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    out.append(int(d))
+        except OSError:
+            continue
+    return [p for p in out if _alive(p)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs /proc")
+@pytest.mark.parametrize("how,start_method", [("file", m) for m in METHODS]
+                         + [("stdin", m) for m in METHODS if m != "fork"])
+def test_startup_failure_in_a_real_script(how, start_method, tmp_path):
+    tag_value = f"{os.getpid()}-{how}-{start_method}-{time.monotonic_ns()}"
+    tag = f"SAMPLING_STARTUP_TEST={tag_value}"  # as it appears in /proc/<pid>/environ
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SAMPLING_STARTUP_TEST=tag_value)
+    if how == "file":
+        script = tmp_path / "train.py"
+        script.write_text(NO_GUARD_SCRIPT)
+        kw = dict(args=[sys.executable, str(script), start_method])
+    else:
+        kw = dict(args=[sys.executable, "-", start_method], input=NO_GUARD_SCRIPT)
+    try:
+        proc = subprocess.run(**kw, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=SCRIPT_TIMEOUT_S)
+        deadline = time.monotonic() + LEFTOVER_WAIT_S
+        while _tagged_pids(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _tagged_pids(tag), "processes outlived the script"
+    finally:
+        for pid in _tagged_pids(tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    err = proc.stderr
+    if start_method == "fork":  # nothing re-runs the script: it works
+        assert proc.returncode == 0 and "OK" in proc.stdout, err
+        return
+    assert proc.returncode == 1 and "OK" not in proc.stdout, err
+    m = re.search(r"sampling\.errors\.WorkerError: cpu sampler: worker [01] \(envs \d\.\.\d\) "
+                  rf"exited with code 1 {STARTUP.format(method=start_method)}; "
+                  rf"{STARTUP_CAUSES}.*\n", err)
+    assert m, err
+    assert "out-of-memory" not in m.group(0), err
+    # The cause, printed by the worker, comes before the parent's error.
+    cause = ("bootstrapping phase" if how == "file"
+             else "FileNotFoundError: [Errno 2] No such file or directory")
+    assert cause in err[:m.start()], err
+    if how == "stdin":
+        assert "<stdin>" in err[:m.start()], err

@@ -4,6 +4,7 @@ training example learning CartPole end to end.
 """
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 from pathlib import Path
@@ -382,3 +383,188 @@ def test_readme_example_learns_cartpole(kind, capsys):
                                        or i == len(curve) - 1))
     assert curve[0] < 60  # a random policy lasts ~20 steps
     assert np.mean(curve[-5:]) >= 300, curve  # learned: solved is 195; the cap is 500
+
+
+# -- plain agents: a torch module held by an object with none of our hooks ---------------
+class PlainAgent:
+    """What a port of a training script writes: the step protocol around its own module,
+    no shared_arrays(); exploration from torch's global generator (Categorical.sample)."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def step(self, observation, prev_action, prev_reward):
+        with torch.no_grad():
+            logits = self.net(torch.as_tensor(observation))
+        action = torch.distributions.Categorical(logits=logits).sample()
+        return action.numpy(), {"logits": logits.numpy()}
+
+
+class BiasedNet(nn.Module):
+    """Logits = linear(obs) + a buffer, so parameters and buffers must both be mirrored."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("shift", torch.zeros(2))
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.bias.copy_(torch.tensor([40.0, -40.0]))
+
+    def forward(self, obs):
+        return self.lin(obs) + self.shift
+
+
+def _nested_agent():
+    class Holder:
+        def __init__(self):
+            self.nets = {"pi": BiasedNet()}
+
+        def step(self, observation, prev_action, prev_reward):
+            return PlainAgent(self.nets["pi"]).step(observation, prev_action, prev_reward)
+    h = Holder()
+    return h, h.nets["pi"]
+
+
+def _closure_policy():
+    net = BiasedNet()
+
+    def policy(observation):
+        with torch.no_grad():
+            return net(torch.as_tensor(observation)).argmax(-1).numpy()
+    return policy, net
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("make", ["attribute", "nested", "closure"])
+def test_plain_agent_modules_are_mirrored_into_cpu_workers(make, start_method):
+    if make == "attribute":
+        net = BiasedNet()
+        agent = PlainAgent(net)
+    else:
+        agent, net = _nested_agent() if make == "nested" else _closure_policy()
+    with sampling.make_sampler("cpu", sampling.CartPole, agent, batch_T=4, batch_B=4,
+                               n_workers=2, start_method=start_method) as sampler:
+        assert (sampler.obtain_samples().action == 0).all()
+        with torch.no_grad():
+            net.lin.bias.neg_()  # in place, as an optimizer step does
+        assert (sampler.obtain_samples().action == 1).all()
+        with torch.no_grad():
+            net.shift.copy_(torch.tensor([100.0, 0.0]))  # a buffer, e.g. running stats
+        assert (sampler.obtain_samples().action == 0).all()
+        net.lin.bias.data = torch.tensor([0.0, 200.0])  # .data replaced: still the parameter
+        assert (sampler.obtain_samples().action == 1).all()
+
+
+def test_plain_agent_explores_with_distinct_streams_per_worker():
+    net = BiasedNet()
+    with torch.no_grad():
+        net.lin.bias.zero_()  # a uniform policy: actions are pure exploration noise
+    torch.manual_seed(0)  # the parent's global stream, which fork would hand to every worker
+    with sampling.make_sampler("cpu", sampling.CartPole, PlainAgent(net), batch_T=64,
+                               batch_B=8, n_workers=2, start_method="fork") as sampler:
+        a = sampler.obtain_samples().action
+    assert not np.array_equal(a[:, :4], a[:, 4:])
+
+
+class CleanRLAgent(nn.Module):
+    """CleanRL ppo.py's Agent, unchanged in spirit (orthogonal init, tanh MLPs)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def layer(i, o, std=2 ** 0.5):
+            lin = nn.Linear(i, o)
+            nn.init.orthogonal_(lin.weight, std)
+            nn.init.constant_(lin.bias, 0.0)
+            return lin
+        self.critic = nn.Sequential(layer(4, 64), nn.Tanh(), layer(64, 64), nn.Tanh(),
+                                    layer(64, 1, 1.0))
+        self.actor = nn.Sequential(layer(4, 64), nn.Tanh(), layer(64, 64), nn.Tanh(),
+                                   layer(64, 2, 0.01))
+
+    def get_value(self, x):
+        return self.critic(x)
+
+    def get_action_and_value(self, x, action=None):
+        probs = torch.distributions.Categorical(logits=self.actor(x))
+        if action is None:
+            action = probs.sample()
+        return action, probs.log_prob(action), probs.entropy(), self.critic(x)
+
+
+class CleanRLSamplerAgent:
+    """All a port adds to CleanRL's Agent: the step protocol. No shared_arrays()."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def step(self, observation, prev_action, prev_reward):
+        with torch.no_grad():
+            action, logprob, _, value = self.agent.get_action_and_value(
+                torch.as_tensor(observation))
+        return action.numpy(), {"logprob": logprob.numpy(), "value": value.flatten().numpy()}
+
+
+def cleanrl_ppo(kind, iterations=40, num_envs=8, num_steps=128, seed=1):
+    """CleanRL's ppo.py update (GAE, clipped surrogate, value and entropy terms), its
+    rollout replaced by a sampler; returns the mean episode return per iteration."""
+    torch.manual_seed(seed)
+    agent = CleanRLAgent()
+    optimizer = torch.optim.Adam(agent.parameters(), lr=2.5e-3, eps=1e-5)
+    gamma, gae_lambda, clip, minibatches, epochs = 0.99, 0.95, 0.2, 4, 4
+    curve, recent = [], collections.deque(maxlen=20)
+    with sampling.make_sampler(kind, sampling.CartPole, CleanRLSamplerAgent(agent),
+                               batch_T=num_steps, batch_B=num_envs, seed=seed,
+                               bootstrap_value=False, n_workers=2) as sampler:
+        next_obs_value = None
+        for batch in sampler.steps(iterations):
+            b = to_torch(batch)
+            obs, actions, rewards = b.observation, b.action, b.reward
+            dones, logprobs, values = b.done.float(), b.agent_info["logprob"], \
+                b.agent_info["value"]
+            with torch.no_grad():
+                next_obs_value = agent.get_value(obs[-1]).flatten()  # CleanRL's bootstrap
+                advantages, lastgaelam = torch.zeros_like(rewards), 0
+                for t in reversed(range(num_steps)):
+                    nextvalues = next_obs_value if t == num_steps - 1 else values[t + 1]
+                    delta = rewards[t] + gamma * nextvalues * (1 - dones[t]) - values[t]
+                    lastgaelam = delta + gamma * gae_lambda * (1 - dones[t]) * lastgaelam
+                    advantages[t] = lastgaelam
+                returns = advantages + values
+            b_obs, b_act, b_logp = (x.reshape((-1,) + x.shape[2:]) for x in
+                                    (obs, actions, logprobs))
+            b_adv, b_ret = advantages.reshape(-1), returns.reshape(-1)
+            size = num_envs * num_steps
+            for _epoch in range(epochs):
+                for idx in torch.randperm(size).split(size // minibatches):
+                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(
+                        b_obs[idx], b_act[idx])
+                    ratio = (newlogprob - b_logp[idx]).exp()
+                    adv = b_adv[idx]
+                    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    pg_loss = torch.max(-adv * ratio,
+                                        -adv * torch.clamp(ratio, 1 - clip, 1 + clip)).mean()
+                    v_loss = 0.5 * ((newvalue.view(-1) - b_ret[idx]) ** 2).mean()
+                    loss = pg_loss - 0.01 * entropy.mean() + 0.5 * v_loss
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
+                    optimizer.step()
+            recent.extend(traj.Return for traj in batch.traj_infos)
+            curve.append(float(np.mean(recent)) if recent else 0.0)
+    return curve
+
+
+@pytest.mark.parametrize("kind", ["cpu", "serial"])
+def test_cleanrl_ppo_port_with_a_plain_agent_learns(kind, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        curve = cleanrl_ppo(kind)
+    finally:
+        torch.set_num_threads(threads)
+    with capsys.disabled():
+        print(f"\nCleanRL port, {kind}: " + " ".join(f"{r:.0f}" for r in curve[::5]))
+    assert curve[0] < 60  # random: ~20
+    assert np.mean(curve[-5:]) >= 150, curve  # frozen workers stay at ~20

@@ -326,3 +326,138 @@ def test_context_manager_closes_on_exception(no_leaks):
             raise KeyError("user code failed")
     with pytest.raises(SamplerClosedError):
         s.obtain_samples(1)
+
+
+# -- traj_info and cpu_affinity are checked up front -----------------------------------
+class _ExtraTraj(sampling.TrajInfo):
+    def __init__(self, discount=0.99, extra=0):
+        super().__init__(discount)
+        self.Extra = extra
+
+
+class _DuckTraj:
+    """Not a TrajInfo subclass, but has what the collector calls."""
+
+    def __init__(self, discount):
+        self.Length = 0
+
+    def update(self, segment):
+        self.Length += len(segment)
+
+    def terminate(self, final_observation):
+        return self
+
+    def stats(self):
+        return {"Length": self.Length}
+
+
+class _NoStats:
+    def __init__(self, discount):
+        pass
+
+    def update(self, segment):
+        pass
+
+    def terminate(self, final_observation):
+        return self
+
+
+def _no_discount():
+    return sampling.TrajInfo()
+
+
+def _failing_factory(discount):
+    raise ZeroDivisionError("stats factory broke")
+
+
+TRAJ_HEAD = r"^traj_info must be a TrajInfo subclass \(or a callable accepting discount= "
+TRAJ_FIX = r"pass traj_info=sampling\.TrajInfo, a subclass of it, or a factory"
+
+
+@pytest.mark.parametrize("traj_info,match", [
+    pytest.param(int, rf"{TRAJ_HEAD}.*got <class 'int'>: traj_info\(discount=0\.99\) raised "
+                      rf"TypeError: .*discount.*; {TRAJ_FIX}", id="int"),
+    pytest.param(3, rf"{TRAJ_HEAD}.*got 3; {TRAJ_FIX}", id="3"),
+    pytest.param(sampling.TrajInfo(), rf"{TRAJ_HEAD}.*got TrajInfo\(Length=0.*\), an instance; "
+                                      r"pass the class itself: traj_info=TrajInfo",
+                 id="instance"),
+    pytest.param(_no_discount, rf"{TRAJ_HEAD}.*got <function _no_discount .*raised TypeError: "
+                               rf".*unexpected keyword argument 'discount'; {TRAJ_FIX}",
+                 id="no-discount"),
+    pytest.param(dict, rf"{TRAJ_HEAD}.*got <class 'dict'>: traj_info\(discount=0\.99\) "
+                       r"returned \{'discount': 0\.99\} \(dict\), which has no "
+                       r"terminate\(final_observation\), stats\(\) methods", id="dict"),
+    pytest.param(_NoStats, rf"{TRAJ_HEAD}.*returned .*\(_NoStats\), which has no stats\(\) "
+                           rf"method; {TRAJ_FIX}", id="no-stats"),
+    pytest.param(_failing_factory, rf"{TRAJ_HEAD}.*raised ZeroDivisionError: stats factory "
+                                   rf"broke; {TRAJ_FIX}", id="raises"),
+])
+@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+def test_bad_traj_info(kind, traj_info, match, no_process_start):
+    with pytest.raises(TypeError, match=match):
+        make(kind, traj_info=traj_info)
+
+
+@pytest.mark.parametrize("traj_info,cls", [
+    (sampling.TrajInfo, sampling.TrajInfo),
+    (_ExtraTraj, _ExtraTraj),
+    (functools.partial(_ExtraTraj, extra=7), _ExtraTraj),
+    (_DuckTraj, _DuckTraj),
+])
+@pytest.mark.parametrize("kind", ["serial", "cpu"])
+def test_good_traj_info(kind, traj_info, cls, no_leaks):
+    with make(kind, traj_info=traj_info, batch_T=8, n_workers=2) as s:
+        trajs = s.obtain_samples(0).traj_infos
+    assert trajs and all(type(t) is cls for t in trajs)
+    assert all(t.stats()["Length"] > 0 for t in trajs)
+    if isinstance(traj_info, functools.partial):
+        assert all(t.Extra == 7 for t in trajs)
+
+
+AFF_EXAMPLE = (r"e\.g\. cpu_affinity=\[\[0\], \[1\]\] pins worker 0 to CPU 0 and worker 1 "
+               r"to CPU 1")
+AFF_LIST = r"^cpu_affinity must be a list with one list of CPU ids per worker, " + AFF_EXAMPLE
+AFF_INT = r"^cpu_affinity holds CPU ids, which are ints: "
+
+
+@pytest.mark.parametrize("spec,error,match", [
+    ([[0.7]], TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[0\] is 0\.7 \(float\); {AFF_EXAMPLE}"),
+    ([["1"]], TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[0\] is '1' \(str\); {AFF_EXAMPLE}"),
+    ([[0], [True]], TypeError, rf"{AFF_INT}cpu_affinity\[1\]\[0\] is True \(bool\)"),
+    ([[0, 1.0]], TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[1\] is 1\.0 \(float\)"),
+    ([{0}, {0.5}], TypeError, rf"{AFF_INT}an entry of cpu_affinity\[1\] is 0\.5 \(float\)"),
+    (np.array([[0.0]]), TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[0\] is 0\.0 \(float\)"),
+    ("01", TypeError, rf"{AFF_LIST}; got '01' \(str\)$"),
+    (b"01", TypeError, rf"{AFF_LIST}; got b'01' \(bytes\)$"),
+    (0, TypeError, rf"{AFF_LIST}; got 0 \(int\)$"),
+    ({0: [0]}, TypeError, rf"{AFF_LIST}; got \{{0: \[0\]\}} \(dict\)$"),
+    ([0, 1], TypeError, rf"{AFF_LIST}; cpu_affinity\[0\] is 0 \(int\), not a list of CPU ids"),
+    ([[0], "1"], TypeError, rf"{AFF_LIST}; cpu_affinity\[1\] is '1' \(str\), not a list"),
+    ([], ValueError, r"^cpu_affinity must hold a non-empty list of CPU ids per worker, got "
+                     rf"\[\]; {AFF_EXAMPLE}"),
+    ([[0], []], ValueError, r"^cpu_affinity must hold a non-empty list of CPU ids per worker; "
+                            r"cpu_affinity\[1\] is \[\]"),
+    ([[-1]], ValueError, r"^cpu_affinity holds CPU ids, which are >= 0: cpu_affinity\[0\]\[0\] "
+                         r"is -1"),
+    ([[0], [100000]], ValueError, r"^cpu_affinity names CPUs \[100000\] that this process may "
+                                  r"not use"),
+])
+@pytest.mark.parametrize("kind", ["serial", "cpu"])
+def test_bad_cpu_affinity(kind, spec, error, match, no_process_start):
+    import os
+
+    if "100000" in match and not hasattr(os, "sched_getaffinity"):
+        pytest.skip("the usable CPUs are only known with sched_getaffinity")
+    with pytest.raises(error, match=match):
+        make(kind, cpu_affinity=spec)
+
+
+def test_cpu_affinity_accepted_forms(no_process_start):
+    import os
+
+    cpu = min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    for spec in ([[cpu]], [(cpu,)], ((cpu, cpu),), [{cpu}], [range(cpu, cpu + 1)],
+                 np.array([[cpu]]), [np.array([cpu])], [[np.int64(cpu)]]):
+        s = make("serial", cpu_affinity=spec)
+        assert s._o.cpu_affinity == [[cpu]], spec
+        s.shutdown()
