@@ -10,7 +10,8 @@ The walk: the agent object itself, then its attributes (``vars``, ``__slots__``)
 items of dicts/lists/tuples, closure cells, the ``__self__`` of bound methods,
 ``functools.partial`` arguments, and the globals a plain function's code names, up to
 :data:`WALK_DEPTH` levels deep. It does not descend into torch modules (their
-``state_dict`` covers submodules), numpy arrays, modules, classes or builtins.
+``state_dict`` covers submodules), numpy arrays, modules, classes, builtins, spaces or
+envs.
 """
 from __future__ import annotations
 
@@ -85,6 +86,14 @@ _LEAF_TYPES = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes, in
                complex, bool, type(None), np.ndarray, np.generic, np.dtype)
 
 
+def _foreign(obj: Any) -> bool:
+    """Spaces and envs an agent may hold: their arrays (bounds, state) and generators are
+    not the agent's parameters or exploration streams."""
+    return ((hasattr(obj, "sample") and hasattr(obj, "contains"))
+            or (hasattr(obj, "step") and hasattr(obj, "observation_space")
+                and hasattr(obj, "action_space")))
+
+
 def find(agent: Any) -> dict:
     """Walk ``agent``; return ``{"modules", "generators", "arrays"}``, each a list of
     ``(path, object)`` in a deterministic order (the same in every copy of the agent)."""
@@ -107,7 +116,7 @@ def find(agent: Any) -> dict:
             out["arrays"].append((path, obj))
         elif torch is not None and isinstance(obj, torch.Tensor):
             out["arrays"].append((path, obj))
-        elif depth < WALK_DEPTH and not isinstance(obj, _LEAF_TYPES):
+        elif depth < WALK_DEPTH and not isinstance(obj, _LEAF_TYPES) and not _foreign(obj):
             for name, child in list(_children(obj)):
                 if isinstance(name, str) and name.startswith("__") and name not in (
                         "__self__", "__func__"):

@@ -263,10 +263,10 @@ class Collector:
                         "truncated": []}
         obs = tree_map(lambda a: a[T, j].copy(), self.cols["observation_full"])
         last_a, last_r = None, 0.0
+        what = f"{self.label} {b} ({self.where})"
         for _ in range(n_steps):
             a = tree_map(lambda x: x[0], random_action(1))
             o, r, te, tr, _info = env.step(a.item() if self.act_discrete else a)
-            what = f"{self.label} {b} ({self.where})"
             r = check_reward(r, what, "decorrelation")
             te = check_flag(te, "terminated", what, "decorrelation")
             tr = check_flag(tr, "truncated", what, "decorrelation")
@@ -326,10 +326,11 @@ class Collector:
                 # episode.
                 nxt = self.obs_rows[t + 1]
                 keep_final = "final_observation" in self.cols
+                real = _REWARD_TYPES
                 for j, env in enumerate(self.envs):
                     o, r, te, tr, _ = env.step(acts[j])
                     # Type tests, not conversions: a wrong type takes the checked path.
-                    rews[j] = r if r.__class__ in _REWARD_TYPES else self._reward(j, t, r)
+                    rews[j] = r if r.__class__ in real else self._reward(j, t, r)
                     if (te is not False and te is not True) or (
                             tr is not False and tr is not True):
                         te, tr = self._flags(j, t, te, tr)

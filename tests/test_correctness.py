@@ -465,3 +465,24 @@ def test_sampler_exposes_the_probe_envs_spaces(kind):
                                n_workers=2) as s:
         assert isinstance(s.observation_space, Box) and s.observation_space.shape == (4,)
         assert isinstance(s.action_space, Discrete) and s.action_space.n == 3
+
+
+class ClippingAgent:
+    """Holds the env's action space (float bounds) and an env: neither is a parameter."""
+
+    def __init__(self):
+        self.action_space = Box(-1, 1, (2,), np.float32)
+        self.env = BoxActionEnv()
+
+    def step(self, observation, prev_action, prev_reward):
+        n = len(observation)
+        return np.clip(np.ones((n, 2), np.float32), self.action_space.low,
+                       self.action_space.high), None
+
+
+def test_spaces_and_envs_the_agent_holds_are_not_taken_for_parameters():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sampling.make_sampler("cpu", BoxActionEnv, ClippingAgent(), batch_T=2,
+                                   batch_B=2, n_workers=2):
+            pass

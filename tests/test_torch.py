@@ -568,3 +568,25 @@ def test_cleanrl_ppo_port_with_a_plain_agent_learns(kind, capsys):
         print(f"\nCleanRL port, {kind}: " + " ".join(f"{r:.0f}" for r in curve[::5]))
     assert curve[0] < 60  # random: ~20
     assert np.mean(curve[-5:]) >= 150, curve  # frozen workers stay at ~20
+
+
+class OwnTorchGeneratorAgent:
+    """Explores with a torch.Generator it holds, seeded with 0 in every copy."""
+
+    def __init__(self):
+        self.gen = torch.Generator().manual_seed(0)
+
+    def step(self, observation, prev_action, prev_reward):
+        return torch.randint(0, 2, (len(observation),), generator=self.gen).numpy(), None
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_torch_generator_the_agent_holds_is_reseeded_per_worker(start_method):
+    def run():
+        with sampling.make_sampler("cpu", sampling.CartPole, OwnTorchGeneratorAgent(),
+                                   batch_T=64, batch_B=8, n_workers=2,
+                                   start_method=start_method) as sampler:
+            return sampler.obtain_samples().action.copy()
+    a, b = run(), run()
+    assert not np.array_equal(a[:, :4], a[:, 4:])
+    np.testing.assert_array_equal(a, b)
