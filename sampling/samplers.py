@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 import warnings
 import weakref
@@ -33,6 +34,11 @@ from .worker import PARENT_SPIN_S, acquire, restart_eval, run_batch, run_eval, w
 __all__ = ["Kind", "KINDS", "Batch", "Sampler"]
 
 log = logging.getLogger(__name__)
+
+
+# A batch-level wait wakes at least this often to see whether another thread shut the
+# sampler down (a closed pipe does not wake a wait already in progress).
+GATHER_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,8 @@ class Sampler:
         self._itr = 0
         self._eval_count = 0
         self._closed_reason: str | None = None
+        self._busy = threading.Lock()  # held while a batch or an evaluation runs
+        self._interrupted = False      # shutdown() came while another thread collected
         self._res = _Resources()
         self._res.timeout = opts.shutdown_timeout
         self._finalizer = weakref.finalize(self, self._res.close, False)
@@ -278,14 +286,31 @@ class Sampler:
     def obtain_samples(self, itr: int = 0) -> Batch:
         """Collect and return one batch (rlpyt's name); ``itr`` reaches the agent's
         ``sample_mode``."""
-        self._check_open()
-        try:
+        with self._collecting("obtain_samples"):
             batch = self._obtain(itr)
-        except BaseException as e:
-            self._close(graceful=False, reason=f"{type(e).__name__} during obtain_samples")
-            raise
         self._itr = itr + 1
         return batch
+
+    @contextmanager
+    def _collecting(self, what: str) -> Iterator[None]:
+        """One batch or evaluation at a time; any failure inside closes the sampler."""
+        self._check_open()
+        if not self._busy.acquire(blocking=False):
+            raise SamplerError(
+                f"{what}: the {self.kind} sampler is already collecting in another thread; a "
+                f"sampler serves one thread at a time (make one sampler per thread, or hold a "
+                f"lock around its calls)")
+        try:
+            yield
+        except BaseException as e:
+            self._close(graceful=False, reason=f"{type(e).__name__} during {what}")
+            if self._interrupted and not isinstance(e, (SamplerError, KeyboardInterrupt)):
+                # shutdown() from another thread pulled the pipes and processes away.
+                raise SamplerClosedError(f"{what}: the {self.kind} sampler was shut down from "
+                                         f"another thread while collecting") from e
+            raise
+        finally:
+            self._busy.release()
 
     def _obtain(self, itr: int) -> Batch:
         k, bufs, runner = self._k, self._bufs, self._runner
@@ -339,15 +364,11 @@ class Sampler:
         once ``eval_max_trajectories`` episodes finished, whichever comes first.
         """
         self._check_open()
-        o = self._o
-        if not o.eval_n_envs:
+        if not self._o.eval_n_envs:
             raise ValueError("evaluate_agent needs eval envs: pass eval_n_envs > 0 (and "
                              "eval_env_fn, which defaults to env_fn) to make_sampler")
-        try:
+        with self._collecting("evaluate_agent"):
             return self._evaluate(itr)
-        except BaseException as e:
-            self._close(graceful=False, reason=f"{type(e).__name__} during evaluate_agent")
-            raise
 
     def _evaluate(self, itr: int) -> list:
         o, k, runner, ebufs, ctrl = self._o, self._k, self._runner, self._ebufs, self._ctrl
@@ -414,8 +435,9 @@ class Sampler:
         pending = {res.conns[w]: w for w in workers}
         out = {}
         while pending:
+            self._check_open()  # shut down from another thread: stop waiting
             sentinels = {res.procs[w].sentinel: w for w in pending.values()}
-            ready = mp_connection.wait(list(pending) + list(sentinels), timeout=1.0)
+            ready = mp_connection.wait(list(pending) + list(sentinels), timeout=GATHER_POLL_S)
             for obj in ready:
                 if obj in pending:
                     w = pending[obj]
@@ -453,6 +475,7 @@ class Sampler:
             sems[w][1].release()
 
     def _check_workers(self) -> None:
+        self._check_open()  # shut down from another thread: stop waiting
         for w, (p, c) in enumerate(zip(self._res.procs, self._res.conns)):
             if c.poll() or p.exitcode is not None:
                 self._raise_worker_error(w)
@@ -518,8 +541,17 @@ class Sampler:
         self._res.close(graceful)
 
     def shutdown(self) -> None:
-        """Stop workers and release shared memory; idempotent."""
-        self._close(graceful=True, reason="shut down")
+        """Stop workers and release shared memory; idempotent. Called from another thread
+        while a batch is being collected, it stops the workers at once, and the collecting
+        thread raises :class:`SamplerClosedError`."""
+        if self._busy.acquire(blocking=False):
+            try:
+                self._close(graceful=True, reason="shut down")
+            finally:
+                self._busy.release()
+        else:
+            self._interrupted = True
+            self._close(graceful=False, reason="shut down while collecting")
 
     close = shutdown
 

@@ -1,0 +1,84 @@
+"""A sampler serves one thread at a time: a second thread gets a clear error instead of a
+deadlock or interleaved batches, and shutdown() from another thread stops a batch in
+flight with SamplerClosedError, promptly, leaving nothing behind."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+
+import pytest
+
+import sampling
+from tests.helpers import CountingAgent, SlowEnv, assert_batches_equal, snapshot
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+KINDS = ["serial", "cpu", "gpu", "alternating", "no_overlap_alternating"]
+METHODS = [m for m in ("fork", "spawn") if m in mp.get_all_start_methods()]
+STEP_S = 0.05  # SlowEnv's sleep per step: a batch of T=8 takes ~0.4 s
+IN_FLIGHT_S = 0.15  # by then the first thread is inside its batch
+CLOSE_BOUND_S = 3.0  # the collecting thread must notice within the sampler's poll periods
+
+
+def _slow(**kw):
+    return SlowEnv(delay=STEP_S, lengths=(100,), **kw)
+
+
+def _make(kind, start_method="fork", **kw):
+    return sampling.make_sampler(kind, _slow, CountingAgent(), batch_T=8, batch_B=2,
+                                 n_workers=2, start_method=start_method, **kw)
+
+
+class Collect(threading.Thread):
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+
+    def run(self):
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # noqa: B036 - handed to the test
+            self.error = e
+        self.ended = time.monotonic()
+
+
+@pytest.mark.parametrize("call", ["obtain_samples", "evaluate_agent"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_second_thread_gets_a_clear_error_and_the_first_batch_is_intact(kind, call):
+    with _make(kind, eval_n_envs=2, eval_max_steps=8) as s:
+        want = [snapshot(b) for b in s.steps(3)]  # the reference: no second thread
+    with _make(kind, eval_n_envs=2, eval_max_steps=8) as s:
+        s.obtain_samples(0)
+        first = Collect(lambda: snapshot(s.obtain_samples(1)))
+        first.start()
+        time.sleep(IN_FLIGHT_S)
+        with pytest.raises(sampling.SamplerError, match=f"{call}: the {kind} sampler is "
+                                                         f"already collecting in another thread"):
+            getattr(s, call)()
+        first.join(10)
+        assert first.error is None, first.error
+        assert_batches_equal(first.result, want[1])  # nothing interleaved
+        assert_batches_equal(snapshot(s.obtain_samples(2)), want[2])  # and still usable
+
+
+@pytest.mark.parametrize("start_method", METHODS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_shutdown_from_another_thread_stops_a_batch_in_flight(kind, start_method):
+    s = _make(kind, start_method)
+    s.obtain_samples()
+    worker = Collect(lambda: s.obtain_samples())
+    worker.start()
+    time.sleep(IN_FLIGHT_S)
+    t0 = time.monotonic()
+    s.shutdown()
+    worker.join(CLOSE_BOUND_S + 2)
+    assert not worker.is_alive(), "the collecting thread hung after shutdown()"
+    assert worker.ended - t0 < CLOSE_BOUND_S
+    if kind == "serial":  # the parent steps: the batch may finish before it looks
+        assert worker.error is None or isinstance(worker.error, sampling.SamplerClosedError)
+    else:
+        assert isinstance(worker.error, sampling.SamplerClosedError), repr(worker.error)
+    with pytest.raises(sampling.SamplerClosedError):
+        s.obtain_samples()
+    s.shutdown()  # idempotent
