@@ -17,6 +17,24 @@ from .spaces import random_action_fn
 __all__ = ["TrajInfo", "Segment", "Collector"]
 
 
+# Where a worker is, for the step deadline: a worker that has one writes its progress as
+# int64 [sequence, phase, step, env index within the worker] into a shared "beat" (the
+# parent reads it; the env index is written before every env call, the rest per step).
+PHASES = ("waiting for the parent", "env_fn()", "the first reset", "decorrelation",
+          "the agent", "step", "evaluation step", "the reset before a batch")
+IDLE, MAKE, RESET, DECORRELATE, AGENT, STEP, EVAL, BATCH_RESET = range(len(PHASES))
+
+
+def mark(beat: Any, phase: int, t: int = 0, j: int = -1) -> None:
+    """Record that this worker enters ``phase`` at step ``t`` on env ``j`` (no-op without
+    a beat)."""
+    if beat is not None:
+        beat[3] = j
+        beat[2] = t
+        beat[1] = phase
+        beat[0] += 1
+
+
 # env_info values of these Python types go into a leaf of this dtype as they are: exactly
 # (a Python int beyond int64 makes numpy raise OverflowError, never wrap).
 _DIRECT = {"<f8": (float, int), "<f4": (float, int), "<i8": (int,), "|b1": (bool,)}
@@ -239,18 +257,22 @@ class Collector:
         self.ep_start = [0] * n      # step where each open episode's segment begins
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
+        self.beat = None             # a worker's progress marks (see mark), if it has a deadline
+        self.step_phase = STEP       # what step_envs marks: STEP, or EVAL for eval envs
 
     # -- start -------------------------------------------------------------------------
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
         """First (seeded) reset of every env, then optional random-action decorrelation."""
         T = self.T
         for j, env in enumerate(self.envs):
+            mark(self.beat, RESET, 0, j)
             o, _ = tagged(env.reset, f"the first reset of {self.label} {self.lo + j}",
                           seed=seed + self.lo + j)
             self.write_obs(T, j, o)
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for j in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
+            mark(self.beat, DECORRELATE, 0, j)
             tagged(self._decorrelate, f"decorrelation of {self.label} {self.lo + j}",
                    j, seed, max_decorrelation_steps)
 
@@ -292,6 +314,7 @@ class Collector:
         if self.wait:
             for j, w in enumerate(self.waiting):
                 if w:
+                    mark(self.beat, BATCH_RESET, 0, j)
                     o, _ = tagged(self.envs[j].reset, f"the reset of {self.label} {self.lo + j}")
                     self.write_obs(T, j, o)
                     c["prev_action_full"][T, j] = 0
@@ -311,7 +334,9 @@ class Collector:
         """Step every env with ``action[t]`` and record the results in rows t and t+1."""
         action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
         acts = action.tolist() if self.act_discrete else list(action.copy())
-        rews, ended = self.rews, self.ended
+        rews, ended, beat = self.rews, self.ended, self.beat
+        if beat is not None:
+            mark(beat, self.step_phase, t)
         ended.clear()
         # Row t-1 of done stays as it is until here: an agent reads it at step t (at t=0,
         # the last row of the previous batch) to learn which episodes start.
@@ -328,6 +353,8 @@ class Collector:
                 keep_final = "final_observation" in self.cols
                 real = _REWARD_TYPES
                 for j, env in enumerate(self.envs):
+                    if beat is not None:
+                        beat[3] = j
                     o, r, te, tr, _ = env.step(acts[j])
                     # Type tests, not conversions: a wrong type takes the checked path.
                     rews[j] = r if r.__class__ in real else self._reward(j, t, r)
@@ -364,6 +391,7 @@ class Collector:
     def _step_general(self, t: int, acts: list) -> None:
         """:meth:`step_envs`' loop with wait mode, env_info and any observation type."""
         rews, ended, waiting, ended_as = self.rews, self.ended, self.waiting, self.ended_as
+        beat = self.beat
         _, _, term, trunc, done, _, _ = self.rows[t]
         info_leaves = self.info_leaves
         nxt = self.obs_rows[t + 1]  # per-env memoryviews of row t+1, or None
@@ -378,6 +406,8 @@ class Collector:
                     for _, arr, _ in info_leaves:
                         arr[t, j] = 0
                     continue
+                if beat is not None:
+                    beat[3] = j
                 o, r, te, tr, info = env.step(acts[j])
                 rews[j] = r if r.__class__ in _REWARD_TYPES else self._reward(j, t, r)
                 if (te is not False and te is not True) or (tr is not False and tr is not True):
