@@ -30,12 +30,21 @@ from .samplers import KINDS
 from .spaces import Box, Discrete, random_action_fn
 
 __all__ = ["choose_kind", "resolve_env", "make_agent", "MLPAgent", "env_alone", "benchmark",
-           "format_report", "BenchError", "ALL_KINDS", "handoff_us"]
+           "format_report", "BenchError", "ALL_KINDS", "handoff_us", "pick_kind", "spread",
+           "PREFERENCE"]
 
 log = logging.getLogger("sampling")
 
 ALL_KINDS = ("serial", "cpu", "gpu", "alternating", "no_overlap_alternating")
 ROUNDS = 9  # a rate is the median over this many interleaved timed chunks
+# The recommendation's tie-break, simplest first (fewer processes, fewer per-step handoffs,
+# easier to debug): the order auto's rule prefers too. When kinds tie with the fastest (see
+# pick_kind), the first of them in this order is recommended.
+PREFERENCE = ALL_KINDS
+# A figure's spread: the quartiles of its per-round rates. With ROUNDS = 9 that is the 3rd and
+# 7th of the sorted rounds: a burst of load elsewhere in one or two rounds does not widen it
+# (min..max would, and would then call nearly everything a tie).
+SPREAD_QUARTILES = 4  # statistics.quantiles(n=4) cuts at the 1st, 2nd and 3rd quartiles
 
 # Constants of the auto rule (measured on a 2-core VM; see choose_kind).
 HANDOFF_S = 30e-6    # one observation -> action round trip through the action server
@@ -639,6 +648,8 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
         if "skipped" in r:
             continue
         r["steps_per_s"] = statistics.median(rates[kind])
+        r["steps_per_s_rounds"] = rates[kind]
+        r["steps_per_s_iqr"] = list(spread(rates[kind]))
         r["elapsed_s"] = elapsed[kind]
         r["agent_s"] = timed[kind].seconds if kind in timed else None
         ideal_x = 1 if not r["workers"] else min(r["workers"], cpus)
@@ -656,8 +667,8 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
     other = None
     if busy0 is not None and busy1 is not None:
         other = max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - t_start)
-    ok = [r for r in results.values() if "skipped" not in r]
-    best = max(ok, key=lambda r: r["steps_per_s"]) if ok else None
+    ok = {kind: r for kind, r in results.items() if "skipped" not in r}
+    pick = pick_kind({kind: rates[kind] for kind in ok}) if ok else None
     return {"batch_T": batch_T, "batch_B": batch_B, "workers": W, "usable_cpus": cpus,
             "start_method": start_method or mp.get_start_method(allow_none=True)
             or mp.get_context().get_start_method(),
@@ -666,8 +677,38 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
             "parallel_env_alone_slowest_steps_per_s": par_slowest,
             "env_step_us_in_serial": serial_prof["env_step_s"] * 1e6 if serial_prof else None,
             "agent_us_per_call": {str(n): s * 1e6 for n, s in sorted(agent_s.items())},
-            "results": list(results.values()), "best": best["kind"] if best else None,
-            "recommendation": _recommend(best) if best else "no kind could run"}
+            "results": list(results.values()),
+            "best": pick["best"] if pick else None,
+            "fastest": pick["fastest"] if pick else None,
+            "tied_with": pick["tied_with"] if pick else [],
+            "recommendation": _recommend(ok[pick["best"]], pick) if pick else "no kind could run"}
+
+
+def spread(round_rates: Sequence[float]) -> tuple:
+    """(first quartile, third quartile) of a figure's per-round rates: how much it varies
+    from round to round, the load of other processes included."""
+    if len(round_rates) < 2:
+        return round_rates[0], round_rates[0]
+    q1, _, q3 = statistics.quantiles(round_rates, n=SPREAD_QUARTILES, method="inclusive")
+    return q1, q3
+
+
+def pick_kind(round_rates: dict) -> dict:
+    """The kind to recommend, from each kind's per-round rates (``{kind: [steps/s, ...]}``).
+
+    ``fastest`` has the highest median. Another kind *ties* with it when their spreads
+    overlap (its third quartile reaches the fastest's first): the difference between the two
+    medians is within what the rounds themselves vary, and which one is faster would flip
+    between runs. Of the fastest and the kinds tied with it, ``best`` is the first in
+    :data:`PREFERENCE` (the simplest); ``tied_with`` lists the others in that order (empty
+    when the fastest wins clearly). Returns ``{"best", "fastest", "tied_with"}``.
+    """
+    order = [k for k in PREFERENCE if k in round_rates] + sorted(set(round_rates) - set(PREFERENCE))
+    medians = {k: statistics.median(round_rates[k]) for k in order}
+    fastest = max(order, key=lambda k: medians[k])  # equal medians: the simpler one
+    floor = spread(round_rates[fastest])[0]
+    tied = [k for k in order if spread(round_rates[k])[1] >= floor]
+    return {"best": tied[0], "fastest": fastest, "tied_with": tied[1:]}
 
 
 def _busy_cpu_s() -> float | None:
@@ -686,7 +727,8 @@ def _own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _recommend(r: dict) -> str:
+def _recommend(r: dict, pick: dict | None = None) -> str:
+    """One line: the recommended kind ``r``, why it is fast or slow, and any tie (``pick``)."""
     b = r["breakdown"]
     env, agent, other = b["env"], b["agent"], b["other"]
     if env >= max(agent, other):
@@ -697,8 +739,17 @@ def _recommend(r: dict) -> str:
         why = (f"sampler overhead dominates ({other:.0%} of the time; envs {env:.0%}, "
                f"agent {agent:.0%})")
     w = f", {r['workers']} workers" if r["workers"] else ""
-    return (f"{r['kind']}: {r['ratio_to_env_alone']:.2f}x the env alone "
+    text = (f"{r['kind']}: {r['ratio_to_env_alone']:.2f}x the env alone "
             f"({r['share_of_ideal']:.0%} of the ideal{w}); {why}")
+    if pick and pick["tied_with"]:
+        group = [r["kind"]] + pick["tied_with"]
+        others = [k for k in group if k != pick["fastest"]]
+        verb = "is" if len(others) == 1 else "are"
+        text += (f". Tie: {pick['fastest']} measured fastest, but {', '.join(others)} {verb} "
+                 f"within the rounds' spread of it (interquartile ranges over the {ROUNDS} rounds "
+                 f"overlap), so which is faster is noise; picked the simplest, by the order "
+                 f"{' < '.join(PREFERENCE)}")
+    return text
 
 
 def format_report(rep: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import multiprocessing.process
 import multiprocessing.shared_memory
 import multiprocessing.synchronize
 import time
@@ -13,35 +14,89 @@ import pytest
 from tests.helpers import shm_entries
 
 
+class LeakWatch:
+    """The /dev/shm names (shared-memory segments, and semaphores: ``sem.mp-*`` under
+    spawn/forkserver) created in this process while it watches, and the worker processes
+    started. Other processes share /dev/shm, so only the names recorded here count."""
+
+    def __init__(self):
+        self.before = shm_entries()
+        self.created: set = set()
+        self.pids: list = []
+
+    def record(self, monkeypatch) -> LeakWatch:
+        shm_init = mp.shared_memory.SharedMemory.__init__
+        sem_init = mp.synchronize.SemLock.__init__
+        start = mp.process.BaseProcess.start
+        created, pids = self.created, self.pids
+
+        def shm_init_rec(self, name=None, create=False, size=0, *args, **kwargs):
+            shm_init(self, name, create, size, *args, **kwargs)
+            if create:
+                created.add(self.name.lstrip("/"))
+
+        def sem_init_rec(self, *args, **kwargs):
+            sem_init(self, *args, **kwargs)
+            name = self._semlock.name  # None where it is unlinked at once (fork)
+            if name:
+                created.add("sem." + name.lstrip("/"))
+
+        def start_rec(self):
+            start(self)
+            pids.append(self.pid)
+
+        monkeypatch.setattr(mp.shared_memory.SharedMemory, "__init__", shm_init_rec)
+        monkeypatch.setattr(mp.synchronize.SemLock, "__init__", sem_init_rec)
+        monkeypatch.setattr(mp.process.BaseProcess, "start", start_rec)
+        return self
+
+    def present(self) -> set:
+        """The recorded names that exist in /dev/shm now."""
+        return (shm_entries() - self.before) & self.created
+
+    def check(self, wait_s: float = 5.0) -> None:
+        """Raise AssertionError if a child process is alive (after up to ``wait_s`` s) or a
+        recorded name is left in /dev/shm (after a garbage collection)."""
+        gc.collect()
+        deadline = time.monotonic() + wait_s
+        while mp.active_children() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        children = mp.active_children()
+        assert not children, f"child processes still alive after the test: {children}"
+        leaked = self.present()
+        semaphores = sorted(n for n in leaked if n.startswith("sem."))
+        assert not leaked, (f"left in /dev/shm after the test: {sorted(leaked)}"
+                            + (f" ({len(semaphores)} named semaphores)" if semaphores else ""))
+
+
 @pytest.fixture
 def no_leaks(monkeypatch):
-    """After the test: no live child process, and none of the /dev/shm names this process
-    created during the test is left (other processes may share /dev/shm, so only our own
-    names count)."""
-    created: set = set()
-    shm_init = mp.shared_memory.SharedMemory.__init__
-    sem_init = mp.synchronize.SemLock.__init__
+    """After the test: no live child process, and none of the /dev/shm names (segments,
+    ``sem.mp-*`` semaphores) this process created during the test is left. Yields the
+    :class:`LeakWatch`, whose ``created`` and ``present()`` a test may check earlier."""
+    watch = LeakWatch().record(monkeypatch)
+    yield watch
+    watch.check()
 
-    def shm_init_rec(self, name=None, create=False, size=0, *args, **kwargs):
-        shm_init(self, name, create, size, *args, **kwargs)
-        if create:
-            created.add(self.name.lstrip("/"))
 
-    def sem_init_rec(self, *args, **kwargs):
-        sem_init(self, *args, **kwargs)
-        name = self._semlock.name  # None where it is unlinked at once (fork)
-        if name:
-            created.add("sem." + name.lstrip("/"))
+# Python >= 3.12 warns (DeprecationWarning "This process ... is multi-threaded, use of fork()
+# may lead to deadlocks in the child") when a process with more than one thread forks. Under
+# pytest-xdist every test process has a second thread: execnet's receiver, which blocks reading
+# its own pipe from the controller and dispatches messages under its own locks. A child forked
+# by multiprocessing keeps only the forking (main) thread and never touches execnet's objects
+# (it runs the worker loop and leaves with os._exit), so no lock it needs can be held by the
+# vanished thread: those forks are safe, and the warning is noise there. It is ignored only in
+# xdist workers, by its message (not by module: pytest.warns re-emits the warnings it did not
+# expect as coming from `warnings`): under `pytest -n 0` a fork from a process with another
+# thread (started by the library, a test, or torch) is still reported.
+# (`-W error::DeprecationWarning` cannot show this warning at all: the fork has happened, so
+# CPython drops the error; count the warning in pytest's summary instead.)
+FORK_WITH_THREADS_FILTER = (
+    r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\) may lead to deadlocks"
+    r" in the child:DeprecationWarning")
 
-    monkeypatch.setattr(mp.shared_memory.SharedMemory, "__init__", shm_init_rec)
-    monkeypatch.setattr(mp.synchronize.SemLock, "__init__", sem_init_rec)
-    before = shm_entries()
-    yield
-    gc.collect()
-    deadline = time.monotonic() + 5.0
-    while mp.active_children() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    children = mp.active_children()
-    assert not children, f"child processes still alive after the test: {children}"
-    leaked = (shm_entries() - before) & created
-    assert not leaked, f"left in /dev/shm after the test: {sorted(leaked)}"
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # an xdist worker (how xdist itself tells)
+        for item in items:
+            item.add_marker(pytest.mark.filterwarnings(FORK_WITH_THREADS_FILTER))

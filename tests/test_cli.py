@@ -77,8 +77,16 @@ def test_json_report_structure():
     assert by_kind["gpu"]["handoff_us"] > 0
     assert "handoff_us" not in by_kind["cpu"]
     assert by_kind["serial"]["breakdown"]["env_estimated"] is False
-    assert rep["best"] == max(rep["results"], key=lambda r: r["steps_per_s"])["kind"]
+    for r in rep["results"]:  # the figure is the median of the rounds, its spread their IQR
+        assert len(r["steps_per_s_rounds"]) == bench.ROUNDS
+        assert r["steps_per_s"] == pytest.approx(np.median(r["steps_per_s_rounds"]))
+        q1, q3 = r["steps_per_s_iqr"]
+        assert min(r["steps_per_s_rounds"]) <= q1 <= r["steps_per_s"] <= q3
+    assert rep["fastest"] == max(rep["results"], key=lambda r: r["steps_per_s"])["kind"]
+    assert {"best": rep["best"], "fastest": rep["fastest"], "tied_with": rep["tied_with"]} == \
+        bench.pick_kind({r["kind"]: r["steps_per_s_rounds"] for r in rep["results"]})
     assert rep["recommendation"].startswith(rep["best"] + ": ")
+    assert ("Tie: " in rep["recommendation"]) == bool(rep["tied_with"])
 
 
 def test_alternating_kinds_round_workers_to_even_and_report_handoff():
@@ -97,6 +105,54 @@ def test_unsplittable_batch_is_reported_as_skipped():
 def test_spawn_start_method():
     rep = run_json("--kinds", "cpu", "--start-method", "spawn")
     assert rep["start_method"] == "spawn" and rep["results"][0]["steps_per_s"] > 0
+
+
+# -- the recommendation when kinds tie ---------------------------------------------------------
+# Synthetic per-round rates (steps/s over the ROUNDS interleaved rounds): no timing here.
+SERIAL = [96, 98, 99, 100, 100, 101, 102, 103, 104]    # IQR 99..102
+CPU = [97, 99, 100, 101, 101.5, 102, 103, 104, 106]    # median 1.5% above serial's: IQR 100..103
+GPU = [60, 61, 62, 62, 63, 63, 64, 65, 66]
+CLEAR = [150, 152, 154, 155, 156, 157, 158, 160, 162]  # IQR 154..158: far above SERIAL
+
+
+def test_kinds_within_the_rounds_spread_tie_and_the_simplest_is_picked():
+    pick = bench.pick_kind({"cpu": CPU, "serial": SERIAL, "gpu": GPU})
+    assert pick == {"best": "serial", "fastest": "cpu", "tied_with": ["cpu"]}
+    # Noise swaps the two medians in the next run: the same pick, the same tie.
+    swapped = bench.pick_kind({"cpu": SERIAL, "serial": CPU, "gpu": GPU})
+    assert swapped == {"best": "serial", "fastest": "serial", "tied_with": ["cpu"]}
+    # The order is the preference order, not the order the kinds came in.
+    assert bench.pick_kind({"alternating": CPU, "gpu": SERIAL})["best"] == "gpu"
+    assert bench.pick_kind({"no_overlap_alternating": SERIAL, "alternating": CPU,
+                            "gpu": SERIAL})["tied_with"] == ["alternating",
+                                                             "no_overlap_alternating"]
+
+
+def test_a_clear_winner_is_picked_and_one_outlier_round_makes_no_tie():
+    assert bench.pick_kind({"serial": SERIAL, "cpu": CLEAR}) == {
+        "best": "cpu", "fastest": "cpu", "tied_with": []}
+    # A burst of load in one round spreads min..max over the winner's range, not the IQR.
+    bursty = sorted(SERIAL[:-1] + [max(CLEAR) + 1])
+    assert bench.pick_kind({"serial": bursty, "cpu": CLEAR})["tied_with"] == []
+    # Spreads that only touch still tie: the third quartile meets the fastest's first.
+    touching = [q + 52 for q in SERIAL]  # IQR 151..154; CLEAR's starts at 154
+    assert bench.spread(touching)[1] == bench.spread(CLEAR)[0]
+    assert bench.pick_kind({"gpu": CLEAR, "serial": touching})["best"] == "serial"
+
+
+def test_the_recommendation_says_which_kinds_tie_and_why_the_pick():
+    def result(kind, workers):
+        return {"kind": kind, "workers": workers, "ratio_to_env_alone": 0.99,
+                "share_of_ideal": 0.99, "breakdown": {"env": 0.97, "agent": 0.0, "other": 0.03}}
+
+    pick = bench.pick_kind({"cpu": CPU, "serial": SERIAL, "gpu": GPU})
+    text = bench._recommend(result("serial", 0), pick)
+    assert text.startswith("serial: 0.99x the env alone")
+    assert "Tie: cpu measured fastest, but serial is within the rounds' spread of it" in text
+    assert "picked the simplest, by the order " + " < ".join(bench.PREFERENCE) in text
+    clear = bench.pick_kind({"serial": SERIAL, "cpu": CLEAR})
+    assert "Tie" not in bench._recommend(result("cpu", 2), clear)
+    assert "\n" not in text  # the table's last line starts with "recommendation: "
 
 
 # -- --env -----------------------------------------------------------------------------------
