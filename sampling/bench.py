@@ -847,8 +847,8 @@ def choose_kind(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) 
     closed afterwards), times ``env.step`` with random actions (e = seconds per env step,
     plus ``COLLECT_S`` of sampler bookkeeping) and times the agent in this process on
     n = B, B/2 and B/W copies of the first observation (a(n) = seconds per call).
-    (The agent is called on probe observations, as the sampler's own probe does; a
-    random agent's stream therefore differs from that of an explicitly chosen kind.)
+    (The agent is called on probe observations, as the sampler's own probe does;
+    ``make_sampler`` restores the random states around both, so they consume none.)
 
     Rule, with B envs, W workers, C usable CPUs and h = ``HANDOFF_S`` per action-server
     step: each kind's wall time per batch step is predicted as

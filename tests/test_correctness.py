@@ -112,7 +112,7 @@ def _states(agent) -> tuple:
             agent.rng.get_state()[1].copy(), agent.gen.bit_generator.state, agent.py.getstate())
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS + ["auto"])
 def test_making_a_sampler_consumes_no_random_state(kind):
     agent = OwnGeneratorsAgent()
 
