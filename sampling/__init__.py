@@ -8,13 +8,20 @@ from .agents import RandomAgent
 from .api import make_sampler, usable_cpus
 from .collector import Segment, TrajInfo
 from .envs import CartPole
-from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError
+from .errors import (
+    RemoteTraceback,
+    SamplerClosedError,
+    SamplerError,
+    SharedMemoryFullError,
+    WorkerError,
+)
 from .samplers import KINDS, Batch, Sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "make_sampler", "Sampler", "Batch", "KINDS", "TrajInfo", "Segment", "RandomAgent",
-    "CartPole", "SamplerError", "WorkerError", "SamplerClosedError", "RemoteTraceback",
+    "CartPole", "SamplerError", "WorkerError", "SamplerClosedError", "SharedMemoryFullError",
+    "RemoteTraceback",
     "usable_cpus", "__version__",
 ]

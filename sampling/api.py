@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .agent_state import RngGuard
 from .collector import TrajInfo
 from .samplers import KINDS, Options, Sampler
 
@@ -26,6 +27,26 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+# The longest shutdown_timeout: a day is more than any env needs to close, and the waits
+# it feeds must stay finite (inf, nan or 1e300 make them raise OverflowError mid-shutdown;
+# poll() takes milliseconds in a C int, about 24.8 days at most).
+MAX_SHUTDOWN_TIMEOUT_S = 24 * 3600.0
+
+
+def _shutdown_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"shutdown_timeout must be a number of seconds, got {value!r} "
+                        f"({type(value).__name__})")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond float's range
+        seconds = float("inf")
+    if not 0.0 <= seconds <= MAX_SHUTDOWN_TIMEOUT_S:  # False for nan too
+        raise ValueError(f"shutdown_timeout must be a number >= 0 and <= "
+                         f"{MAX_SHUTDOWN_TIMEOUT_S:.0f} (a day), got {value!r}")
+    return seconds
 
 
 def _int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:
@@ -83,7 +104,8 @@ def make_sampler(
     start_method: ``"fork"``, ``"spawn"``, ``"forkserver"`` or None (platform default).
     torch_threads: torch threads per worker when torch is loaded there (None: leave as is).
     cpu_affinity: per worker, a list of CPU ids to pin it to (``os.sched_setaffinity``).
-    shutdown_timeout: seconds ``shutdown()`` waits for workers before killing them.
+    shutdown_timeout: seconds ``shutdown()`` waits for workers to close their envs and
+        exit before stopping them (finite, at most ``MAX_SHUTDOWN_TIMEOUT_S``, a day).
     """
     kinds = sorted(KINDS) + ["auto"]
     if kind not in kinds:
@@ -124,8 +146,7 @@ def make_sampler(
     if start_method is not None and start_method not in methods:
         raise ValueError(f"start_method must be one of {', '.join(map(repr, methods))} or None, "
                          f"got {start_method!r}")
-    if not isinstance(shutdown_timeout, numbers.Real) or shutdown_timeout < 0:
-        raise ValueError(f"shutdown_timeout must be a number >= 0, got {shutdown_timeout!r}")
+    shutdown_timeout = _shutdown_timeout(shutdown_timeout)
     if cpu_affinity is not None:
         cpu_affinity = _affinity(cpu_affinity)
     opts = Options(batch_T=batch_T, batch_B=batch_B, n_workers=0, seed=seed,
@@ -136,13 +157,14 @@ def make_sampler(
                    eval_n_envs=eval_n_envs, eval_max_steps=eval_max_steps,
                    eval_max_trajectories=eval_max_trajectories, start_method=start_method,
                    torch_threads=torch_threads, cpu_affinity=cpu_affinity,
-                   shutdown_timeout=float(shutdown_timeout))
+                   shutdown_timeout=shutdown_timeout)
     if bootstrap_value and not callable(getattr(agent, "value", None)):
         raise TypeError("bootstrap_value=True needs an agent with a "
                         "value(observation, prev_action, prev_reward) method")
     if kind == "auto":
         from .bench import choose_kind
-        kind, reason = choose_kind(env_fn, agent, opts, n_workers)
+        with RngGuard(agent):  # its agent calls consume none of the user's random streams
+            kind, reason = choose_kind(env_fn, agent, opts, n_workers)
         sampler = make_sampler(kind, env_fn, agent, **_kwargs(opts, n_workers))
         sampler.auto_reason = reason
         return sampler

@@ -1,18 +1,24 @@
 """Nested numpy arrays, optionally laid out in one shared-memory segment.
 
-Imports only numpy and the standard library. A *spec* is a tree whose leaves
+Imports numpy, the standard library and errors. A *spec* is a tree whose leaves
 are :class:`Spec`; :func:`layout` turns it into offsets, and every process
 builds identical views from the same layout, so a batch is one contiguous segment
 that crosses processes without copying. Only the creating process unlinks.
 """
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from .errors import SharedMemoryFullError
+
+SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (shm_open's tmpfs)
 
 _ALIGN = 64  # cache line: workers writing neighbouring fields never share one
 
@@ -145,10 +151,11 @@ class SharedBuffer:
     its last view is garbage collected, so nothing can leak past that point.
     """
 
-    def __init__(self, nbytes: int, name: str | None = None):
+    def __init__(self, nbytes: int, name: str | None = None, what: str = "the segment"):
         self.owner = name is None
+        self.reserved = False  # the creator's segment has its pages allocated (see reserve)
         if self.owner:
-            shm = shared_memory.SharedMemory(create=True, size=nbytes)
+            shm, self.reserved = _create(nbytes, what)
         else:
             shm = _attach_untracked(name)
         self.name = shm.name
@@ -172,6 +179,88 @@ class SharedBuffer:
                 shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _create(nbytes: int, what: str) -> tuple:
+    """``(segment, reserved)``: a new segment of ``nbytes``, its memory reserved up front
+    where the platform can; ``what`` (its contents) goes into the errors."""
+    try:
+        shm = shared_memory.SharedMemory(create=True, size=nbytes)
+    except MemoryError as e:
+        raise MemoryError(no_memory_message("shared-memory segment", nbytes, what)) from e
+    except OSError as e:
+        if e.errno == errno.ENOMEM:  # mmap under RLIMIT_AS or memory overcommit limits
+            raise MemoryError(no_memory_message("shared-memory segment", nbytes, what)) from e
+        if e.errno == errno.ENOSPC:
+            raise SharedMemoryFullError(shm_full_message(nbytes, what), nbytes) from e
+        raise
+    try:
+        reserved = reserve(shm._fd, nbytes, what)
+    except BaseException:
+        shm.close()
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    return shm, reserved
+
+
+def reserve(fd: int, nbytes: int, what: str) -> bool:
+    """Allocate the segment's pages now (``posix_fallocate``), where the platform can;
+    return whether it could.
+
+    A segment is a sparse file in a tmpfs (/dev/shm): creating it succeeds whatever its
+    size, and a page that finds the tmpfs full when first touched kills the toucher with
+    SIGBUS, a worker or the parent alike, with no Python exception. Docker gives /dev/shm
+    64 MB unless told otherwise. Reserving turns that into an error here, before any
+    process starts."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None or nbytes <= 0:
+        return False
+    try:
+        fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG):
+            raise SharedMemoryFullError(shm_full_message(nbytes, what), nbytes) from e
+        if e.errno == errno.ENOMEM:
+            raise MemoryError(no_memory_message("shared-memory segment", nbytes, what)) from e
+        return False  # EOPNOTSUPP, EINVAL...: this filesystem cannot; pages come when touched
+    return True
+
+
+def shm_space() -> tuple | None:
+    """``(free, total)`` bytes of /dev/shm, or None where it cannot be read."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for people: "1.5 GB (1610612736 bytes)"."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def shm_full_message(nbytes: int, what: str) -> str:
+    space = shm_space()
+    free = (f"{SHM_DIR} has {size_text(space[0])} free of {size_text(space[1])}"
+            if space else f"{SHM_DIR} is too small")
+    return (f"cannot reserve {size_text(nbytes)} of shared memory for {what}: {free}. "
+            f"Docker gives /dev/shm 64 MB unless you pass --shm-size (e.g. `docker run "
+            f"--shm-size=8g`; in Kubernetes mount an emptyDir with medium: Memory at "
+            f"/dev/shm); or make the batch smaller (batch_T, batch_B, eval_n_envs)")
+
+
+def no_memory_message(kind: str, nbytes: int, what: str) -> str:
+    return (f"out of memory allocating the sampler's {kind} of {size_text(nbytes)} for "
+            f"{what}; check the process's memory limits (ulimit -v, a cgroup or the job "
+            f"scheduler's memory request), or make the batch smaller (batch_T, batch_B, "
+            f"eval_n_envs)")
 
 
 def _attach_untracked(name: str) -> shared_memory.SharedMemory:

@@ -7,9 +7,11 @@ the remote traceback attached.
 """
 from __future__ import annotations
 
+import errno
 from typing import Any, Callable
 
-__all__ = ["SamplerError", "WorkerError", "SamplerClosedError", "RemoteTraceback"]
+__all__ = ["SamplerError", "WorkerError", "SamplerClosedError", "RemoteTraceback",
+           "SharedMemoryFullError"]
 
 
 class SamplerError(RuntimeError):
@@ -18,6 +20,23 @@ class SamplerError(RuntimeError):
 
 class SamplerClosedError(SamplerError):
     """The sampler was shut down (normally or after a failure) and cannot be used."""
+
+
+class SharedMemoryFullError(SamplerError, OSError):
+    """/dev/shm has no room for the sampler's shared-memory segment (an ``OSError`` with
+    ``errno.ENOSPC`` too). Attribute: ``nbytes``, the segment's size."""
+
+    def __init__(self, message: str, nbytes: int = 0):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+        self.strerror = message
+        self.nbytes = nbytes
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):
+        return (type(self), (self.strerror, self.nbytes))
 
 
 class RemoteTraceback(Exception):

@@ -8,6 +8,7 @@ sentinels, per-step waits poll worker liveness between semaphore time-outs.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -25,7 +26,19 @@ import numpy as np
 
 from .agent_state import Params, RngGuard, to_numpy, unmirrored_arrays
 from .agents import AgentRunner, write_checked
-from .buffers import SharedBuffer, Spec, is_tree, layout, spec_of, tree_leaves, tree_map, views
+from .buffers import (
+    SharedBuffer,
+    Spec,
+    is_tree,
+    layout,
+    no_memory_message,
+    shm_space,
+    size_text,
+    spec_of,
+    tree_leaves,
+    tree_map,
+    views,
+)
 from .collector import Collector, TrajInfo, check_reset, check_step, env_action, make_env
 from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError
 from .spaces import random_action_fn
@@ -107,8 +120,20 @@ def split(n: int, parts: int) -> list:
     return out
 
 
+# A worker stopped with SIGTERM (every path but a graceful shutdown; see worker_main)
+# unwinds to its env.close() calls: it gets this long to finish them before SIGKILL. Enough
+# to stop and reap a simulator's process; short, because a fault or a Ctrl-C waits for it
+# (healthy workers take milliseconds: only an env stuck in C code or a slow close() waits).
+TERMINATE_GRACE_S = 2.0
+# A SIGKILLed process is gone once the kernel has torn it down; the wait for that is bounded
+# all the same, for a process stuck in uninterruptible sleep (a hung NFS read, say).
+KILL_WAIT_S = 5.0
+
+
 class _Resources:
-    """Everything a sampler must release; ``close`` is idempotent and never raises."""
+    """Everything a sampler must release. ``close`` is idempotent and finishes whatever
+    interrupts it; it raises nothing but such an interruption (KeyboardInterrupt), after
+    the release is complete."""
 
     def __init__(self):
         self.procs: list = []
@@ -117,38 +142,131 @@ class _Resources:
         self.shared: SharedBuffer | None = None
         self.envs: list = []
         self.timeout = 5.0
+        self._lock = threading.RLock()  # one close at a time (shutdown() may come from any thread)
 
     def close(self, graceful: bool = True) -> None:
-        procs, self.procs = self.procs, []
-        if graceful:
-            for c in self.conns:
+        interrupt, failures = None, 0
+        with self._lock:
+            while True:
                 try:
-                    c.send(("close",))
-                except Exception:
-                    pass
-            deadline = time.monotonic() + self.timeout
-            for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(1.0)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for c in self.conns:
-            c.close()
-        self.conns, self.sems = [], []
+                    self._release(graceful)
+                    break
+                except BaseException as e:  # noqa: B036 - a Ctrl-C: finish first, raise after
+                    if interrupt is None:
+                        interrupt = e
+                    graceful = False
+                    if isinstance(e, Exception):  # a bug, not an interruption: retry once
+                        failures += 1
+                        if failures > 1:
+                            break
+        if interrupt is not None:
+            raise interrupt
+
+    def _release(self, graceful: bool) -> None:
+        """Release everything. Each step drops what it released only once it is released,
+        so a step interrupted (by KeyboardInterrupt) can simply be run again."""
+        procs = self.procs
+        if graceful and procs:
+            # The one part a Ctrl-C may cut short: the rest is forced, with SIGINT held back
+            # (in this thread; one delivered to another thread is caught by close()).
+            _ask_to_close(self.conns, procs, self.timeout)
+        with _sigint_blocked():
+            _stop(procs)
+            self.procs = []
+            for c in self.conns:
+                _quietly(c.close)
+            self.conns = []
+            self.drop_names()
+            self.sems = []
+            if self.shared is not None:
+                self.shared.unlink()
+                self.shared = None
+        envs = self.envs  # the serial kind's envs, in this process
+        while envs:
+            close = getattr(envs.pop(0), "close", None)  # duck-typed envs may have none
+            if close is not None:
+                _quietly(close)
+
+    def drop_names(self) -> None:
+        """Unlink the names of the semaphores and the segment: every process that uses them
+        has opened them, and a name is the one thing that outlives every process."""
+        for pair in self.sems:
+            for sem in pair:
+                _drop_semaphore_name(sem)
         if self.shared is not None:
             self.shared.unlink()
-            self.shared = None
-        envs, self.envs = self.envs, []
-        for env in envs:
-            try:
-                env.close()
-            except Exception:
-                pass
+
+
+# Samplers not closed yet. multiprocessing's exit hook SIGTERMs daemonic children and then
+# joins them with no time limit: a worker still closing a stuck env would hang the
+# interpreter's exit. This hook, registered after multiprocessing's (imported above, and
+# atexit runs hooks last-in first-out), runs first and closes them with the bounded close.
+_open: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    for sampler in list(_open):
+        sampler._finalizer()
+
+
+atexit.register(_close_at_exit)
+
+
+def _ask_to_close(conns: list, procs: list, timeout: float) -> None:
+    """Graceful shutdown: ask every worker to close its envs and exit; wait ``timeout`` s."""
+    for c in conns:
+        try:
+            c.send(("close",))
+        except Exception:
+            pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+
+
+def _stop(procs: list) -> None:
+    """End every process in ``procs``: SIGTERM (a worker then closes its envs), at most
+    TERMINATE_GRACE_S for all of them, then SIGKILL."""
+    live = [p for p in procs if p.exitcode is None]
+    for p in live:
+        _quietly(p.terminate)
+    deadline = time.monotonic() + TERMINATE_GRACE_S
+    for p in live:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in live:
+        if p.exitcode is None:
+            _quietly(p.kill)
+    deadline = time.monotonic() + KILL_WAIT_S
+    for p in live:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            log.warning("sampling: worker process %d did not end %.0f s after SIGKILL",
+                        p.pid, KILL_WAIT_S)
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:
+        log.debug("sampling: ignored an error while closing", exc_info=True)
+
+
+def _drop_semaphore_name(sem: Any) -> None:
+    """Unlink a named semaphore's name now (spawn/forkserver; fork's have none). Processes
+    that opened it keep using it; nothing is left in /dev/shm whatever happens later.
+
+    CPython registers ``util.Finalize(sem, SemLock._cleanup, (name,))`` for every named
+    semaphore (3.9-3.13): calling it runs sem_unlink and the resource tracker's unregister
+    once and takes it off the exit-time registry, so nothing runs twice."""
+    name = getattr(getattr(sem, "_semlock", None), "name", None)
+    if not name:
+        return
+    from multiprocessing import synchronize, util
+    cleanup = synchronize.SemLock._cleanup
+    for fin in list(util._finalizer_registry.values()):
+        if getattr(fin, "_callback", None) is cleanup and getattr(fin, "_args", None) == (name,):
+            _quietly(fin)
+            return
 
 
 class Sampler:
@@ -172,6 +290,7 @@ class Sampler:
         self._res = _Resources()
         self._res.timeout = opts.shutdown_timeout
         self._finalizer = weakref.finalize(self, self._res.close, False)
+        _open.add(self)
         self._runner = AgentRunner(agent)
         try:
             self._setup(env_fn, agent)
@@ -199,11 +318,17 @@ class Sampler:
             else:
                 specs["params"] = spec_of(_numpy_tree(self._mirror.arrays()))
         nbytes, placed = layout(specs)
+        self._nbytes = nbytes
+        what = _contents(specs, T, B, E)
         if k.workers:
-            self._res.shared = SharedBuffer(nbytes)
+            self._res.shared = SharedBuffer(nbytes, what=what)
             arrays = views(self._res.shared.buf, placed)
         else:
-            arrays = views(bytearray(nbytes), placed)
+            try:
+                memory = bytearray(nbytes)
+            except MemoryError as e:
+                raise MemoryError(no_memory_message("buffer", nbytes, what)) from e
+            arrays = views(memory, placed)
         self._bufs = arrays["main"]
         self._bufs["env_ids"] = np.arange(B)
         self._ebufs = arrays.get("eval")
@@ -259,6 +384,7 @@ class Sampler:
             payload = cfg if method == "fork" else _dumps(cfg)
             parent_conn, child_conn = ctx.Pipe()
             obs_ready, act_ready = ctx.Semaphore(0), ctx.Semaphore(0)
+            res.sems.append((obs_ready, act_ready))  # named (spawn, forkserver): see drop_names
             p = ctx.Process(target=worker_main, name=f"sampling-{self.kind}-worker-{w}",
                             args=(w, payload, res.shared.name, nbytes, placed, child_conn,
                                   obs_ready, act_ready), daemon=True)
@@ -267,10 +393,10 @@ class Sampler:
             child_conn.close()
             res.procs.append(p)
             res.conns.append(parent_conn)
-            res.sems.append((obs_ready, act_ready))
         self._gather(range(self.n_workers), "ready")
-        # Every worker has mapped the segment: drop its name so that nothing can leak it.
-        res.shared.unlink()
+        # Every worker has mapped the segment and opened its semaphores: drop their names,
+        # so that nothing can leak them whatever happens next (even a SIGKILL of everyone).
+        res.drop_names()
         log.debug("%s sampler: %d workers started (%s)", self.kind, self.n_workers, method)
 
     # -- batches -------------------------------------------------------------------------
@@ -481,6 +607,8 @@ class Sampler:
                 self._raise_worker_error(w)
 
     def _raise_worker_error(self, w: int, msg: tuple | None = None):
+        # Workers stopped by shutdown() from another thread are not failures.
+        self._check_open()
         conn, proc = self._res.conns[w], self._res.procs[w]
         if msg is None:
             try:
@@ -518,7 +646,11 @@ class Sampler:
                 how = f"was killed by signal {_signame(-code)}"
             else:
                 how = f"exited with code {code}"
-            if code is not None and w not in self._started:
+            if code is not None and code < 0 and -code == getattr(signal, "SIGBUS", None):
+                shared = self._res.shared
+                text = _sigbus_text(head, how, self._nbytes,
+                                    shared is not None and shared.reserved)
+            elif code is not None and w not in self._started:
                 text = _startup_failure(head, how, code, self._start_method)
             else:
                 text = (f"{head} {how} without reporting an error; if nothing killed it, "
@@ -537,8 +669,10 @@ class Sampler:
     def _close(self, graceful: bool, reason: str) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
-        self._finalizer.detach()
-        self._res.close(graceful)
+        try:
+            self._res.close(graceful)  # complete even when a Ctrl-C interrupts it
+        finally:
+            self._finalizer.detach()
 
     def shutdown(self) -> None:
         """Stop workers and release shared memory; idempotent. Called from another thread
@@ -651,6 +785,16 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> _Probe
                          f"space {space!r})")
     agent_info = tree_map(lambda x: to_numpy(x)[0], agent_info) if agent_info else {}
     return _Probed(obs, act_shape, act_dtype, env_info, agent_info, obs_space, space)
+
+
+def _contents(specs: dict, T: int, B: int, E: int) -> str:
+    """What a sampler's memory holds, part by part, for allocation errors."""
+    names = {"main": f"the batch [batch_T={T}, batch_B={B}]",
+             "eval": f"the eval buffers [eval_n_envs={E}]",
+             "params": "the agent's parameters (copied to the cpu workers)"}
+    parts = [f"{text}: {size_text(layout({key: specs[key]})[0])}"
+             for key, text in names.items() if key in specs]
+    return ", ".join(parts)
 
 
 def _path(path: tuple) -> str:
@@ -787,6 +931,23 @@ def _without_mpi_env():
         yield
     finally:
         os.environ.update(saved)
+
+
+def _sigbus_text(head: str, how: str, nbytes: int, reserved: bool) -> str:
+    """The message for a worker killed by SIGBUS: a memory-mapped page that could not be
+    backed. Where the segment's pages were reserved at creation, not the sampler's."""
+    space = shm_space()
+    free = f"; /dev/shm has {size_text(space[0])} free" if space else ""
+    if reserved:
+        return (f"{head} {how}: a page of memory-mapped shared memory or file could not be "
+                f"backed. The sampler's own segment ({size_text(nbytes)}) had its space "
+                f"reserved at start-up, so look for an env that maps files or shared memory "
+                f"of its own (in /dev/shm, full in a container: Docker's --shm-size){free}")
+    return (f"{head} {how}: most likely /dev/shm ran out of space, so a page of the "
+            f"sampler's shared-memory segment ({size_text(nbytes)}) could not be backed"
+            f"{free}. Give /dev/shm more room (in Docker: --shm-size) or make the batch "
+            f"smaller (batch_T, batch_B, eval_n_envs); an env that maps files or shared "
+            f"memory of its own can cause it too")
 
 
 def _startup_failure(head: str, how: str, code: int, method: str) -> str:

@@ -61,6 +61,36 @@ class ParentGone(Exception):
     pass
 
 
+class Terminated(BaseException):
+    """Raised in a worker by SIGTERM (the parent stopping it, or anyone else): it unwinds
+    to ``worker_main``'s ``finally``, which closes the envs. A BaseException, so that an
+    env's ``except Exception`` cannot swallow it."""
+
+
+# True once the worker is closing its envs (or a SIGTERM already started that): later
+# SIGTERMs are ignored so that nothing interrupts an env's close(); the parent kills the
+# worker with SIGKILL if closing takes longer than its grace period.
+_closing = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _closing
+    if _closing:
+        return
+    _closing = True
+    raise Terminated
+
+
+def _close_envs(envs: list) -> None:
+    """Close every env once (each is taken off ``envs`` first), ignoring their errors."""
+    while envs:
+        env = envs.pop(0)
+        try:
+            env.close()
+        except Exception:
+            pass
+
+
 class Handoff:
     """The worker's side of the per-step exchange with an action server."""
 
@@ -159,11 +189,19 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         conn.send(("started",))
     except OSError:  # the parent is gone already
         return
+    global _closing
+    _closing = False
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # SIGTERM (how the parent stops a worker on every path but a graceful shutdown, and how
+    # schedulers stop jobs) unwinds to the finally below, which closes the envs. A worker in
+    # a blocking C call gets it when the call returns; one that never returns is SIGKILLed
+    # by the parent after its grace period (samplers.TERMINATE_GRACE_S).
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     handoff = Handoff(obs_ready, act_ready)
     envs, eval_envs = [], []
+    terminated = False
     try:
         if isinstance(payload, bytes):
             import cloudpickle
@@ -183,7 +221,8 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         seeds = worker_seed(cfg["seed"], lo)
         reseed(None, seeds)
         env_fn = cfg["env_fn"]
-        envs = [make_env(env_fn, f"env {b}") for b in range(lo, hi)]
+        for b in range(lo, hi):  # one by one: a SIGTERM meanwhile closes those built so far
+            envs.append(make_env(env_fn, f"env {b}"))
         reseed(cfg["agent"], seeds)
         runner = AgentRunner(cfg["agent"]) if cfg["agent"] is not None else None
         bufs["env_ids"] = np.arange(cfg["batch_B"])
@@ -223,8 +262,8 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                 itr, max_steps = msg[1], msg[2]
                 if ecoll is None:
                     eval_env_fn = cfg["eval_env_fn"]
-                    eval_envs = [make_env(eval_env_fn, f"eval env {e}", "eval_env_fn")
-                                 for e in range(elo, ehi)]
+                    for e in range(elo, ehi):
+                        eval_envs.append(make_env(eval_env_fn, f"eval env {e}", "eval_env_fn"))
                     ebufs["env_ids"] = np.arange(cfg["batch_B"], cfg["batch_B"] + cfg["eval_n"])
                     ecoll = Collector(eval_envs, elo, ebufs, batch_T=1, wait=False,
                                       traj_info=cfg["traj_info"], where=where, label="eval env")
@@ -239,14 +278,26 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                 break
     except ParentGone:
         pass
+    except Terminated:
+        terminated = True
     except BaseException as e:  # noqa: B036 - everything must reach the parent
-        _report(conn, e)
+        try:
+            _report(conn, e)
+        except Terminated:
+            terminated = True
     finally:
-        for env in envs + eval_envs:
+        _closing = True  # from here on SIGTERM is ignored: nothing interrupts env.close()
+        _close_envs(envs + eval_envs)
+    if terminated:
+        # Die of SIGTERM as the default action would have: the exit status says so, and
+        # the parent's error (for a SIGTERM it did not send) names the signal.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for stream in (sys.stdout, sys.stderr):
             try:
-                env.close()
+                stream.flush()
             except Exception:
                 pass
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _rows(tree, t, lo, hi):

@@ -7,11 +7,14 @@ from the fault to the parent's raise.
 """
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -79,7 +82,8 @@ class FaultEnv(CountingEnv):
       steps count too).
 
     ``how``: ``"raise"`` (an :class:`EnvFault`), ``"exit"`` (``os._exit(3)``) or
-    ``"kill"`` (SIGKILL to itself); ``exc(message)`` makes the exception to raise (default
+    ``"kill"`` (SIGKILL to itself) or ``"bus"`` (SIGBUS, as a page of a full /dev/shm
+    gives); ``exc(message)`` makes the exception to raise (default
     :class:`EnvFault`). Never fails in the process with pid ``safe_pid``
     (the parent's probe env).
     """
@@ -101,8 +105,9 @@ class FaultEnv(CountingEnv):
         write_stamp(self.stamp)
         if self.how == "exit":
             os._exit(3)
-        if self.how == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.how in ("kill", "bus"):
+            faulthandler.disable()  # pytest's, inherited by fork: no dump of a SIGBUS on purpose
+            os.kill(os.getpid(), signal.SIGKILL if self.how == "kill" else signal.SIGBUS)
             time.sleep(10)  # the signal is on its way
         raise self.exc(f"boom in {self.where} of env {self.env_id}")
 
@@ -235,3 +240,65 @@ def exit_after_started(w, payload, shm_name, nbytes, placed, conn, *semaphores):
     """Says "started" as worker_main does first, then exits: a death after start-up."""
     conn.send(("started",))
     os._exit(3)
+
+
+class SimulatorEnv(FaultEnv):
+    """A FaultEnv that owns a child process, as an env wrapping a simulator does: a plain
+    ``subprocess.Popen(["sleep", "300"])`` (no new session: what users write) started in
+    the constructor, killed and reaped in ``close()``. Every instance writes
+    ``<pid_dir>/<child pid>.started``; ``close()`` writes ``.closed`` once the child is
+    gone. ``close_delay``: seconds ``close()`` takes first (a slow simulator)."""
+
+    def __init__(self, pid_dir, close_delay=0.0, **kw):
+        super().__init__(**kw)
+        self.pid_dir, self.close_delay = pid_dir, close_delay
+        # (no pipes shared with the test: an orphan must not hold a test's output open)
+        self.sim = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        Path(pid_dir, f"{self.sim.pid}.started").write_text(str(os.getpid()))
+
+    def close(self):
+        sim, self.sim = self.sim, None
+        if sim is None:
+            return
+        time.sleep(self.close_delay)
+        sim.kill()
+        sim.wait()
+        Path(self.pid_dir, f"{sim.pid}.closed").touch()
+
+
+def simulator_pids(pid_dir) -> tuple:
+    """``(started, closed)``: ``{child pid: pid of the process that made the env}`` for
+    every SimulatorEnv's child, and the set of those that close() stopped."""
+    started, closed = {}, set()
+    for n in os.listdir(pid_dir):
+        pid, _, what = n.partition(".")
+        if what == "started":
+            started[int(pid)] = int(Path(pid_dir, n).read_text())
+        elif what == "closed":
+            closed.add(int(pid))
+    return started, closed
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or the pid is someone else's now
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def kill_all(pids) -> None:
+    """SIGKILL whichever of ``pids`` is still alive (a test's clean-up of orphans)."""
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

@@ -99,7 +99,8 @@ class Watch:
 
     def assert_clean(self) -> None:
         """Nothing the sampler created is left: call after dropping the sampler and the
-        exception (named semaphores go when garbage-collected)."""
+        exception (a sampler's names are unlinked once its workers are ready, or when
+        it closes)."""
         gc.collect()
         assert self.created, "the watch saw no shared-memory segment being created"
         assert self.pids, "the watch saw no worker process being started"
