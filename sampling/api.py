@@ -49,6 +49,26 @@ def _shutdown_timeout(value: Any) -> float:
     return seconds
 
 
+def _step_timeout(value: Any, kind: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"step_timeout must be a number of seconds or None, got {value!r} "
+                        f"({type(value).__name__})")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = float("inf")
+    if not 0.0 < seconds <= MAX_SHUTDOWN_TIMEOUT_S:  # False for nan too
+        raise ValueError(f"step_timeout must be a finite number of seconds > 0, got {value!r} "
+                         f"(at most {MAX_SHUTDOWN_TIMEOUT_S:.0f}, a day; None: no deadline)")
+    if not KINDS[kind].workers:
+        raise ValueError(f"step_timeout needs worker processes: the {kind} kind steps envs in "
+                         f"this process, which cannot stop itself; use a parallel kind "
+                         f"('cpu', 'gpu', ...) or step_timeout=None")
+    return seconds
+
+
 def _int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
@@ -82,6 +102,7 @@ def make_sampler(
     torch_threads: int | None = 1,
     cpu_affinity: Sequence | None = None,
     shutdown_timeout: float = 5.0,
+    step_timeout: float | None = None,
 ) -> Sampler:
     """Make a sampler of ``kind`` that steps ``batch_B`` copies of ``env_fn()``.
 
@@ -106,6 +127,9 @@ def make_sampler(
     cpu_affinity: per worker, a list of CPU ids to pin it to (``os.sched_setaffinity``).
     shutdown_timeout: seconds ``shutdown()`` waits for workers to close their envs and
         exit before stopping them (finite, at most ``MAX_SHUTDOWN_TIMEOUT_S``, a day).
+    step_timeout: seconds an env's ``step``/``reset`` (and ``env_fn()``,
+        ``ENV_FN_TIMEOUT_FACTOR`` times as long) may take in a worker before the parent
+        raises WorkerError with the worker's stack and kills it (None: no deadline).
     """
     kinds = sorted(KINDS) + ["auto"]
     if kind not in kinds:
@@ -147,6 +171,7 @@ def make_sampler(
         raise ValueError(f"start_method must be one of {', '.join(map(repr, methods))} or None, "
                          f"got {start_method!r}")
     shutdown_timeout = _shutdown_timeout(shutdown_timeout)
+    step_timeout = _step_timeout(step_timeout, "cpu" if kind == "auto" else kind)
     if cpu_affinity is not None:
         cpu_affinity = _affinity(cpu_affinity)
     opts = Options(batch_T=batch_T, batch_B=batch_B, n_workers=0, seed=seed,
@@ -157,7 +182,7 @@ def make_sampler(
                    eval_n_envs=eval_n_envs, eval_max_steps=eval_max_steps,
                    eval_max_trajectories=eval_max_trajectories, start_method=start_method,
                    torch_threads=torch_threads, cpu_affinity=cpu_affinity,
-                   shutdown_timeout=shutdown_timeout)
+                   shutdown_timeout=shutdown_timeout, step_timeout=step_timeout)
     if bootstrap_value and not callable(getattr(agent, "value", None)):
         raise TypeError("bootstrap_value=True needs an agent with a "
                         "value(observation, prev_action, prev_reward) method")
@@ -165,6 +190,10 @@ def make_sampler(
         from .bench import choose_kind
         with RngGuard(agent):  # its agent calls consume none of the user's random streams
             kind, reason = choose_kind(env_fn, agent, opts, n_workers)
+        if step_timeout is not None and not KINDS[kind].workers:
+            raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot enforce "
+                             f"step_timeout (it steps envs in this process); pass a parallel "
+                             f"kind explicitly, or step_timeout=None")
         sampler = make_sampler(kind, env_fn, agent, **_kwargs(opts, n_workers))
         sampler.auto_reason = reason
         return sampler
@@ -184,7 +213,8 @@ def _kwargs(opts: Options, n_workers) -> dict:
                 eval_n_envs=opts.eval_n_envs, eval_max_steps=opts.eval_max_steps,
                 eval_max_trajectories=opts.eval_max_trajectories,
                 start_method=opts.start_method, torch_threads=opts.torch_threads,
-                cpu_affinity=opts.cpu_affinity, shutdown_timeout=opts.shutdown_timeout)
+                cpu_affinity=opts.cpu_affinity, shutdown_timeout=opts.shutdown_timeout,
+                step_timeout=opts.step_timeout)
 
 
 def _default_method() -> str:

@@ -20,9 +20,10 @@ __all__ = ["TrajInfo", "Segment", "Collector"]
 # Where a worker is, for the step deadline: a worker that has one writes its progress as
 # int64 [sequence, phase, step, env index within the worker] into a shared "beat" (the
 # parent reads it; the env index is written before every env call, the rest per step).
-PHASES = ("waiting for the parent", "env_fn()", "the first reset", "decorrelation",
-          "the agent", "step", "evaluation step", "the reset before a batch")
-IDLE, MAKE, RESET, DECORRELATE, AGENT, STEP, EVAL, BATCH_RESET = range(len(PHASES))
+PHASES = ("idle", "env_fn", "reset", "decorrelation", "agent", "step", "eval step",
+          "batch reset", "eval_env_fn", "eval reset")
+(IDLE, MAKE, RESET, DECORRELATE, AGENT, STEP, EVAL, BATCH_RESET, EVAL_MAKE,
+ EVAL_RESET) = range(len(PHASES))
 
 
 def mark(beat: Any, phase: int, t: int = 0, j: int = -1) -> None:
@@ -258,7 +259,6 @@ class Collector:
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
         self.beat = None             # a worker's progress marks (see mark), if it has a deadline
-        self.step_phase = STEP       # what step_envs marks: STEP, or EVAL for eval envs
 
     # -- start -------------------------------------------------------------------------
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
@@ -286,7 +286,8 @@ class Collector:
         obs = tree_map(lambda a: a[T, j].copy(), self.cols["observation_full"])
         last_a, last_r = None, 0.0
         what = f"{self.label} {b} ({self.where})"
-        for _ in range(n_steps):
+        for k in range(n_steps):
+            mark(self.beat, DECORRELATE, k, j)
             a = tree_map(lambda x: x[0], random_action(1))
             o, r, te, tr, _info = env.step(a.item() if self.act_discrete else a)
             r = check_reward(r, what, "decorrelation")
@@ -334,9 +335,7 @@ class Collector:
         """Step every env with ``action[t]`` and record the results in rows t and t+1."""
         action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
         acts = action.tolist() if self.act_discrete else list(action.copy())
-        rews, ended, beat = self.rews, self.ended, self.beat
-        if beat is not None:
-            mark(beat, self.step_phase, t)
+        rews, ended, beat = self.rews, self.ended, self.beat  # the worker marks phase and t
         ended.clear()
         # Row t-1 of done stays as it is until here: an agent reads it at step t (at t=0,
         # the last row of the previous batch) to learn which episodes start.

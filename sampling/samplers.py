@@ -39,15 +39,55 @@ from .buffers import (
     tree_map,
     views,
 )
-from .collector import Collector, TrajInfo, check_reset, check_step, env_action, make_env
+from .collector import (
+    AGENT,
+    BATCH_RESET,
+    DECORRELATE,
+    EVAL,
+    EVAL_MAKE,
+    EVAL_RESET,
+    IDLE,
+    MAKE,
+    RESET,
+    STEP,
+    Collector,
+    TrajInfo,
+    check_reset,
+    check_step,
+    env_action,
+    make_env,
+)
 from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError
 from .spaces import random_action_fn
-from .worker import PARENT_SPIN_S, acquire, restart_eval, run_batch, run_eval, worker_main
+from .worker import (
+    PARENT_SPIN_S,
+    STACK_SIGNAL,
+    acquire,
+    restart_eval,
+    run_batch,
+    run_eval,
+    worker_main,
+)
 
 __all__ = ["Kind", "KINDS", "Batch", "Sampler"]
 
 log = logging.getLogger(__name__)
 
+
+# With step_timeout, the parent looks at the workers' progress at least this often: a stuck
+# env is reported within step_timeout + DEADLINE_POLL_S (+ STACK_WAIT_S for its stack).
+DEADLINE_POLL_S = 0.25
+# env_fn() builds a simulator (loads assets, compiles, connects): its deadline is this many
+# times step_timeout.
+ENV_FN_TIMEOUT_FACTOR = 10
+# How long a stuck worker gets to write its stack after STACK_SIGNAL (faulthandler writes
+# it from the signal handler, in microseconds: only a stopped process takes this long),
+# and how long the parent waits for more once some has come.
+STACK_WAIT_S = 0.5
+STACK_QUIET_S = 0.05
+# int64 words of progress marks per worker: 4 used, padded to a 64-byte cache line so that
+# workers writing their marks at every env step never share one.
+BEAT_WORDS = 8
 
 # A batch-level wait wakes at least this often to see whether another thread shut the
 # sampler down (a closed pipe does not wake a wait already in progress).
@@ -107,6 +147,7 @@ class Options:
     torch_threads: int | None
     cpu_affinity: list | None
     shutdown_timeout: float
+    step_timeout: float | None = None
 
 
 def split(n: int, parts: int) -> list:
@@ -141,6 +182,7 @@ class _Resources:
         self.sems: list = []
         self.shared: SharedBuffer | None = None
         self.envs: list = []
+        self.stack_pipes: list = []  # with a step deadline: per worker, where its stack comes
         self.timeout = 5.0
         self._lock = threading.RLock()  # one close at a time (shutdown() may come from any thread)
 
@@ -173,9 +215,9 @@ class _Resources:
         with _sigint_blocked():
             _stop(procs)
             self.procs = []
-            for c in self.conns:
+            for c in self.conns + self.stack_pipes:
                 _quietly(c.close)
-            self.conns = []
+            self.conns, self.stack_pipes = [], []
             self.drop_names()
             self.sems = []
             if self.shared is not None:
@@ -317,6 +359,8 @@ class Sampler:
                 self._mirror = None
             else:
                 specs["params"] = spec_of(_numpy_tree(self._mirror.arrays()))
+        if o.step_timeout is not None:  # each worker's progress marks: a cache line each
+            specs["beats"] = Spec((self.n_workers, BEAT_WORDS), "<i8")
         nbytes, placed = layout(specs)
         self._nbytes = nbytes
         what = _contents(specs, T, B, E)
@@ -336,6 +380,9 @@ class Sampler:
             self._ebufs["env_ids"] = np.arange(B, B + E)
         self._ctrl = arrays["ctrl"]
         self._params = arrays["params"] if self._mirror is not None else None
+        self._beats = arrays.get("beats")
+        self._watch: dict = {}  # worker -> (its progress marks, when the parent first saw them)
+        self._poll_s = GATHER_POLL_S if self._beats is None else DEADLINE_POLL_S
         self._batch = self._make_batch()
         wait = o.reset_mode == "wait"
         if not k.workers:
@@ -385,12 +432,18 @@ class Sampler:
             parent_conn, child_conn = ctx.Pipe()
             obs_ready, act_ready = ctx.Semaphore(0), ctx.Semaphore(0)
             res.sems.append((obs_ready, act_ready))  # named (spawn, forkserver): see drop_names
+            stack_in = stack_out = None
+            if self._beats is not None:
+                stack_in, stack_out = ctx.Pipe(duplex=False)
+                res.stack_pipes.append(stack_in)
             p = ctx.Process(target=worker_main, name=f"sampling-{self.kind}-worker-{w}",
                             args=(w, payload, res.shared.name, nbytes, placed, child_conn,
-                                  obs_ready, act_ready), daemon=True)
+                                  obs_ready, act_ready, stack_out), daemon=True)
             with _without_mpi_env(), _sigint_blocked():
                 p.start()
             child_conn.close()
+            if stack_out is not None:
+                stack_out.close()
             res.procs.append(p)
             res.conns.append(parent_conn)
         self._gather(range(self.n_workers), "ready")
@@ -563,7 +616,9 @@ class Sampler:
         while pending:
             self._check_open()  # shut down from another thread: stop waiting
             sentinels = {res.procs[w].sentinel: w for w in pending.values()}
-            ready = mp_connection.wait(list(pending) + list(sentinels), timeout=GATHER_POLL_S)
+            ready = mp_connection.wait(list(pending) + list(sentinels), timeout=self._poll_s)
+            if not ready:
+                self._check_deadlines()
             for obj in ready:
                 if obj in pending:
                     w = pending[obj]
@@ -602,9 +657,64 @@ class Sampler:
 
     def _check_workers(self) -> None:
         self._check_open()  # shut down from another thread: stop waiting
+        self._check_deadlines()
         for w, (p, c) in enumerate(zip(self._res.procs, self._res.conns)):
             if c.poll() or p.exitcode is not None:
                 self._raise_worker_error(w)
+
+    # -- the step deadline ---------------------------------------------------------------
+    def _check_deadlines(self) -> None:
+        """Raise for a worker whose progress marks have not moved for longer than its
+        phase's deadline (a worker waiting for the parent has none)."""
+        beats = self._beats
+        if beats is None:
+            return
+        now = time.monotonic()
+        for w in range(len(self._res.procs)):
+            seq, phase, t, j = beats[w, :4].tolist()
+            if phase == IDLE:
+                self._watch.pop(w, None)
+                continue
+            seen = self._watch.get(w)
+            if seen is None or seen[0] != (seq, j):
+                self._watch[w] = ((seq, j), now)
+                continue
+            limit = self._o.step_timeout * (ENV_FN_TIMEOUT_FACTOR if phase in (MAKE, EVAL_MAKE)
+                                            else 1)
+            if now - seen[1] > limit:
+                self._raise_stuck(w, phase, t, j, limit)
+
+    def _raise_stuck(self, w: int, phase: int, t: int, j: int, limit: float):
+        proc = self._res.procs[w]
+        stack = _stack_of(proc, self._res.stack_pipes[w])
+        _quietly(proc.kill)
+        lo, hi = self._slices[w]
+        elo = self._eslices[w][0]
+        env, eval_env = (f"env {lo + j}" if j >= 0 else f"envs {lo}..{hi - 1}",
+                         f"eval env {elo + j}")
+        late = "did not return"
+        what = {MAKE: f"env_fn() for {env} {late}",
+                EVAL_MAKE: f"eval_env_fn() for {eval_env} {late}",
+                RESET: f"the first reset of {env} {late}",
+                DECORRELATE: f"{env} {late} from decorrelation step {t}",
+                AGENT: f"its copy of the agent {late} at batch step {t}",
+                STEP: f"{env} {late} from its step at batch step {t} (or the reset after an "
+                      f"episode's end)",
+                EVAL: f"{eval_env} {late} from its step at evaluation step {t}",
+                BATCH_RESET: f"the reset of {env} before a batch {late}",
+                EVAL_RESET: f"the reset of {eval_env} before an evaluation {late}"}[phase]
+        within = (f"{limit:g} s ({ENV_FN_TIMEOUT_FACTOR} x step_timeout)"
+                  if phase in (MAKE, EVAL_MAKE) else f"step_timeout={self._o.step_timeout:g} s")
+        head = f"{self.kind} sampler: worker {w} (envs {lo}..{hi - 1})"
+        where = (f"Its Python stack when the parent gave up (every thread, most recent call "
+                 f"first):\n{stack}" if stack else
+                 f"It did not respond to {_signame(STACK_SIGNAL)} within {STACK_WAIT_S:g} s, so "
+                 f"there is no stack: the process is stopped (SIGSTOP, a debugger) or blocked "
+                 f"in the kernel")
+        err = WorkerError(f"{head}: {what} within {within}; the worker was killed. {where}",
+                          w, list(range(lo, hi)), None, stack)
+        self._close(graceful=False, reason=f"worker {w} missed its step deadline")
+        raise err
 
     def _raise_worker_error(self, w: int, msg: tuple | None = None):
         # Workers stopped by shutdown() from another thread are not failures.
@@ -967,3 +1077,25 @@ def _startup_failure(head: str, how: str, code: int, method: str) -> str:
             f"re-import), or a main module that fails when imported in the child. Fix: put the "
             f"script's top-level code under `if __name__ == \"__main__\":`, define env_fn and "
             f"the agent in an importable module{fork}")
+
+
+def _stack_of(proc: Any, pipe: Any) -> str | None:
+    """Ask a worker for its Python stack (STACK_SIGNAL -> faulthandler -> ``pipe``)."""
+    try:
+        os.kill(proc.pid, STACK_SIGNAL)
+    except OSError:
+        return None
+    data, deadline = b"", time.monotonic() + STACK_WAIT_S
+    try:
+        while True:
+            wait = deadline - time.monotonic() if not data else STACK_QUIET_S
+            if wait <= 0 or not pipe.poll(wait):
+                break
+            chunk = os.read(pipe.fileno(), 65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data.decode(errors="replace").strip() or None
+

@@ -9,6 +9,7 @@ the traceback, and a worker whose parent is gone exits on its own.
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import multiprocessing as mp
 import os
@@ -29,7 +30,18 @@ import numpy as np
 from .agent_state import Params, load_params, reseed, worker_seed
 from .agents import AgentRunner, write_checked
 from .buffers import SharedBuffer, is_tree, tree_leaves, tree_map, views
-from .collector import Collector, make_env
+from .collector import (
+    AGENT,
+    EVAL,
+    EVAL_MAKE,
+    EVAL_RESET,
+    IDLE,
+    MAKE,
+    STEP,
+    Collector,
+    make_env,
+    mark,
+)
 
 POLL_S = 0.5  # how often a waiting worker checks that its parent is alive
 # Per-step waits first retry the semaphore without blocking for a short while, yielding the
@@ -41,6 +53,9 @@ POLL_S = 0.5  # how often a waiting worker checks that its parent is alive
 # none: 0.91-1.06x), so it spins only PARENT_SPIN_S.
 SPIN_S = 100e-6
 PARENT_SPIN_S = 20e-6
+# With a step deadline, the parent sends this signal to a stuck worker, whose faulthandler
+# then writes every thread's Python stack to its stack pipe.
+STACK_SIGNAL = getattr(signal, "SIGUSR1", None)
 
 
 def acquire(sem, check, spin: float = SPIN_S) -> None:
@@ -122,18 +137,24 @@ def _recv(conn, handoff: Handoff):
 def run_batch(coll: Collector, runner, handoff, bufs: dict) -> list:
     """Collect one ``[T, slice]`` batch, with the local agent or through the handoff."""
     coll.begin_batch()
-    lo, hi, wait, where = coll.lo, coll.hi, coll.wait, coll.where
+    lo, hi, wait, where, beat = coll.lo, coll.hi, coll.wait, coll.where, coll.beat
     check_at = perf_counter() + POLL_S
     for t in range(coll.T):
         if runner is None:
+            if beat is not None:
+                mark(beat, IDLE)  # the parent computes actions: no deadline runs
             handoff.exchange()
         else:
+            if beat is not None:
+                mark(beat, AGENT, t)
             runner.act(bufs, t, lo, hi, wait, where)
             if handoff is not None and perf_counter() > check_at:
                 # A cpu worker waits on nobody mid-batch: look for its parent now and then,
                 # so a long batch cannot outlive a killed parent by more than POLL_S.
                 handoff.check_parent()
                 check_at = perf_counter() + POLL_S
+        if beat is not None:
+            mark(beat, STEP, t)
         coll.step_envs(t)
     return coll.end_batch()
 
@@ -147,10 +168,11 @@ def run_eval(coll: Collector, runner, handoff, bufs: dict, max_steps: int, max_t
     over all workers: that lockstep makes evaluation identical in every kind.
     """
     results = []
-    lo, hi, where = coll.lo, coll.hi, coll.where
+    lo, hi, where, beat = coll.lo, coll.hi, coll.where, coll.beat
     for step in range(max_steps + 1):
         coll.begin_batch()
         if handoff is not None:
+            mark(beat, IDLE)
             handoff.exchange()
             stop = ctrl[0]
         else:
@@ -158,7 +180,9 @@ def run_eval(coll: Collector, runner, handoff, bufs: dict, max_steps: int, max_t
         if stop:
             break
         if runner is not None:
+            mark(beat, AGENT, step)
             runner.act(bufs, 0, lo, hi, False, where)
+        mark(beat, EVAL, step)
         coll.step_envs(0)
         results.extend((step, b, traj) for _, b, traj in coll.end_batch())
     return results
@@ -168,6 +192,7 @@ def restart_eval(coll: Collector, runner, seed: int, first: bool) -> None:
     """Reset eval envs at the start of an evaluation (seeded only the first time)."""
     c = coll.cols
     for j, env in enumerate(coll.envs):
+        mark(coll.beat, EVAL_RESET, 0, j)
         o, _ = env.reset(seed=seed + coll.lo + j) if first else env.reset()
         coll.write_obs(1, j, o)
     c["prev_action_full"][1] = 0
@@ -180,7 +205,7 @@ def restart_eval(coll: Collector, runner, seed: int, first: bool) -> None:
 
 
 def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
-                obs_ready, act_ready) -> None:
+                obs_ready, act_ready, stack_pipe=None) -> None:
     """Entry point of worker ``w`` (the target of every worker process)."""
     # First of all, say that the process got this far: a worker that dies before this
     # message failed in multiprocessing's start-up (importing the main module under
@@ -213,6 +238,11 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         shared = SharedBuffer(nbytes, name=shm_name)
         arrays = views(shared.buf, placed)
         bufs, ebufs, ctrl = arrays["main"], arrays.get("eval"), arrays["ctrl"]
+        # With a step deadline: progress marks for the parent to watch, and the Python
+        # stack written to stack_pipe on STACK_SIGNAL (from C: even an env stuck in C code).
+        beat = memoryview(arrays["beats"][w]) if "beats" in arrays else None
+        if stack_pipe is not None:
+            faulthandler.register(STACK_SIGNAL, file=stack_pipe.fileno(), all_threads=True)
         _limit_threads(cfg["torch_threads"])
         if cfg["cpu_affinity"] is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cfg["cpu_affinity"])
@@ -222,12 +252,14 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         reseed(None, seeds)
         env_fn = cfg["env_fn"]
         for b in range(lo, hi):  # one by one: a SIGTERM meanwhile closes those built so far
+            mark(beat, MAKE, 0, b - lo)
             envs.append(make_env(env_fn, f"env {b}"))
         reseed(cfg["agent"], seeds)
         runner = AgentRunner(cfg["agent"]) if cfg["agent"] is not None else None
         bufs["env_ids"] = np.arange(cfg["batch_B"])
         coll = Collector(envs, lo, bufs, batch_T=cfg["batch_T"], wait=cfg["wait"],
                          traj_info=cfg["traj_info"], where=where)
+        coll.beat = beat
         if runner is not None:
             runner.call("reset")
         coll.reset_all(cfg["seed"], cfg["max_decorrelation_steps"])
@@ -237,6 +269,7 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
         # Everything built so far lives as long as the worker: keep the cyclic collector
         # from walking it again and again (a full collection mid-batch stalls every worker).
         gc.freeze()
+        mark(beat, IDLE)
         conn.send(("ready",))
         ecoll, first_eval = None, True
         while True:
@@ -251,29 +284,35 @@ def worker_main(w: int, payload, shm_name: str, nbytes: int, placed: dict, conn,
                 done = run_batch(coll, runner, handoff, bufs)
                 if runner is not None and "bootstrap_value" in bufs:
                     T = coll.T
+                    mark(beat, AGENT, T)
                     v = runner.value(_rows(bufs["observation_full"], T, lo, hi),
                                      bufs["prev_action_full"][T, lo:hi],
                                      bufs["prev_reward_full"][T, lo:hi], bufs["env_ids"][lo:hi])
                     write_checked(bufs["bootstrap_value"][lo:hi], v,
                                   f"bootstrap value for envs {lo}..{hi - 1} ({where})",
                                   "agent.value returned")
+                mark(beat, IDLE)
                 conn.send(("done", done))
             elif cmd == "eval":
                 itr, max_steps = msg[1], msg[2]
                 if ecoll is None:
                     eval_env_fn = cfg["eval_env_fn"]
                     for e in range(elo, ehi):
+                        mark(beat, EVAL_MAKE, 0, e - elo)
                         eval_envs.append(make_env(eval_env_fn, f"eval env {e}", "eval_env_fn"))
                     ebufs["env_ids"] = np.arange(cfg["batch_B"], cfg["batch_B"] + cfg["eval_n"])
                     ecoll = Collector(eval_envs, elo, ebufs, batch_T=1, wait=False,
                                       traj_info=cfg["traj_info"], where=where, label="eval env")
+                    ecoll.beat = beat
                 if runner is not None:
                     if mirror is not None:
                         load_params(mirror.arrays(), shared_params)
                     runner.call("eval_mode", itr)
                 restart_eval(ecoll, runner, cfg["seed"] + cfg["batch_B"], first_eval)
                 first_eval = False
-                conn.send(("done", run_eval(ecoll, runner, handoff, ebufs, max_steps, 0, ctrl)))
+                results = run_eval(ecoll, runner, handoff, ebufs, max_steps, 0, ctrl)
+                mark(beat, IDLE)
+                conn.send(("done", results))
             elif cmd == "close":
                 break
     except ParentGone:

@@ -229,3 +229,53 @@ def shm_entries():
         return set(os.listdir("/dev/shm"))
     except FileNotFoundError:
         return set()
+
+
+class HangingEnv(CountingEnv):
+    """Env ``stuck_env`` (by its env id, ``seed - base_seed``; eval envs come after the
+    batch_B training envs) stops returning at ``where``: "step" (after ``after`` steps),
+    "reset" (its first reset) or "init" (in env_fn, the ``stuck_env``-th one a process makes).
+    ``how``: "sleep" (a Python-level wait), "lock" (a C-level wait on a held lock) or
+    "stop" (the process SIGSTOPs itself). Never in the process with pid ``safe_pid`` (the
+    parent's probe env)."""
+
+    def __init__(self, where="step", how="sleep", stuck_env=1, after=2, safe_pid=None, **kw):
+        super().__init__(**kw)
+        self.where, self.how, self.stuck_env, self.after = where, how, stuck_env, after
+        self.safe_pid = safe_pid
+        self.steps = 0
+        if where == "init" and os.getpid() != safe_pid and _init_counter() == stuck_env:
+            self._hang()
+
+    def _hang(self):
+        if self.how == "stop":
+            import signal
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif self.how == "lock":
+            import threading
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()  # never returns
+        time.sleep(300)
+
+    def reset(self, *, seed=None, options=None):
+        out = super().reset(seed=seed, options=options)
+        if self.where == "reset" and self.env_id == self.stuck_env and os.getpid() != self.safe_pid:
+            self._hang()
+        return out
+
+    def step(self, action):
+        self.steps += 1
+        if (self.where == "step" and self.env_id == self.stuck_env and self.steps > self.after
+                and os.getpid() != self.safe_pid):
+            self._hang()
+        return super().step(action)
+
+
+_INIT_CALLS = [0]
+
+
+def _init_counter() -> int:
+    """How many HangingEnvs this process made before (env_fn's call index in a worker)."""
+    _INIT_CALLS[0] += 1
+    return _INIT_CALLS[0] - 1
