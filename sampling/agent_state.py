@@ -35,10 +35,9 @@ WALK_DEPTH = 4
 # Containers longer than this are data (a replay buffer, a dataset), not policy state: the
 # walk skips them rather than spend seconds there.
 WALK_ITEMS = 256
-# Domain-separation words, so worker streams never coincide with decorrelation's
-# ``default_rng([seed, b, 0xDEC0])`` or with each other.
+# A domain-separation word, so worker streams never coincide with decorrelation's
+# ``default_rng([seed, b, 0xDEC0])``.
 _GLOBAL_TAG = 0x5EED
-_AGENT_TAG = 0xA6E7
 
 
 def _torch():
@@ -87,11 +86,13 @@ _LEAF_TYPES = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes, in
 
 
 def _foreign(obj: Any) -> bool:
-    """Spaces and envs an agent may hold: their arrays (bounds, state) and generators are
-    not the agent's parameters or exploration streams."""
-    return ((hasattr(obj, "sample") and hasattr(obj, "contains"))
-            or (hasattr(obj, "step") and hasattr(obj, "observation_space")
-                and hasattr(obj, "action_space")))
+    """Spaces and gymnasium envs an agent may hold: their arrays (bounds, state) and
+    generators are not the agent's parameters or exploration streams. (Envs are known by
+    their gymnasium base class only: an agent that keeps its spaces as attributes looks
+    like an env by duck typing, and must still be walked.)"""
+    if hasattr(obj, "sample") and hasattr(obj, "contains"):
+        return True
+    return any(c.__module__.split(".")[0] in ("gymnasium", "gym") for c in type(obj).__mro__)
 
 
 def find(agent: Any) -> dict:

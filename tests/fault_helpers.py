@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -302,3 +303,25 @@ def kill_all(pids) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+# The opening of the tests' child scripts: print "SHM <name>" for every /dev/shm name the
+# child creates (a segment, or a named semaphore under spawn/forkserver), as it appears.
+RECORD_NAMES = textwrap.dedent("""
+    import functools, os, signal, sys, threading, time
+    import multiprocessing as mp
+    import multiprocessing.shared_memory, multiprocessing.synchronize
+
+    sem_init = mp.synchronize.SemLock.__init__
+    shm_init = mp.shared_memory.SharedMemory.__init__
+    def sem_init_rec(self, *a, **k):
+        sem_init(self, *a, **k)
+        if self._semlock.name:
+            print("SHM", "sem." + self._semlock.name.lstrip("/"), flush=True)
+    def shm_init_rec(self, name=None, create=False, size=0, *a, **k):
+        shm_init(self, name, create, size, *a, **k)
+        if create:
+            print("SHM", self.name.lstrip("/"), flush=True)
+    mp.synchronize.SemLock.__init__ = sem_init_rec
+    mp.shared_memory.SharedMemory.__init__ = shm_init_rec
+""")

@@ -41,12 +41,14 @@ import pytest
 import sampling
 from sampling import RemoteTraceback, SamplerClosedError, WorkerError
 from tests.fault_helpers import (
+    RECORD_NAMES,
     AgentFault,
     BadShapeAgent,
     EnvFault,
     FaultEnv,
     ParentFaultAgent,
     WorkerFaultAgent,
+    kill_all,
     locked_error,
     read_stamp,
     sys_exit,
@@ -644,24 +646,7 @@ def test_no_resource_tracker_warnings(start_method):
 # may strike: "construct" while the workers are still starting, "idle" between batches,
 # "batch" mid-batch (in served kinds the parent hangs in the agent, the workers wait for
 # actions; in cpu the workers step a slow env).
-CHILD_SCRIPT = textwrap.dedent("""
-    import functools, os, sys, threading, time
-    import multiprocessing as mp
-    import multiprocessing.shared_memory, multiprocessing.synchronize
-
-    sem_init = mp.synchronize.SemLock.__init__
-    shm_init = mp.shared_memory.SharedMemory.__init__
-    def sem_init_rec(self, *a, **k):
-        sem_init(self, *a, **k)
-        if self._semlock.name:
-            print("SHM", "sem." + self._semlock.name.lstrip("/"), flush=True)
-    def shm_init_rec(self, name=None, create=False, size=0, *a, **k):
-        shm_init(self, name, create, size, *a, **k)
-        if create:
-            print("SHM", self.name.lstrip("/"), flush=True)
-    mp.synchronize.SemLock.__init__ = sem_init_rec
-    mp.shared_memory.SharedMemory.__init__ = shm_init_rec
-
+CHILD_SCRIPT = RECORD_NAMES + textwrap.dedent("""
     import sampling
     from tests.fault_helpers import ReadyThenHangAgent, SlowInitEnv
     from tests.helpers import CountingEnv, SlowEnv
@@ -769,12 +754,7 @@ def _cleanup_child(proc, pids) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
-    for p in pids:
-        if _alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+    kill_all(pids)
     proc.stdout.close()
     proc.stderr.close()
 

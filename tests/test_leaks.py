@@ -44,6 +44,7 @@ from sampling import SamplerClosedError, WorkerError
 from sampling.errors import SharedMemoryFullError
 from tests.conftest import LeakWatch
 from tests.fault_helpers import (
+    RECORD_NAMES,
     FaultEnv,
     SimulatorEnv,
     alive,
@@ -99,24 +100,7 @@ def test_no_name_while_a_construction_error_is_kept(kind, start_method, no_leaks
 # A script that starts a sampler, prints the /dev/shm names it creates (as they appear) and
 # the pids of its workers, then READY; then, per `how`, it exits with os._exit, SIGKILLs its
 # own process group, or waits to be killed. Its envs own `sleep 300` children (SimulatorEnv).
-NAMES_SCRIPT = textwrap.dedent("""
-    import functools, os, signal, sys, time
-    import multiprocessing as mp
-    import multiprocessing.shared_memory, multiprocessing.synchronize
-
-    sem_init = mp.synchronize.SemLock.__init__
-    shm_init = mp.shared_memory.SharedMemory.__init__
-    def sem_init_rec(self, *a, **k):
-        sem_init(self, *a, **k)
-        if self._semlock.name:
-            print("NAME", "sem." + self._semlock.name.lstrip("/"), flush=True)
-    def shm_init_rec(self, name=None, create=False, size=0, *a, **k):
-        shm_init(self, name, create, size, *a, **k)
-        if create:
-            print("NAME", self.name.lstrip("/"), flush=True)
-    mp.synchronize.SemLock.__init__ = sem_init_rec
-    mp.shared_memory.SharedMemory.__init__ = shm_init_rec
-
+NAMES_SCRIPT = RECORD_NAMES + textwrap.dedent("""
     import sampling
     from tests.fault_helpers import SimulatorEnv
     from tests.helpers import CountingAgent
@@ -186,7 +170,7 @@ def test_parent_death_leaves_no_name_and_no_orphan(how, kind, start_method, tmp_
     workers: list = []
     try:
         info = _read_ready(proc, time.monotonic() + SCRIPT_TIMEOUT_S)
-        names = set(info["NAME"])
+        names = set(info["SHM"])
         workers = [int(p) for p in info["PIDS"]]
         assert len(workers) == 2
         assert len([n for n in names if n.startswith("sem.mp-")]) == 4, names

@@ -590,3 +590,25 @@ def test_a_torch_generator_the_agent_holds_is_reseeded_per_worker(start_method):
     a, b = run(), run()
     assert not np.array_equal(a[:, :4], a[:, 4:])
     np.testing.assert_array_equal(a, b)
+
+
+class SpacesHoldingAgent(PlainAgent):
+    """Keeps its spaces and has step/reset, like an env by duck typing: still walked."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.observation_space = sampling.CartPole().observation_space
+        self.action_space = sampling.CartPole().action_space
+
+    def reset(self):
+        pass
+
+
+def test_an_agent_holding_its_spaces_is_still_mirrored():
+    net = BiasedNet()
+    with sampling.make_sampler("cpu", sampling.CartPole, SpacesHoldingAgent(net), batch_T=4,
+                               batch_B=4, n_workers=2, start_method="fork") as sampler:
+        assert (sampler.obtain_samples().action == 0).all()
+        with torch.no_grad():
+            net.lin.bias.neg_()
+        assert (sampler.obtain_samples().action == 1).all()
