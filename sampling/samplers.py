@@ -89,6 +89,9 @@ STACK_QUIET_S = 0.05
 # workers writing their marks at every env step never share one.
 BEAT_WORDS = 8
 
+# A worker found dead may have sent its error report just before exiting: how long the
+# parent looks for it on the pipe before reporting the death alone.
+REPORT_WAIT_S = 0.2
 # A batch-level wait wakes at least this often to see whether another thread shut the
 # sampler down (a closed pipe does not wake a wait already in progress).
 GATHER_POLL_S = 1.0
@@ -358,7 +361,7 @@ class Sampler:
             if self._mirror.empty:
                 self._mirror = None
             else:
-                specs["params"] = spec_of(_numpy_tree(self._mirror.arrays()))
+                specs["params"] = spec_of(tree_map(to_numpy, self._mirror.arrays()))
         if o.step_timeout is not None:  # each worker's progress marks: a cache line each
             specs["beats"] = Spec((self.n_workers, BEAT_WORDS), "<i8")
         nbytes, placed = layout(specs)
@@ -722,9 +725,9 @@ class Sampler:
         conn, proc = self._res.conns[w], self._res.procs[w]
         if msg is None:
             try:
-                if conn.poll(0.2):  # an error report may be just behind the exit
+                if conn.poll(REPORT_WAIT_S):  # an error report may be just behind the exit
                     msg = conn.recv()
-                    while msg[0] == "started" and conn.poll(0.2):
+                    while msg[0] == "started" and conn.poll(REPORT_WAIT_S):
                         self._started.add(w)
                         msg = conn.recv()
             except (EOFError, OSError):
@@ -963,10 +966,6 @@ def _numeric(info: Any, what: str, path: tuple = ()) -> dict:
         if a.dtype.kind in "biuf":
             out[k] = a
     return out
-
-
-def _numpy_tree(x: Any) -> Any:
-    return tree_map(to_numpy, x)
 
 
 def _copy_params(dst: dict, src: Any) -> None:
