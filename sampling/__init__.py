@@ -5,7 +5,7 @@ standard library's multiprocessing and shared memory; numpy and cloudpickle only
 Importing the package has no side effects and imports neither torch nor gymnasium.
 """
 from .agents import RandomAgent
-from .api import make_sampler, usable_cpus
+from .api import make_sampler
 from .collector import Segment, TrajInfo
 from .envs import CartPole
 from .errors import (
@@ -15,7 +15,8 @@ from .errors import (
     SharedMemoryFullError,
     WorkerError,
 )
-from .samplers import KINDS, Batch, Sampler
+from .kinds import KINDS, usable_cpus
+from .samplers import Batch, Sampler
 
 __version__ = "0.1.0"
 

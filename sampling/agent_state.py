@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .buffers import tree_leaves
+from .tree import get, to_numpy, tree_leaves
 
 __all__ = ["find", "Params", "load_params", "to_numpy", "unmirrored_arrays", "reseed",
            "RngGuard", "worker_seed"]
@@ -156,23 +156,11 @@ class Params:
                 for name, t in m.state_dict(keep_vars=True).items()}
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    """A numpy view (CPU tensors, arrays) or copy (tensors elsewhere) of ``x``."""
-    if hasattr(x, "detach"):
-        x = x.detach()
-        if x.device.type != "cpu":
-            x = x.cpu()
-        return x.numpy()
-    return np.asarray(x)
-
-
 def load_params(own: Any, shared: dict) -> None:
     """Copy ``shared`` (the segment's arrays) into ``own`` (:meth:`Params.arrays` of a
     worker's copy), in place, whatever the leaves are (arrays, or tensors on any device)."""
     for path, arr in tree_leaves(shared):
-        dst = own
-        for k in path:
-            dst = dst[k]
+        dst = get(own, path)
         if hasattr(dst, "detach"):
             torch = _torch()
             with torch.no_grad():

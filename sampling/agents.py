@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .buffers import cast_problem, tree_leaves, tree_map
+from .buffers import cast_problem
 from .spaces import random_action_fn
+from .tree import get, to_numpy, tree_leaves, tree_map
 
 __all__ = ["RandomAgent", "AgentRunner"]
 
@@ -179,9 +180,7 @@ class _SliceViews:
 def write_checked(dst: np.ndarray, src: Any, what: str, verb: str) -> None:
     """Copy ``src`` into ``dst``; raise a clear error on a wrong shape or on any cast that
     would change a value (:func:`sampling.buffers.cast_problem`)."""
-    if hasattr(src, "detach"):  # a torch tensor
-        src = src.detach().cpu().numpy()
-    a = src if isinstance(src, np.ndarray) else np.asarray(src)
+    a = src if isinstance(src, np.ndarray) else to_numpy(src)
     if a.shape != dst.shape:
         raise ValueError(f"{what}: {verb} shape {a.shape}, expected {dst.shape} "
                          f"(one row per env, each shaped like the action space)")
@@ -197,11 +196,9 @@ def write_info(leaves: list, info: Any, what: str) -> None:
         raise TypeError(f"agent.step returned agent_info of type {type(info).__name__} for "
                         f"{what}; it returned a dict on the first call: keep it consistent")
     for path, arr in leaves:
-        v = info
         try:
-            for k in path:
-                v = v[k]
-        except (KeyError, TypeError, IndexError):
+            v = get(info, path)
+        except LookupError:
             raise KeyError(f"agent_info is missing {'/'.join(map(str, path))!r} for {what}; "
                            f"it had it on the first call") from None
         if v.__class__ is np.ndarray and v.shape == arr.shape and v.dtype == arr.dtype:

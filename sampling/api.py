@@ -8,25 +8,18 @@ import collections.abc
 import multiprocessing as mp
 import numbers
 import os
-import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .agent_state import RngGuard
 from .collector import TrajInfo
-from .samplers import KINDS, Options, Sampler
+from .kinds import KINDS, usable_cpus, worker_count
+from .samplers import Options, Sampler
 
 __all__ = ["make_sampler", "usable_cpus"]
 
 RESET_MODES = ("mid_batch", "wait")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (respects affinity masks, e.g. on HPC nodes)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 # The longest shutdown_timeout: a day is more than any env needs to close, and the waits
@@ -197,7 +190,7 @@ def make_sampler(
         sampler = make_sampler(kind, env_fn, agent, **_kwargs(opts, n_workers))
         sampler.auto_reason = reason
         return sampler
-    opts.n_workers = _workers(kind, batch_B, n_workers)
+    opts.n_workers = worker_count(kind, batch_B, n_workers)
     if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
                                 or _default_method()) != "fork":
         _check_picklable(env_fn, agent, eval_env_fn, kind)
@@ -219,41 +212,6 @@ def _kwargs(opts: Options, n_workers) -> dict:
 
 def _default_method() -> str:
     return mp.get_context().get_start_method()
-
-
-def _workers(kind: str, batch_B: int, n_workers: int | None) -> int:
-    k = KINDS[kind]
-    if not k.workers:
-        return 0
-    if n_workers is None:
-        n = min(batch_B, usable_cpus())
-        if k.groups == 2:
-            n = max(2, n - n % 2)
-    else:
-        n = n_workers
-    if n > batch_B:
-        warnings.warn(f"n_workers={n} > batch_B={batch_B}: using {batch_B} workers (one env "
-                      f"each); the others would have no env to step", stacklevel=3)
-        n = batch_B
-        if k.groups == 2 and n % 2:
-            n -= 1
-    if k.groups == 2:
-        if n < 2 or n % 2:
-            raise ValueError(f"{kind!r} needs an even number of workers (two equal groups), "
-                             f"got n_workers={n}; use an even n_workers <= batch_B")
-        if batch_B % 2 or _group_sizes(batch_B, n)[0] != _group_sizes(batch_B, n)[1]:
-            raise ValueError(f"{kind!r} splits the envs into two equal groups: batch_B={batch_B} "
-                             f"over n_workers={n} gives groups of "
-                             f"{_group_sizes(batch_B, n)} envs; choose batch_B divisible by "
-                             f"n_workers (e.g. batch_B={n * max(1, batch_B // n)})")
-    return n
-
-
-def _group_sizes(batch_B: int, n: int) -> tuple:
-    from .samplers import split
-    sl = split(batch_B, n)
-    half = n // 2
-    return (sl[half - 1][1] - sl[0][0], sl[-1][1] - sl[half][0])
 
 
 TRAJ_INFO_METHODS = ("update(segment)", "terminate(final_observation)", "stats()")

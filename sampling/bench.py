@@ -25,8 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .agents import AgentRunner, RandomAgent, _accepts_env_ids
-from .api import _workers, make_sampler, usable_cpus
-from .samplers import KINDS
+from .api import make_sampler
+from .kinds import KINDS, usable_cpus, worker_count
 from .spaces import Box, Discrete, random_action_fn
 
 __all__ = ["choose_kind", "resolve_env", "make_agent", "MLPAgent", "env_alone", "benchmark",
@@ -889,7 +889,7 @@ def choose_kind(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) 
     try:
         with warnings.catch_warnings():  # make_sampler warns about n_workers > batch_B itself
             warnings.simplefilter("ignore")
-            Wg = _workers("alternating", B, n_workers)
+            Wg = worker_count("alternating", B, n_workers)
         cands.append("alternating")
     except ValueError:
         excluded.append("alternating (needs an even worker count and two equal env groups)")

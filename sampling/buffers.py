@@ -12,42 +12,16 @@ import os
 import sys
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from .errors import SharedMemoryFullError
+from .tree import tree_map
 
 SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (shm_open's tmpfs)
 
 _ALIGN = 64  # cache line: workers writing neighbouring fields never share one
-
-
-def is_tree(x: Any) -> bool:
-    """Dicts and tuples (observations of Dict and Tuple spaces) are trees; all else is a leaf."""
-    return isinstance(x, (dict, tuple))
-
-
-def tree_map(fn: Callable, tree: Any) -> Any:
-    """Apply ``fn`` to every leaf of nested dicts/tuples (namedtuples keep their type)."""
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, tuple):
-        items = [tree_map(fn, v) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
-    return fn(tree)
-
-
-def tree_leaves(tree: Any, path: tuple = ()) -> Iterator[tuple]:
-    """Yield ``(path, leaf)`` for every leaf, in order (tuple items by index)."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from tree_leaves(v, path + (k,))
-    elif isinstance(tree, tuple):
-        for i, v in enumerate(tree):
-            yield from tree_leaves(v, path + (i,))
-    else:
-        yield path, tree
 
 
 def cast_problem(a: np.ndarray, dtype: np.dtype) -> str | None:

@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .buffers import cast_problem, is_tree, tree_leaves, tree_map
+from .buffers import cast_problem
 from .errors import tag, tagged
 from .spaces import random_action_fn
+from .tree import get, is_tree, path_text, stack, tree_leaves, tree_map
 
 __all__ = ["TrajInfo", "Segment", "Collector"]
 
@@ -304,7 +305,7 @@ class Collector:
         self.cols["prev_action_full"][T, j] = 0 if last_a is None else last_a
         self.cols["prev_reward_full"][T, j] = last_r
         if record["reward"]:  # the open episode keeps its decorrelation steps in its stats
-            source = {k: _stack(v) for k, v in record.items()}
+            source = {k: stack(v) for k, v in record.items()}
             source["env_info"], source["agent_info"] = {}, {}
             self.trajs[j].update(Segment(source, 0, len(record["reward"])))
 
@@ -457,20 +458,17 @@ class Collector:
         """Write env j's observation into ``field[row, j]``, checked."""
         dst = self.cols[field]
         for path, arr in tree_leaves(dst):
-            v = o
-            for k in path:
-                if isinstance(v, dict) if isinstance(k, str) else isinstance(v, tuple):
-                    if (k in v) if isinstance(v, dict) else k < len(v):
-                        v = v[k]
-                        continue
-                self._bad(j, _field("observation", path), f"no such entry in a "
-                          f"{type(v).__name__}", "an array")
+            try:
+                v = get(o, path, strict=True)
+            except LookupError:
+                self._bad(j, "observation" + path_text(path), "no such entry", "an array")
             if is_tree(v):
-                self._bad(j, _field("observation", path), f"a {type(v).__name__}", "an array")
+                self._bad(j, "observation" + path_text(path), f"a {type(v).__name__}",
+                          "an array")
             a = v if isinstance(v, np.ndarray) else np.asarray(v)
             want = arr[row, j]
             if a.shape != want.shape or a.dtype != want.dtype:
-                self._bad(j, _field("observation", path), f"shape {a.shape} dtype {a.dtype}",
+                self._bad(j, "observation" + path_text(path), f"shape {a.shape} dtype {a.dtype}",
                           f"shape {want.shape} dtype {want.dtype}")
             arr[row, j] = a
 
@@ -495,15 +493,14 @@ class Collector:
                             f"{type(info).__name__} at step {t}; the gymnasium API's info is "
                             f"a dict")
         for path, arr, direct in self.info_leaves:
-            v = info
-            for k in path:
-                if not isinstance(v, dict) or k not in v:
-                    raise ValueError(
-                        f"{self.label} {self.lo + j} ({self.where}) returned no env_info "
-                        f"{'/'.join(map(str, path))!r} at step {t}; it had it on the probe "
-                        f"step, and a batch cannot tell a missing entry from 0. Report the "
-                        f"entry at every step (e.g. a wrapper that fills in a default)")
-                v = v[k]
+            try:
+                v = get(info, path, strict=True)
+            except LookupError:
+                raise ValueError(
+                    f"{self.label} {self.lo + j} ({self.where}) returned no env_info "
+                    f"{'/'.join(map(str, path))!r} at step {t}; it had it on the probe "
+                    f"step, and a batch cannot tell a missing entry from 0. Report the "
+                    f"entry at every step (e.g. a wrapper that fills in a default)") from None
             if v.__class__ in direct:
                 try:
                     arr[t, j] = v
@@ -522,13 +519,3 @@ class Collector:
             arr[t, j] = a
 
 
-def _field(name: str, path: tuple) -> str:
-    return name + "".join(f"[{k!r}]" for k in path)
-
-
-def _stack(values: list) -> Any:
-    if values and isinstance(values[0], dict):
-        return {k: _stack([v[k] for v in values]) for k in values[0]}
-    if values and isinstance(values[0], tuple):
-        return tuple(_stack([v[i] for v in values]) for i in range(len(values[0])))
-    return np.stack([np.asarray(v) for v in values])

@@ -24,19 +24,16 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .agent_state import Params, RngGuard, to_numpy, unmirrored_arrays
+from .agent_state import Params, RngGuard, unmirrored_arrays
 from .agents import AgentRunner, write_checked
 from .buffers import (
     SharedBuffer,
     Spec,
-    is_tree,
     layout,
     no_memory_message,
     shm_space,
     size_text,
     spec_of,
-    tree_leaves,
-    tree_map,
     views,
 )
 from .collector import (
@@ -58,7 +55,9 @@ from .collector import (
     make_env,
 )
 from .errors import RemoteTraceback, SamplerClosedError, SamplerError, WorkerError
+from .kinds import KINDS, split
 from .spaces import random_action_fn
+from .tree import get, is_tree, path_text, to_numpy, tree_leaves, tree_map
 from .worker import (
     PARENT_SPIN_S,
     STACK_SIGNAL,
@@ -69,7 +68,7 @@ from .worker import (
     worker_main,
 )
 
-__all__ = ["Kind", "KINDS", "Batch", "Sampler"]
+__all__ = ["Batch", "Sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -95,25 +94,6 @@ REPORT_WAIT_S = 0.2
 # A batch-level wait wakes at least this often to see whether another thread shut the
 # sampler down (a closed pipe does not wake a wait already in progress).
 GATHER_POLL_S = 1.0
-
-
-@dataclass(frozen=True)
-class Kind:
-    """How a kind runs: where envs step, who calls the agent, and in how many groups."""
-
-    workers: bool  # envs step in worker processes (else in the parent)
-    served: bool   # the parent runs the agent for the workers' envs (action server)
-    groups: int    # worker groups served in turn
-    overlap: bool  # groups may step while the parent computes another group's actions
-
-
-KINDS = {
-    "serial": Kind(workers=False, served=False, groups=1, overlap=False),
-    "cpu": Kind(workers=True, served=False, groups=1, overlap=False),
-    "gpu": Kind(workers=True, served=True, groups=1, overlap=True),
-    "alternating": Kind(workers=True, served=True, groups=2, overlap=True),
-    "no_overlap_alternating": Kind(workers=True, served=True, groups=2, overlap=False),
-}
 
 
 class Batch(dict):
@@ -151,17 +131,6 @@ class Options:
     cpu_affinity: list | None
     shutdown_timeout: float
     step_timeout: float | None = None
-
-
-def split(n: int, parts: int) -> list:
-    """``[(lo, hi)]`` for ``parts`` contiguous slices of ``range(n)``, extras to the first."""
-    base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for i in range(parts):
-        hi = lo + base + (i < extra)
-        out.append((lo, hi))
-        lo = hi
-    return out
 
 
 # A worker stopped with SIGTERM (every path but a graceful shutdown; see worker_main)
@@ -882,7 +851,7 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> _Probe
     for path, leaf in tree_leaves(obs):
         if leaf.dtype.kind not in "biufc":
             raise TypeError(
-                f"{what}: observation{_path(path)} is {leaf.dtype} ({leaf!r:.80}); a batch "
+                f"{what}: observation{path_text(path)} is {leaf.dtype} ({leaf!r:.80}); a batch "
                 f"stores numbers: observations must be numeric arrays (dicts and tuples of "
                 f"them are fine). Variable-size spaces (Graph, Sequence, Text) cannot be "
                 f"batched: wrap the env to return fixed-size arrays")
@@ -908,10 +877,6 @@ def _contents(specs: dict, T: int, B: int, E: int) -> str:
     parts = [f"{text}: {size_text(layout({key: specs[key]})[0])}"
              for key, text in names.items() if key in specs]
     return ", ".join(parts)
-
-
-def _path(path: tuple) -> str:
-    return "".join(f"[{k!r}]" for k in path)
 
 
 def _warn_unmirrored(agent: Any, mirror: Params) -> None:
@@ -945,7 +910,7 @@ INT64 = np.iinfo(np.int64)
 def _numeric(info: Any, what: str, path: tuple = ()) -> dict:
     """The numeric entries of an info dict, as arrays (the env_info layout)."""
     if not isinstance(info, dict):
-        raise TypeError(f"{what}: env.step returned info{_path(path)} of type "
+        raise TypeError(f"{what}: env.step returned info{path_text(path)} of type "
                         f"{type(info).__name__}; the gymnasium API's info is a dict "
                         f"(return {{}} if there is nothing to report)")
     out = {}
@@ -956,7 +921,7 @@ def _numeric(info: Any, what: str, path: tuple = ()) -> dict:
                 out[k] = sub
             continue
         if isinstance(v, int) and not INT64.min <= v <= INT64.max:
-            raise OverflowError(f"{what}: env.step returned info{_path(path + (k,))}={v}, "
+            raise OverflowError(f"{what}: env.step returned info{path_text(path + (k,))}={v}, "
                                 f"beyond int64: a batch cannot store it. Report it as a "
                                 f"float, or leave it out of info")
         try:
@@ -970,10 +935,7 @@ def _numeric(info: Any, what: str, path: tuple = ()) -> dict:
 
 def _copy_params(dst: dict, src: Any) -> None:
     for path, arr in tree_leaves(dst):
-        v = src
-        for k in path:
-            v = v[k]
-        np.copyto(arr, to_numpy(v))
+        np.copyto(arr, to_numpy(get(src, path)))
 
 
 def _batch_specs(T: int, B: int, p: _Probed, final_obs: bool, bootstrap: bool) -> dict:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .buffers import is_tree, tree_map
+from .tree import is_tree, to_numpy, tree_map
 
 __all__ = ["TorchAgent", "to_torch", "PinnedStaging"]
 
@@ -104,7 +104,7 @@ class TorchAgent:
             info["state"] = self._record(state)
             for s, new in zip(self._state, _leaves(new_state)):
                 s[:, torch.as_tensor(ids, device=self.device)] = new
-        return _numpy(action), tree_map(_numpy, info)
+        return to_numpy(action), tree_map(to_numpy, info)
 
     @torch.no_grad()
     def value(self, observation, prev_action, prev_reward, env_ids=None) -> np.ndarray:
@@ -114,7 +114,7 @@ class TorchAgent:
         if value is None:
             raise TypeError("TorchAgent.value: the model returns no value; return "
                             "(out, value) from it to use bootstrap_value=True")
-        return _numpy(value)
+        return to_numpy(value)
 
     def shared_arrays(self) -> dict:
         """numpy views of the model's parameters and buffers (zero-copy; the ``cpu`` kind
@@ -238,10 +238,6 @@ class TorchAgent:
 
 def _leaves(state) -> tuple:
     return (state,) if torch.is_tensor(state) else tuple(state)
-
-
-def _numpy(t) -> np.ndarray:
-    return t.detach().cpu().numpy()
 
 
 # -- batches as tensors ----------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 
 from .agent_state import Params, load_params, reseed, worker_seed
 from .agents import AgentRunner, write_checked
-from .buffers import SharedBuffer, is_tree, tree_leaves, tree_map, views
+from .buffers import SharedBuffer, views
 from .collector import (
     AGENT,
     EVAL,
@@ -42,6 +42,7 @@ from .collector import (
     make_env,
     mark,
 )
+from .tree import is_tree, tree_leaves, tree_map
 
 POLL_S = 0.5  # how often a waiting worker checks that its parent is alive
 # Per-step waits first retry the semaphore without blocking for a short while, yielding the
