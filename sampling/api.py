@@ -1,6 +1,6 @@
 """``make_sampler``: the front door. Validates every argument before a process starts.
 
-Imports samplers (and, for ``"auto"``, the benchmark module lazily).
+Imports kinds, samplers and agent_state (and, for ``"auto"``, :mod:`sampling.auto` lazily).
 """
 from __future__ import annotations
 
@@ -180,34 +180,23 @@ def make_sampler(
         raise TypeError("bootstrap_value=True needs an agent with a "
                         "value(observation, prev_action, prev_reward) method")
     if kind == "auto":
-        from .bench import choose_kind
+        from .auto import choose_kind
         with RngGuard(agent):  # its agent calls consume none of the user's random streams
             kind, reason = choose_kind(env_fn, agent, opts, n_workers)
         if step_timeout is not None and not KINDS[kind].workers:
             raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot enforce "
                              f"step_timeout (it steps envs in this process); pass a parallel "
                              f"kind explicitly, or step_timeout=None")
-        sampler = make_sampler(kind, env_fn, agent, **_kwargs(opts, n_workers))
-        sampler.auto_reason = reason
-        return sampler
+    else:
+        reason = None
     opts.n_workers = worker_count(kind, batch_B, n_workers)
     if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
                                 or _default_method()) != "fork":
         _check_picklable(env_fn, agent, eval_env_fn, kind)
-    return Sampler(kind, env_fn, agent, opts)
-
-
-def _kwargs(opts: Options, n_workers) -> dict:
-    return dict(batch_T=opts.batch_T, batch_B=opts.batch_B, n_workers=n_workers,
-                seed=opts.seed, reset_mode=opts.reset_mode,
-                max_decorrelation_steps=opts.max_decorrelation_steps,
-                bootstrap_value=opts.bootstrap_value, final_observation=opts.final_observation,
-                discount=opts.discount, traj_info=opts.traj_info, eval_env_fn=opts.eval_env_fn,
-                eval_n_envs=opts.eval_n_envs, eval_max_steps=opts.eval_max_steps,
-                eval_max_trajectories=opts.eval_max_trajectories,
-                start_method=opts.start_method, torch_threads=opts.torch_threads,
-                cpu_affinity=opts.cpu_affinity, shutdown_timeout=opts.shutdown_timeout,
-                step_timeout=opts.step_timeout)
+    sampler = Sampler(kind, env_fn, agent, opts)
+    if reason is not None:
+        sampler.auto_reason = reason
+    return sampler
 
 
 def _default_method() -> str:

@@ -93,7 +93,7 @@ def worker_count(kind: str, batch_B: int, n_workers: int | None, exact: bool = T
     if n > batch_B:
         if exact:
             warnings.warn(f"n_workers={n} > batch_B={batch_B}: using {batch_B} workers (one "
-                          f"env each); the others would have no env to step", stacklevel=4)
+                          f"env each); the others would have no env to step", stacklevel=3)
         n = batch_B - batch_B % g
     if g > 1:
         equal = "two equal groups" if g == 2 else f"{g} equal groups"

@@ -1,0 +1,704 @@
+"""The worker pool: processes, their pipes, semaphores, liveness and close. Knows no batches.
+
+Imports buffers and errors. Nothing else in the package touches a pipe, a process
+sentinel or a semaphore. What crosses, and when (parent P, worker w)::
+
+    start    P: Process(target=worker_entry, PoolSpec.configs[w])    w -> P: Started()
+             w: attaches the segment, runs PoolSpec.program(link, arrays, config),
+                which builds its envs and says                          w -> P: Ready()
+    command  P -> w: any picklable command (the program's own dataclasses, or Close())
+             w -> P: Done(result) | Failed(error, traceback)
+    step     w: writes its observations, releases obs_ready[w], waits on act_ready[w]
+             P: waits on obs_ready of a group, writes actions, releases act_ready
+    deadline w: writes [sequence, phase, step, env] into its beat (shared memory)
+             P: reads the beats while it waits; a beat that stops moving in a phase with a
+                deadline gets the worker's stack (STACK_SIGNAL) and the worker killed
+    close    P -> w: Close(); w closes its envs and exits; then SIGTERM, then SIGKILL
+
+Every wait in the parent is bounded and watches the workers' process sentinels; every wait
+in a worker watches its parent. Errors raised here are :class:`WorkerError` naming the
+worker, its envs and what happened.
+"""
+from __future__ import annotations
+
+import faulthandler
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
+from time import perf_counter
+from typing import Any, Callable
+
+from .buffers import SharedBuffer, shm_space, size_text, views
+from .errors import RemoteTraceback, SamplerError, WorkerError
+
+try:
+    from os import sched_yield
+except ImportError:  # not on every platform
+    def sched_yield() -> None:
+        pass
+
+__all__ = ["Started", "Ready", "Done", "Failed", "Close", "PoolSpec", "Pool", "Link",
+           "worker_entry", "acquire", "sigint_blocked", "quietly"]
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often a waiting worker checks that its parent is alive
+# Per-step waits first retry the semaphore without blocking for a short while, yielding the
+# CPU between tries: a process put to sleep takes tens of microseconds to wake (more on VMs),
+# longer than an action-server step. A worker waits for actions (the agent's time plus the
+# handoff): SPIN_S covers that. The parent waits for observations, i.e. for envs to step,
+# and a parent spinning that long takes a core from the very workers it waits for (measured
+# here: gpu on CartPole-v1, 2 cores, parent spin 100 us: 0.77-0.90x the env alone; 20 us or
+# none: 0.91-1.06x), so it spins only PARENT_SPIN_S.
+SPIN_S = 100e-6
+PARENT_SPIN_S = 20e-6
+# With a deadline, the parent looks at the workers' beats at least this often: a stuck env
+# is reported within its deadline + DEADLINE_POLL_S (+ STACK_WAIT_S for its stack).
+DEADLINE_POLL_S = 0.25
+# A batch-level wait wakes at least this often to see whether another thread closed the
+# pool (a closed pipe does not wake a wait already in progress).
+GATHER_POLL_S = 1.0
+# The signal that makes a worker's faulthandler write every thread's stack to its pipe.
+STACK_SIGNAL = getattr(signal, "SIGUSR1", None)
+# How long a stuck worker gets to write its stack (faulthandler writes it from the signal
+# handler, in microseconds: only a stopped process takes this long), and how long the
+# parent waits for more once some has come.
+STACK_WAIT_S = 0.5
+STACK_QUIET_S = 0.05
+STACK_READ_BYTES = 65536  # one read of the stack pipe (a pipe's default capacity)
+# int64 words per worker beat: 4 used, padded to a 64-byte cache line so that workers
+# writing their beats at every env step never share one.
+BEAT_WORDS = 8
+# A worker found dead may have sent its error report just before exiting: how long the
+# parent looks for it on the pipe before reporting the death alone.
+REPORT_WAIT_S = 0.2
+# How long the parent waits for a dead worker's exit code (it is being reaped) before
+# reporting "stopped answering" without one.
+EXIT_CODE_WAIT_S = 0.5
+# A worker stopped with SIGTERM (every path but a graceful close) unwinds to its env.close()
+# calls: it gets this long to finish them before SIGKILL. Enough to stop and reap a
+# simulator's process; short, because a fault or a Ctrl-C waits for it (healthy workers take
+# milliseconds: only an env stuck in C code or a slow close() waits).
+TERMINATE_GRACE_S = 2.0
+# A SIGKILLed process is gone once the kernel has torn it down; the wait for that is bounded
+# all the same, for a process stuck in uninterruptible sleep (a hung NFS read, say).
+KILL_WAIT_S = 5.0
+
+
+# -- messages -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Started:
+    """w -> P, first thing: the process got past multiprocessing's start-up."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """w -> P: the program built its state and waits for commands."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """w -> P: a command finished; ``result`` is what the program returned."""
+
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """w -> P: the worker raised; ``traceback`` is the formatted remote traceback."""
+
+    error: BaseException
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """P -> w: close the envs and exit."""
+
+
+@dataclass
+class PoolSpec:
+    """What a pool starts: ``program(link, arrays, config)`` in each worker, with its own
+    ``configs[w]``, over the shared segment ``shared`` laid out as ``placed``."""
+
+    program: Callable[..., None]
+    configs: list                      # one per worker (cloudpickled unless forked)
+    shared: SharedBuffer
+    placed: dict
+    labels: list                       # per worker, how messages name it
+    envs: list                         # per worker, the global env indices it runs
+    start_method: str | None = None
+    name: str = "sampling"             # process names: f"{name}-worker-{w}"
+    beats: Any = None                  # [W, BEAT_WORDS] int64 array: workers have deadlines
+    deadline: Callable[[int], float | None] = lambda phase: None  # seconds for a phase
+    stuck: Callable[..., str] = field(default=lambda w, phase, t, j, limit: "")
+    close_timeout: float = 5.0
+
+
+# -- the parent's side ------------------------------------------------------------------
+class Pool:
+    """Worker processes running one program. Made empty, then :meth:`start`; :meth:`stop`
+    is idempotent and may be run again after an interruption."""
+
+    def __init__(self):
+        self.procs: list = []
+        self.conns: list = []
+        self.sems: list = []        # per worker (obs_ready, act_ready): the handoff
+        self.stack_pipes: list = []  # per worker, where its stack comes, with deadlines
+        self.started: set = set()   # workers whose Started came: a death after it is no
+        self.spec: PoolSpec | None = None  # start-up failure
+        self.closed: Callable[[], None] = lambda: None  # raises if the owner was closed
+        self._watch: dict = {}  # worker -> (its beat, when the parent first saw it)
+
+    @property
+    def size(self) -> int:
+        return len(self.procs)
+
+    def start(self, spec: PoolSpec) -> None:
+        """Start one process per config and wait until each is Ready."""
+        self.spec = spec
+        ctx = mp.get_context(spec.start_method)
+        self.method = ctx.get_start_method()
+        self.poll_s = GATHER_POLL_S if spec.beats is None else DEADLINE_POLL_S
+        for w, cfg in enumerate(spec.configs):
+            payload = cfg if self.method == "fork" else _dumps(cfg)
+            parent_conn, child_conn = ctx.Pipe()
+            sems = (ctx.Semaphore(0), ctx.Semaphore(0))  # the per-step handoff
+            self.sems.append(sems)  # named (spawn, forkserver): see drop_names
+            stack_in = stack_out = None
+            if spec.beats is not None and STACK_SIGNAL is not None:
+                stack_in, stack_out = ctx.Pipe(duplex=False)
+                self.stack_pipes.append(stack_in)
+            p = ctx.Process(target=worker_entry, name=f"{spec.name}-worker-{w}", daemon=True,
+                            args=(w, spec.program, payload, spec.shared.name,
+                                  spec.shared.nbytes, spec.placed, child_conn, *sems,
+                                  stack_out))
+            with _without_mpi_env(), sigint_blocked():
+                p.start()
+            child_conn.close()
+            if stack_out is not None:
+                stack_out.close()
+            self.procs.append(p)
+            self.conns.append(parent_conn)
+        self.gather(range(self.size), Ready)
+        self.drop_names()  # every worker has opened them: nothing can leak them now
+        log.debug("%s: %d workers started (%s)", spec.name, self.size, self.method)
+
+    # -- commands --------------------------------------------------------------------
+    def send(self, command: Any) -> None:
+        """Send ``command`` to every worker."""
+        # A Ctrl-C in the middle of a send would leave half a message in the pipe (and a
+        # pickling buffer that CPython 3.13 complains about): let it land after the sends.
+        with sigint_blocked():
+            failed = None
+            for w, c in enumerate(self.conns):
+                try:
+                    c.send(command)
+                except (BrokenPipeError, ConnectionResetError, EOFError):
+                    failed = w
+                    break
+        if failed is not None:
+            self.raise_error(failed)
+
+    def gather(self, workers, expect: type = Done) -> dict:
+        """Wait for one ``expect`` message from each of ``workers``; ``{w: result}``.
+        Fails fast (WorkerError) on any worker's error report or death."""
+        pending = {self.conns[w]: w for w in workers}
+        out = {}
+        while pending:
+            self.closed()  # the owner was closed from another thread: stop waiting
+            sentinels = {self.procs[w].sentinel: w for w in pending.values()}
+            ready = mp_connection.wait(list(pending) + list(sentinels), timeout=self.poll_s)
+            if not ready:
+                self.check_deadlines()
+            for obj in ready:
+                if obj in pending:
+                    w = pending[obj]
+                    msg = self._recv(w)
+                    if msg is None:
+                        continue  # only Started: still pending
+                    del pending[obj]
+                    if not isinstance(msg, expect):
+                        self.raise_error(w, msg)
+                    out[w] = getattr(msg, "result", None)
+            for obj in ready:
+                w = sentinels.get(obj)
+                if w is not None and self.conns[w] in pending:
+                    self.raise_error(w)
+        return out
+
+    def _recv(self, w: int) -> Any:
+        """The next message of worker w past its Started (None if only that came)."""
+        conn = self.conns[w]
+        try:
+            msg = conn.recv()
+            # A worker's first message says its process started; what it was asked for may
+            # be right behind it.
+            while isinstance(msg, Started):
+                self.started.add(w)
+                if not conn.poll():
+                    return None
+                msg = conn.recv()
+        except Exception as e:  # a closed pipe, or a message that won't unpickle
+            self.raise_error(w, _unreadable(e))
+        return msg
+
+    # -- the per-step handoff --------------------------------------------------------
+    def wait_obs(self, workers) -> None:
+        """Wait until each of ``workers`` has written this step's observations."""
+        sems, check = self.sems, self.check
+        for w in workers:
+            acquire(sems[w][0], check, PARENT_SPIN_S)
+
+    def release(self, workers) -> None:
+        """Let ``workers`` step with the actions written."""
+        sems = self.sems
+        for w in workers:
+            sems[w][1].release()
+
+    def check(self) -> None:
+        """Raise if a worker reported an error or died (or the owner was closed)."""
+        self.closed()
+        self.check_deadlines()
+        for w, (p, c) in enumerate(zip(self.procs, self.conns)):
+            if c.poll() or p.exitcode is not None:
+                self.raise_error(w)
+
+    # -- deadlines -------------------------------------------------------------------
+    def check_deadlines(self) -> None:
+        """Raise for a worker whose beat has not moved for longer than its phase's
+        deadline (a worker waiting for the parent has none)."""
+        beats = self.spec.beats if self.spec is not None else None
+        if beats is None:
+            return
+        now = time.monotonic()
+        for w in range(self.size):
+            seq, phase, t, j = beats[w, :4].tolist()
+            limit = self.spec.deadline(phase)
+            if limit is None:
+                self._watch.pop(w, None)
+                continue
+            seen = self._watch.get(w)
+            if seen is None or seen[0] != (seq, j):
+                self._watch[w] = ((seq, j), now)
+            elif now - seen[1] > limit:
+                self._raise_stuck(w, phase, t, j, limit)
+
+    def _raise_stuck(self, w: int, phase: int, t: int, j: int, limit: float):
+        proc = self.procs[w]
+        stack = _stack_of(proc, self.stack_pipes[w]) if self.stack_pipes else None
+        quietly(proc.kill)
+        where = (f"Its Python stack when the parent gave up (every thread, most recent call "
+                 f"first):\n{stack}" if stack else
+                 f"It did not respond to {_signame(STACK_SIGNAL)} within {STACK_WAIT_S:g} s, so "
+                 f"there is no stack: the process is stopped (SIGSTOP, a debugger) or blocked "
+                 f"in the kernel")
+        what = self.spec.stuck(w, phase, t, j, limit)
+        raise WorkerError(f"{self.spec.labels[w]}: {what}; the worker was killed. {where}",
+                          w, self.spec.envs[w], None, stack)
+
+    # -- errors ----------------------------------------------------------------------
+    def raise_error(self, w: int, msg: Any = None):
+        """Raise the WorkerError for worker w: its error report (``msg`` or one on its
+        pipe), or else its death."""
+        self.closed()  # workers stopped by a close from another thread are no failure
+        conn, proc = self.conns[w], self.procs[w]
+        if msg is None:
+            try:
+                if conn.poll(REPORT_WAIT_S):  # an error report may be just behind the exit
+                    msg = conn.recv()
+                    while isinstance(msg, Started) and conn.poll(REPORT_WAIT_S):
+                        self.started.add(w)
+                        msg = conn.recv()
+            except (EOFError, OSError):
+                msg = None
+            except Exception as e:
+                msg = _unreadable(e)
+        if isinstance(msg, Started):
+            self.started.add(w)
+            msg = None
+        head, envs = self.spec.labels[w], self.spec.envs[w]
+        if isinstance(msg, Failed):
+            cause = msg.error
+            where = getattr(cause, "sampling_where", None)
+            cause.__cause__ = RemoteTraceback(msg.traceback)
+            raise WorkerError(f"{head} raised {type(cause).__name__}: {cause}"
+                              + (f" (in {where})" if where else "")
+                              + "; its traceback is shown above and in .remote_traceback",
+                              w, envs, None, msg.traceback) from cause
+        if msg is not None:
+            raise SamplerError(f"{head} sent {msg!r} out of turn (a bug in the sampler)")
+        proc.join(EXIT_CODE_WAIT_S)
+        raise WorkerError(self._death_text(w, head, proc.exitcode), w, envs, proc.exitcode,
+                          None)
+
+    def _death_text(self, w: int, head: str, code: int | None) -> str:
+        if code is None:
+            how = "stopped answering (its pipe closed)"
+        elif code < 0:
+            how = f"was killed by signal {_signame(-code)}"
+        else:
+            how = f"exited with code {code}"
+        if code is not None and code < 0 and -code == getattr(signal, "SIGBUS", None):
+            return _sigbus_text(head, how, self.spec.shared.nbytes, self.spec.shared.reserved)
+        if code is not None and w not in self.started:
+            return _startup_failure(head, how, code, self.method)
+        return (f"{head} {how} without reporting an error; if nothing killed it, check the "
+                f"system log for the out-of-memory killer or look for os._exit/sys.exit in "
+                f"the env")
+
+    # -- close -----------------------------------------------------------------------
+    def stop(self, graceful: bool) -> None:
+        """Stop every worker (asking first if ``graceful``) and close the pipes. Each step
+        drops what it released only once it is released, so an interrupted stop (Ctrl-C)
+        can simply be run again."""
+        procs = self.procs
+        if graceful and procs:
+            # The one part a Ctrl-C may cut short: the rest is forced, with SIGINT held back
+            # (in this thread; one delivered to another thread is caught by the caller).
+            _ask_to_close(self.conns, procs, self.spec.close_timeout)
+        with sigint_blocked():
+            _stop(procs)
+            self.procs = []
+            for c in self.conns + self.stack_pipes:
+                quietly(c.close)
+            self.conns, self.stack_pipes = [], []
+            self.drop_names()
+            self.sems = []
+
+    def drop_names(self) -> None:
+        """Unlink the semaphores' names: every process that uses them has opened them, and a
+        name is the one thing that outlives every process."""
+        for pair in self.sems:
+            for sem in pair:
+                _drop_semaphore_name(sem)
+
+
+def _ask_to_close(conns: list, procs: list, timeout: float) -> None:
+    """Graceful close: ask every worker to close its envs and exit; wait ``timeout`` s."""
+    for c in conns:
+        try:
+            c.send(Close())
+        except Exception:
+            pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+
+
+def _stop(procs: list) -> None:
+    """End every process in ``procs``: SIGTERM (a worker then closes its envs), at most
+    TERMINATE_GRACE_S for all of them, then SIGKILL."""
+    live = [p for p in procs if p.exitcode is None]
+    for p in live:
+        quietly(p.terminate)
+    deadline = time.monotonic() + TERMINATE_GRACE_S
+    for p in live:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in live:
+        if p.exitcode is None:
+            quietly(p.kill)
+    deadline = time.monotonic() + KILL_WAIT_S
+    for p in live:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            log.warning("sampling: worker process %d did not end %.0f s after SIGKILL",
+                        p.pid, KILL_WAIT_S)
+
+
+def quietly(fn: Callable[[], Any]) -> None:
+    """Call ``fn()``; log (at debug level) and ignore its errors (closing paths)."""
+    try:
+        fn()
+    except Exception:
+        log.debug("sampling: ignored an error while closing", exc_info=True)
+
+
+def _drop_semaphore_name(sem: Any) -> None:
+    """Unlink a named semaphore's name now (spawn/forkserver; fork's have none). Processes
+    that opened it keep using it; nothing is left in /dev/shm whatever happens later.
+
+    CPython registers ``util.Finalize(sem, SemLock._cleanup, (name,))`` for every named
+    semaphore (3.9-3.13): calling it runs sem_unlink and the resource tracker's unregister
+    once and takes it off the exit-time registry, so nothing runs twice."""
+    name = getattr(getattr(sem, "_semlock", None), "name", None)
+    if not name:
+        return
+    from multiprocessing import synchronize, util
+    cleanup = synchronize.SemLock._cleanup
+    for fin in list(util._finalizer_registry.values()):
+        if getattr(fin, "_callback", None) is cleanup and getattr(fin, "_args", None) == (name,):
+            quietly(fin)
+            return
+
+
+def _unreadable(e: Exception) -> Failed | None:
+    """An error report standing in for a worker message the parent could not read."""
+    if isinstance(e, (EOFError, OSError)):
+        return None  # the pipe closed: the worker died; its exit code tells the rest
+    return Failed(SamplerError(f"its message could not be unpickled in the parent "
+                               f"({type(e).__name__}: {e})"),
+                  "(no traceback: the message itself was unreadable)")
+
+
+def _dumps(obj: Any) -> bytes:
+    import cloudpickle
+    return cloudpickle.dumps(obj)
+
+
+def _signame(n: int) -> str:
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return str(n)
+
+
+@contextmanager
+def sigint_blocked():
+    """Hold SIGINT back in this thread (it is delivered when the block ends)."""
+    # Around p.start() it also protects the child, which inherits the mask (across exec
+    # too) and keeps SIGINT blocked until worker_entry ignores it: a Ctrl-C while a spawn
+    # worker still imports the main module cannot kill it.
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextmanager
+def _without_mpi_env():
+    # An MPI launcher's variables make a child believe it is an MPI rank (and hang in init).
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if k.startswith(("OMPI_", "PMI_", "PMIX_"))}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _sigbus_text(head: str, how: str, nbytes: int, reserved: bool) -> str:
+    """The message for a worker killed by SIGBUS: a memory-mapped page that could not be
+    backed. Where the segment's pages were reserved at creation, not the sampler's."""
+    space = shm_space()
+    free = f"; /dev/shm has {size_text(space[0])} free" if space else ""
+    if reserved:
+        return (f"{head} {how}: a page of memory-mapped shared memory or file could not be "
+                f"backed. The sampler's own segment ({size_text(nbytes)}) had its space "
+                f"reserved at start-up, so look for an env that maps files or shared memory "
+                f"of its own (in /dev/shm, full in a container: Docker's --shm-size){free}")
+    return (f"{head} {how}: most likely /dev/shm ran out of space, so a page of the "
+            f"sampler's shared-memory segment ({size_text(nbytes)}) could not be backed"
+            f"{free}. Give /dev/shm more room (in Docker: --shm-size) or make the batch "
+            f"smaller (batch_T, batch_B, eval_n_envs); an env that maps files or shared "
+            f"memory of its own can cause it too")
+
+
+def _startup_failure(head: str, how: str, code: int, method: str) -> str:
+    """The message for a worker that died before worker_entry's first statement ran."""
+    if code < 0:
+        return (f"{head} {how} while its process was starting ({method!r} start method), "
+                f"before running any sampling code; if nothing killed it, check the system "
+                f"log for the out-of-memory killer")
+    fork = ("" if method == "fork" else
+            ", or use start_method='fork' where available (not on Windows)")
+    return (f"{head} {how} while its process was starting ({method!r} start method), before "
+            f"running any sampling code; the cause is printed on the worker's stderr above. "
+            f"Usually the child could not import the main module: a script without an "
+            f"`if __name__ == \"__main__\":` guard (spawn and forkserver workers re-run the "
+            f"script, and multiprocessing stops them in its bootstrapping phase), a script run "
+            f"from stdin (`python - < script.py`) or a notebook cell (there is no file to "
+            f"re-import), or a main module that fails when imported in the child. Fix: put the "
+            f"script's top-level code under `if __name__ == \"__main__\":`, define env_fn and "
+            f"the agent in an importable module{fork}")
+
+
+def _stack_of(proc: Any, pipe: Any) -> str | None:
+    """Ask a worker for its Python stack (STACK_SIGNAL -> faulthandler -> ``pipe``)."""
+    try:
+        os.kill(proc.pid, STACK_SIGNAL)
+    except OSError:
+        return None
+    data, deadline = b"", time.monotonic() + STACK_WAIT_S
+    try:
+        while True:
+            wait = deadline - time.monotonic() if not data else STACK_QUIET_S
+            if wait <= 0 or not pipe.poll(wait):
+                break
+            chunk = os.read(pipe.fileno(), STACK_READ_BYTES)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data.decode(errors="replace").strip() or None
+
+
+# -- the worker's side ------------------------------------------------------------------
+def acquire(sem, check, spin: float = SPIN_S) -> None:
+    """Acquire ``sem``: spin up to ``spin`` s, then sleep, calling ``check()`` (which may
+    raise) between sleeps."""
+    if sem.acquire(False):
+        return
+    deadline = perf_counter() + spin
+    while perf_counter() < deadline:
+        sched_yield()
+        if sem.acquire(False):
+            return
+    while not sem.acquire(timeout=POLL_S):
+        check()
+
+
+class ParentGone(Exception):
+    """The worker's parent died: the worker exits quietly (closing its envs)."""
+
+
+class Terminated(BaseException):
+    """Raised in a worker by SIGTERM (the parent stopping it, or anyone else): it unwinds
+    to ``worker_entry``'s ``finally``, which closes the envs. A BaseException, so that an
+    env's ``except Exception`` cannot swallow it."""
+
+
+class Link:
+    """A worker's end of the pool: commands, replies, the per-step handoff, its beat,
+    and ``envs``, the envs it has built (closed whatever way the worker ends)."""
+
+    def __init__(self, conn, obs_ready, act_ready, beat):
+        self.conn, self.obs_ready, self.act_ready = conn, obs_ready, act_ready
+        self.beat = beat  # a memoryview of int64 [sequence, phase, step, env], or None
+        self.envs: list = []
+        self.ppid = os.getppid()
+        self.parent = mp.parent_process()
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.ppid and (self.parent is None or self.parent.is_alive())
+
+    def check_parent(self) -> None:
+        if not self.parent_alive():
+            raise ParentGone
+
+    def recv(self) -> Any:
+        """The next command (watching the parent while waiting)."""
+        while not self.conn.poll(POLL_S):
+            self.check_parent()
+        return self.conn.recv()
+
+    def send(self, reply: Any) -> None:
+        self.conn.send(reply)
+
+    def exchange(self) -> None:
+        """Tell the parent this step's observations are written; wait for its actions."""
+        self.obs_ready.release()
+        acquire(self.act_ready, self.check_parent)
+
+
+# True once the worker is closing its envs (or a SIGTERM already started that): later
+# SIGTERMs are ignored so that nothing interrupts an env's close(); the parent kills the
+# worker with SIGKILL if closing takes longer than its grace period.
+_closing = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _closing
+    if _closing:
+        return
+    _closing = True
+    raise Terminated
+
+
+def worker_entry(w: int, program: Callable, payload: Any, shm_name: str, nbytes: int,
+                 placed: dict, conn, obs_ready, act_ready, stack_pipe=None) -> None:
+    """Entry point of worker ``w``: runs ``program(link, arrays, config)``; reports any
+    error with its traceback; closes the envs on every way out."""
+    # First of all, say that the process got this far: a worker that dies before this
+    # message failed in multiprocessing's start-up (importing the main module under
+    # spawn/forkserver, unpickling its arguments), and the parent says so.
+    try:
+        conn.send(Started())
+    except OSError:  # the parent is gone already
+        return
+    global _closing
+    _closing = False
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # SIGTERM (how the parent stops a worker on every path but a graceful close, and how
+    # schedulers stop jobs) unwinds to the finally below, which closes the envs. A worker in
+    # a blocking C call gets it when the call returns; one that never returns is SIGKILLed
+    # by the parent after TERMINATE_GRACE_S.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    link = Link(conn, obs_ready, act_ready, None)
+    terminated = False
+    try:
+        if isinstance(payload, bytes):
+            import cloudpickle
+            payload = cloudpickle.loads(payload)
+        arrays = views(SharedBuffer(nbytes, name=shm_name).buf, placed)
+        if "beats" in arrays:
+            link.beat = memoryview(arrays["beats"][w])
+        if stack_pipe is not None:  # the stack on STACK_SIGNAL, from C: even when stuck in C
+            faulthandler.register(STACK_SIGNAL, file=stack_pipe.fileno(), all_threads=True)
+        program(link, arrays, payload)
+    except ParentGone:
+        pass
+    except Terminated:
+        terminated = True
+    except BaseException as e:  # noqa: B036 - everything must reach the parent
+        try:
+            _report(conn, e)
+        except Terminated:
+            terminated = True
+    finally:
+        _closing = True  # from here on SIGTERM is ignored: nothing interrupts env.close()
+        _close_envs(link.envs)
+    if terminated:
+        _die_of_sigterm()
+
+
+def _close_envs(envs: list) -> None:
+    """Close every env once (each is taken off ``envs`` first), ignoring their errors."""
+    while envs:
+        env = envs.pop(0)
+        try:
+            env.close()
+        except Exception:
+            pass
+
+
+def _die_of_sigterm() -> None:
+    """Die of SIGTERM as the default action would have: the exit status says so, and the
+    parent's error (for a SIGTERM it did not send) names the signal."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _report(conn, e: BaseException) -> None:
+    tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    try:
+        # Some exceptions pickle but fail to unpickle (custom __init__ signatures): check here,
+        # where a stand-in can still carry the message and the traceback.
+        pickle.loads(pickle.dumps(e))
+    except Exception:
+        stand_in = RuntimeError(f"{type(e).__name__}: {e}")
+        stand_in.sampling_where = getattr(e, "sampling_where", None)
+        e = stand_in
+    try:
+        conn.send(Failed(e, tb))
+    except Exception:
+        pass  # the pipe is gone: the parent learns from the exit code

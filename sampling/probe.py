@@ -1,0 +1,146 @@
+"""What a batch holds: probe one env and one agent call, and lay out the batch's arrays.
+
+Imports agents, agent_state, buffers, collector, spaces and tree. The probe builds one
+separate env (never a training env), steps it once and calls the agent once, under
+:class:`~sampling.agent_state.RngGuard`: the user's random streams come out as they went in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .agent_state import RngGuard
+from .agents import AgentRunner
+from .buffers import Spec, layout, size_text, spec_of
+from .collector import check_reset, check_step, env_action, make_env
+from .spaces import random_action_fn
+from .tree import path_text, to_numpy, tree_leaves, tree_map
+
+__all__ = ["Probed", "probe", "batch_specs", "contents"]
+
+INT64 = np.iinfo(np.int64)  # the range an int in env_info may take (its leaf is int64)
+
+
+@dataclass
+class Probed:
+    """What the probe env and one agent call tell about the batch layout."""
+
+    observation: Any       # one env's observation (a tree of arrays)
+    action_shape: tuple
+    action_dtype: str
+    env_info: dict         # the numeric entries of one step's info
+    agent_info: dict       # one env's agent_info
+    observation_space: Any
+    action_space: Any
+
+
+def probe(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed:
+    """Build one separate env to learn the layout: observation, action, infos.
+
+    Training envs are never stepped before their seeded reset; this env is thrown away.
+    Everything runs under :class:`RngGuard`: the user's random streams (global, and the
+    agent's own generators) come out as they went in.
+    """
+    with RngGuard(runner.agent):
+        return _probe_unguarded(env_fn, runner, seed)
+
+
+def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed:
+    what = "the probe env (the parent builds one to size buffers)"
+    env = make_env(env_fn, what)
+    try:
+        obs = check_reset(env.reset(seed=seed), what)
+        space = env.action_space
+        shape, dtype = getattr(space, "shape", None), getattr(space, "dtype", None)
+        if shape is None or dtype is None:
+            raise TypeError(f"the env's action_space {space!r} has no shape/dtype; "
+                            f"dict or tuple action spaces are not supported")
+        a = random_action_fn(space, np.random.default_rng(seed))(1)
+        info = check_step(env.step(env_action(a[0])), what)[4]
+        obs_space = getattr(env, "observation_space", None)
+    finally:
+        try:
+            env.close()
+        except Exception:
+            pass
+    obs = tree_map(np.asarray, obs)
+    for path, leaf in tree_leaves(obs):
+        if leaf.dtype.kind not in "biufc":
+            raise TypeError(
+                f"{what}: observation{path_text(path)} is {leaf.dtype} ({leaf!r:.80}); a batch "
+                f"stores numbers: observations must be numeric arrays (dicts and tuples of "
+                f"them are fine). Variable-size spaces (Graph, Sequence, Text) cannot be "
+                f"batched: wrap the env to return fixed-size arrays")
+    env_info = numeric(info, what)
+    obs1 = tree_map(lambda x: x[None], obs)
+    act_shape, act_dtype = tuple(shape), np.dtype(dtype).str
+    action, agent_info = runner.step(obs1, np.zeros((1,) + act_shape, act_dtype),
+                                     np.zeros(1, np.float32), np.arange(1))
+    action = to_numpy(action)
+    if action.shape != (1,) + act_shape:
+        raise ValueError(f"the agent returned actions of shape {action.shape} for 1 env; "
+                         f"expected {(1,) + act_shape} (one row per env, shaped like the action "
+                         f"space {space!r})")
+    agent_info = tree_map(lambda x: to_numpy(x)[0], agent_info) if agent_info else {}
+    return Probed(obs, act_shape, act_dtype, env_info, agent_info, obs_space, space)
+
+
+def numeric(info: Any, what: str, path: tuple = ()) -> dict:
+    """The numeric entries of an info dict, as arrays (the env_info layout)."""
+    if not isinstance(info, dict):
+        raise TypeError(f"{what}: env.step returned info{path_text(path)} of type "
+                        f"{type(info).__name__}; the gymnasium API's info is a dict "
+                        f"(return {{}} if there is nothing to report)")
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, dict):
+            sub = numeric(v, what, path + (k,))
+            if sub:
+                out[k] = sub
+            continue
+        if isinstance(v, int) and not INT64.min <= v <= INT64.max:
+            raise OverflowError(f"{what}: env.step returned info{path_text(path + (k,))}={v}, "
+                                f"beyond int64: a batch cannot store it. Report it as a "
+                                f"float, or leave it out of info")
+        try:
+            a = np.asarray(v)
+        except Exception:
+            continue
+        if a.dtype.kind in "biuf":
+            out[k] = a
+    return out
+
+
+def batch_specs(T: int, B: int, p: Probed, final_obs: bool, bootstrap: bool) -> dict:
+    def arr(rows, shape, dtype):
+        return Spec((rows, B) + tuple(shape), dtype, True)  # env-major: see buffers.layout
+
+    s = {
+        "observation_full": spec_of(p.observation, (T + 1, B), env_major=True),
+        "prev_action_full": arr(T + 1, p.action_shape, p.action_dtype),
+        "prev_reward_full": arr(T + 1, (), "<f4"),
+        "action": arr(T, p.action_shape, p.action_dtype),
+        "agent_info": spec_of(p.agent_info, (T, B), env_major=True),
+        "reward": arr(T, (), "<f4"),
+        "terminated": arr(T, (), "|b1"),
+        "truncated": arr(T, (), "|b1"),
+        "done": arr(T, (), "|b1"),
+        "env_info": spec_of(p.env_info, (T, B), env_major=True),
+    }
+    if final_obs:
+        s["final_observation"] = spec_of(p.observation, (T, B), env_major=True)
+    if bootstrap:
+        s["bootstrap_value"] = Spec((B,), "<f4")
+    return s
+
+
+def contents(specs: dict, T: int, B: int, E: int) -> str:
+    """What a sampler's memory holds, part by part, for allocation errors."""
+    names = {"main": f"the batch [batch_T={T}, batch_B={B}]",
+             "eval": f"the eval buffers [eval_n_envs={E}]",
+             "params": "the agent's parameters (copied to the cpu workers)"}
+    parts = [f"{text}: {size_text(layout({key: specs[key]})[0])}"
+             for key, text in names.items() if key in specs]
+    return ", ".join(parts)
