@@ -1,122 +1,23 @@
-"""``python -m sampling``: benchmark every kind on one env and agent, and recommend one.
+"""``python -m sampling``: the benchmark CLI, :func:`sampling.bench.cli.main`.
 
-Imports :mod:`sampling.bench` only. Results go to stdout (a table, or one JSON object with
-``--json``); progress and errors go to stderr. Exit status: 0, 2 for bad arguments, 1 when
-a sampler fails during the run.
+The benchmark is an optional subpackage: where a vendored copy dropped it, this says so
+and exits with status 2.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import multiprocessing as mp
 import sys
-
-DEFAULT_ENV = "sampling.envs:make_cartpole"
-
-
-def _parser() -> argparse.ArgumentParser:
-    from .bench import ALL_KINDS
-    p = argparse.ArgumentParser(
-        prog="python -m sampling",
-        description="Run each sampler kind on an env for a few seconds, compare it with the "
-                    "env alone, and recommend a kind.")
-    p.add_argument("--env", default=DEFAULT_ENV, metavar="ID_OR_FACTORY",
-                   help="a gymnasium id (e.g. CartPole-v1; needs gymnasium) or "
-                        "package.module:factory returning a gymnasium-API env "
-                        f"(default: {DEFAULT_ENV}, the built-in numpy CartPole)")
-    p.add_argument("--env-kwargs", default=None, metavar="JSON",
-                   help='keyword arguments for the factory or gymnasium.make, as a JSON '
-                        'object, e.g. \'{"step_cost_us": 150}\'')
-    p.add_argument("--agent", default="random", choices=("random", "mlp"),
-                   help="random: uniform random actions (measures the sampler); mlp: a "
-                        "2x64 torch MLP policy (needs torch)")
-    p.add_argument("-T", "--batch-T", type=int, default=128, metavar="T",
-                   help="time steps per batch (128)")
-    p.add_argument("-B", "--batch-B", type=int, default=16, metavar="B", help="envs per batch (16)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes (default: min(B, usable CPUs); the alternating "
-                        "kinds round down to an even count)")
-    p.add_argument("--kinds", default=",".join(ALL_KINDS), metavar="K1,K2",
-                   help=f"comma-separated kinds to measure (default: all: {','.join(ALL_KINDS)})")
-    p.add_argument("--seconds", type=float, default=3.0,
-                   help="timed seconds per kind and per reference (the env alone, W envs "
-                        "alone, serial with env.step timed); default 3, so a full run takes "
-                        "about half a minute")
-    p.add_argument("--start-method", default=None, choices=mp.get_all_start_methods(),
-                   help="multiprocessing start method (default: the platform's)")
-    p.add_argument("--torch-threads", type=int, default=1, metavar="N",
-                   help="torch threads of this (the parent) process with --agent mlp; workers "
-                        "always use 1 (default 1: more threads of a small MLP only contend "
-                        "with the workers for the CPUs)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    return p
 
 
 def main(argv: list | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    from .bench import (
-        ALL_KINDS,
-        BenchError,
-        benchmark,
-        check_env,
-        format_report,
-        make_agent,
-        resolve_env,
-    )
-    from .errors import SamplerError
-
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in ALL_KINDS]
-    if bad or not kinds:
-        parser.error(f"--kinds: unknown kind(s) {', '.join(map(repr, bad)) or '(none given)'}; "
-                     f"valid kinds: {', '.join(ALL_KINDS)}")
-    for name, v, lo in (("-T", args.batch_T, 1), ("-B", args.batch_B, 1),
-                        ("--workers", args.workers, 1), ("--torch-threads", args.torch_threads, 1)):
-        if v is not None and v < lo:
-            parser.error(f"{name} must be >= {lo}, got {v}")
-    if not args.seconds > 0:
-        parser.error(f"--seconds must be > 0, got {args.seconds}")
-    env_kwargs = {}
-    if args.env_kwargs is not None:
-        try:
-            env_kwargs = json.loads(args.env_kwargs)
-        except ValueError as e:
-            parser.error(f"--env-kwargs is not valid JSON ({e}): {args.env_kwargs!r}")
-        if not isinstance(env_kwargs, dict):
-            parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
-
-    def progress(msg: str) -> None:
-        if not args.quiet:
-            print(msg, file=sys.stderr, flush=True)
-
     try:
-        env_fn = resolve_env(args.env, env_kwargs)
-        spaces = check_env(env_fn, args.env)
-        agent = make_agent(args.agent, spaces)
-    except BenchError as e:
-        parser.error(str(e))
-    if args.agent == "mlp":
-        import torch
-        torch.set_num_threads(args.torch_threads)
-    try:
-        rep = benchmark(env_fn, agent, batch_T=args.batch_T, batch_B=args.batch_B,
-                        n_workers=args.workers, kinds=kinds, seconds=args.seconds,
-                        start_method=args.start_method, progress=progress, spaces=spaces)
-    except (SamplerError, BenchError) as e:
-        print(f"python -m sampling: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("python -m sampling: interrupted", file=sys.stderr)
-        return 130
-    rep = {"env": args.env, "env_kwargs": env_kwargs, "agent": args.agent,
-           "torch_threads": args.torch_threads if args.agent == "mlp" else None, **rep}
-    if args.json:
-        print(json.dumps(rep, indent=1))
-    else:
-        print(format_report(rep))
-    return 0
+        from .bench.cli import main as bench_main
+    except ModuleNotFoundError as e:
+        if e.name not in (f"{__package__}.bench", f"{__package__}.bench.cli"):
+            raise
+        print(f"python -m {__package__}: the benchmark ({__package__}.bench) is not part of "
+              f"this copy of the package; the core library works without it", file=sys.stderr)
+        return 2
+    return bench_main(argv)
 
 
 if __name__ == "__main__":

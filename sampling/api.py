@@ -5,6 +5,7 @@ Imports kinds, samplers and agent_state (and, for ``"auto"``, :mod:`sampling.aut
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import multiprocessing as mp
 import numbers
 import os
@@ -124,6 +125,33 @@ def make_sampler(
         ``ENV_FN_TIMEOUT_FACTOR`` times as long) may take in a worker before the parent
         raises WorkerError with the worker's stack and kills it (None: no deadline).
     """
+    given = dict(locals())
+    _check_callables(kind, env_fn, agent, eval_env_fn)
+    opts = _options(kind, given)
+    if bootstrap_value and not callable(getattr(agent, "value", None)):
+        raise TypeError("bootstrap_value=True needs an agent with a "
+                        "value(observation, prev_action, prev_reward) method")
+    if kind == "auto":
+        from .auto import choose_kind
+        with RngGuard(agent):  # its agent calls consume none of the user's random streams
+            kind, reason = choose_kind(env_fn, agent, opts, opts.n_workers)
+        if opts.step_timeout is not None and not KINDS[kind].workers:
+            raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot enforce "
+                             f"step_timeout (it steps envs in this process); pass a parallel "
+                             f"kind explicitly, or step_timeout=None")
+    else:
+        reason = None
+    opts.n_workers = worker_count(kind, opts.batch_B, opts.n_workers)
+    if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
+                                or _default_method()) != "fork":
+        _check_picklable(env_fn, agent, eval_env_fn, kind)
+    sampler = Sampler(kind, env_fn, agent, opts)
+    if reason is not None:
+        sampler.auto_reason = reason
+    return sampler
+
+
+def _check_callables(kind: str, env_fn: Any, agent: Any, eval_env_fn: Any) -> None:
     kinds = sorted(KINDS) + ["auto"]
     if kind not in kinds:
         raise ValueError(f"unknown sampler kind {kind!r}; valid kinds: {', '.join(kinds)}")
@@ -137,66 +165,47 @@ def make_sampler(
         raise TypeError(f"agent must be a callable policy(observation) -> action or an object "
                         f"with a step(observation, prev_action, prev_reward) method; got "
                         f"{type(agent).__name__}")
-    batch_T = _int("batch_T", batch_T, 1)
-    batch_B = _int("batch_B", batch_B, 1)
-    n_workers = _int("n_workers", n_workers, 1, allow_none=True)
-    seed = _int("seed", seed, 0)
-    max_decorrelation_steps = _int("max_decorrelation_steps", max_decorrelation_steps, 0)
-    eval_n_envs = _int("eval_n_envs", eval_n_envs, 0)
-    eval_max_steps = _int("eval_max_steps", eval_max_steps, 1, allow_none=True)
-    eval_max_trajectories = _int("eval_max_trajectories", eval_max_trajectories, 1,
-                                 allow_none=True)
-    torch_threads = _int("torch_threads", torch_threads, 1, allow_none=True)
-    if reset_mode not in RESET_MODES:
+
+
+# The int options: (minimum, None allowed).
+_INTS = {"batch_T": (1, False), "batch_B": (1, False), "n_workers": (1, True),
+         "seed": (0, False), "max_decorrelation_steps": (0, False), "eval_n_envs": (0, False),
+         "eval_max_steps": (1, True), "eval_max_trajectories": (1, True),
+         "torch_threads": (1, True)}
+
+
+def _options(kind: str, a: dict) -> Options:
+    """make_sampler's arguments (``a``), checked, as :class:`Options`."""
+    a = dict(a)
+    for name, (minimum, allow_none) in _INTS.items():
+        a[name] = _int(name, a[name], minimum, allow_none)
+    if a["reset_mode"] not in RESET_MODES:
         raise ValueError(f"reset_mode must be one of {', '.join(map(repr, RESET_MODES))}, "
-                         f"got {reset_mode!r}")
+                         f"got {a['reset_mode']!r}")
+    discount = a["discount"]
     if not isinstance(discount, numbers.Real) or not 0.0 <= discount <= 1.0:
         raise ValueError(f"discount must be a number in [0, 1], got {discount!r}")
-    _check_traj_info(traj_info, float(discount))
-    if eval_n_envs and eval_max_steps is None and eval_max_trajectories is None:
+    a["discount"] = float(discount)
+    _check_traj_info(a["traj_info"], a["discount"])
+    E, max_steps = a["eval_n_envs"], a["eval_max_steps"]
+    if E and max_steps is None and a["eval_max_trajectories"] is None:
         raise ValueError("eval_n_envs > 0 needs a stopping rule: set eval_max_steps and/or "
                          "eval_max_trajectories")
-    if eval_max_steps is not None and eval_n_envs and eval_max_steps < eval_n_envs:
-        raise ValueError(f"eval_max_steps ({eval_max_steps}) counts steps over all eval envs "
-                         f"and must be >= eval_n_envs ({eval_n_envs})")
+    if max_steps is not None and E and max_steps < E:
+        raise ValueError(f"eval_max_steps ({max_steps}) counts steps over all eval envs "
+                         f"and must be >= eval_n_envs ({E})")
     methods = mp.get_all_start_methods()
-    if start_method is not None and start_method not in methods:
+    if a["start_method"] is not None and a["start_method"] not in methods:
         raise ValueError(f"start_method must be one of {', '.join(map(repr, methods))} or None, "
-                         f"got {start_method!r}")
-    shutdown_timeout = _shutdown_timeout(shutdown_timeout)
-    step_timeout = _step_timeout(step_timeout, "cpu" if kind == "auto" else kind)
-    if cpu_affinity is not None:
-        cpu_affinity = _affinity(cpu_affinity)
-    opts = Options(batch_T=batch_T, batch_B=batch_B, n_workers=0, seed=seed,
-                   reset_mode=reset_mode, max_decorrelation_steps=max_decorrelation_steps,
-                   bootstrap_value=bool(bootstrap_value),
-                   final_observation=bool(final_observation), discount=float(discount),
-                   traj_info=traj_info, eval_env_fn=eval_env_fn or env_fn,
-                   eval_n_envs=eval_n_envs, eval_max_steps=eval_max_steps,
-                   eval_max_trajectories=eval_max_trajectories, start_method=start_method,
-                   torch_threads=torch_threads, cpu_affinity=cpu_affinity,
-                   shutdown_timeout=shutdown_timeout, step_timeout=step_timeout)
-    if bootstrap_value and not callable(getattr(agent, "value", None)):
-        raise TypeError("bootstrap_value=True needs an agent with a "
-                        "value(observation, prev_action, prev_reward) method")
-    if kind == "auto":
-        from .auto import choose_kind
-        with RngGuard(agent):  # its agent calls consume none of the user's random streams
-            kind, reason = choose_kind(env_fn, agent, opts, n_workers)
-        if step_timeout is not None and not KINDS[kind].workers:
-            raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot enforce "
-                             f"step_timeout (it steps envs in this process); pass a parallel "
-                             f"kind explicitly, or step_timeout=None")
-    else:
-        reason = None
-    opts.n_workers = worker_count(kind, batch_B, n_workers)
-    if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
-                                or _default_method()) != "fork":
-        _check_picklable(env_fn, agent, eval_env_fn, kind)
-    sampler = Sampler(kind, env_fn, agent, opts)
-    if reason is not None:
-        sampler.auto_reason = reason
-    return sampler
+                         f"got {a['start_method']!r}")
+    a["shutdown_timeout"] = _shutdown_timeout(a["shutdown_timeout"])
+    a["step_timeout"] = _step_timeout(a["step_timeout"], "cpu" if kind == "auto" else kind)
+    if a["cpu_affinity"] is not None:
+        a["cpu_affinity"] = _affinity(a["cpu_affinity"])
+    a["bootstrap_value"], a["final_observation"] = (bool(a["bootstrap_value"]),
+                                                    bool(a["final_observation"]))
+    a["eval_env_fn"] = a["eval_env_fn"] or a["env_fn"]
+    return Options(**{f.name: a[f.name] for f in dataclasses.fields(Options)})
 
 
 def _default_method() -> str:

@@ -127,11 +127,12 @@ class Close:
 @dataclass
 class PoolSpec:
     """What a pool starts: ``program(link, arrays, config)`` in each worker, with its own
-    ``configs[w]``, over the shared segment ``shared`` laid out as ``placed``."""
+    ``configs[w]``; ``arrays`` are views of the shared segment ``shared`` laid out as
+    ``placed`` (``{}`` without a segment)."""
 
     program: Callable[..., None]
     configs: list                      # one per worker (cloudpickled unless forked)
-    shared: SharedBuffer
+    shared: SharedBuffer | None
     placed: dict
     labels: list                       # per worker, how messages name it
     envs: list                         # per worker, the global env indices it runs
@@ -168,6 +169,7 @@ class Pool:
         ctx = mp.get_context(spec.start_method)
         self.method = ctx.get_start_method()
         self.poll_s = GATHER_POLL_S if spec.beats is None else DEADLINE_POLL_S
+        shared = spec.shared
         for w, cfg in enumerate(spec.configs):
             payload = cfg if self.method == "fork" else _dumps(cfg)
             parent_conn, child_conn = ctx.Pipe()
@@ -178,8 +180,8 @@ class Pool:
                 stack_in, stack_out = ctx.Pipe(duplex=False)
                 self.stack_pipes.append(stack_in)
             p = ctx.Process(target=worker_entry, name=f"{spec.name}-worker-{w}", daemon=True,
-                            args=(w, spec.program, payload, spec.shared.name,
-                                  spec.shared.nbytes, spec.placed, child_conn, *sems,
+                            args=(w, spec.program, payload, shared and shared.name,
+                                  shared and shared.nbytes, spec.placed, child_conn, *sems,
                                   stack_out))
             with _without_mpi_env(), sigint_blocked():
                 p.start()
@@ -347,8 +349,9 @@ class Pool:
             how = f"was killed by signal {_signame(-code)}"
         else:
             how = f"exited with code {code}"
-        if code is not None and code < 0 and -code == getattr(signal, "SIGBUS", None):
-            return _sigbus_text(head, how, self.spec.shared.nbytes, self.spec.shared.reserved)
+        shared = self.spec.shared
+        if code is not None and code < 0 and -code == getattr(signal, "SIGBUS", None) and shared:
+            return _sigbus_text(head, how, shared.nbytes, shared.reserved)
         if code is not None and w not in self.started:
             return _startup_failure(head, how, code, self.method)
         return (f"{head} {how} without reporting an error; if nothing killed it, check the "
@@ -617,7 +620,7 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated
 
 
-def worker_entry(w: int, program: Callable, payload: Any, shm_name: str, nbytes: int,
+def worker_entry(w: int, program: Callable, payload: Any, shm_name: str | None, nbytes: int,
                  placed: dict, conn, obs_ready, act_ready, stack_pipe=None) -> None:
     """Entry point of worker ``w``: runs ``program(link, arrays, config)``; reports any
     error with its traceback; closes the envs on every way out."""
@@ -644,7 +647,7 @@ def worker_entry(w: int, program: Callable, payload: Any, shm_name: str, nbytes:
         if isinstance(payload, bytes):
             import cloudpickle
             payload = cloudpickle.loads(payload)
-        arrays = views(SharedBuffer(nbytes, name=shm_name).buf, placed)
+        arrays = views(SharedBuffer(nbytes, name=shm_name).buf, placed) if shm_name else {}
         if "beats" in arrays:
             link.beat = memoryview(arrays["beats"][w])
         if stack_pipe is not None:  # the stack on STACK_SIGNAL, from C: even when stuck in C

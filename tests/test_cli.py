@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sampling
-from sampling import bench
+from sampling import auto, bench
 from sampling.agents import RandomAgent
 from sampling.envs import make_cartpole
 from tests.helpers import CountingEnv
@@ -146,12 +146,12 @@ def test_the_recommendation_says_which_kinds_tie_and_why_the_pick():
                 "share_of_ideal": 0.99, "breakdown": {"env": 0.97, "agent": 0.0, "other": 0.03}}
 
     pick = bench.pick_kind({"cpu": CPU, "serial": SERIAL, "gpu": GPU})
-    text = bench._recommend(result("serial", 0), pick)
+    text = bench.recommendation(result("serial", 0), pick)
     assert text.startswith("serial: 0.99x the env alone")
     assert "Tie: cpu measured fastest, but serial is within the rounds' spread of it" in text
     assert "picked the simplest, by the order " + " < ".join(bench.PREFERENCE) in text
     clear = bench.pick_kind({"serial": SERIAL, "cpu": CLEAR})
-    assert "Tie" not in bench._recommend(result("cpu", 2), clear)
+    assert "Tie" not in bench.recommendation(result("cpu", 2), clear)
     assert "\n" not in text  # the table's last line starts with "recommendation: "
 
 
@@ -273,10 +273,12 @@ def test_auto_returns_a_working_sampler_and_logs_its_choice(caplog, no_leaks, ba
     assert env_fn.made and all(env.closed for env in env_fn.made)  # probes closed too
 
 
-def test_auto_with_one_usable_cpu_picks_serial(monkeypatch):
-    monkeypatch.setattr(bench, "usable_cpus", lambda: 1)
-    kind, reason = bench.choose_kind(make_cartpole, RandomAgent(make_cartpole().action_space),
-                                     _opts(batch_B=8), None)
+def test_auto_with_one_usable_cpu_picks_serial():
+    # Decided before any probe: nothing can run in parallel.
+    reason = auto.serial_only(batch_B=8, n_workers=8, cpus=1)
+    assert "1 usable CPU" in reason
+    # The model, given one CPU, agrees: the parallel kinds' CPU work runs one after another.
+    kind, _ = _choose(_measured(100e-6, lambda n: 5e-6, batch_B=8, n_workers=8, cpus=1))
     assert kind == "serial" and "1 usable CPU" in reason
 
 
@@ -288,24 +290,23 @@ class _Unpicklable:
         return np.zeros(len(observation), np.int64)
 
 
-def _opts(batch_B=16, start_method=None, seed=0):
-    return sampling.samplers.Options(
-        batch_T=8, batch_B=batch_B, n_workers=0, seed=seed, reset_mode="mid_batch",
-        max_decorrelation_steps=0, bootstrap_value=False, final_observation=False,
-        discount=0.99, traj_info=sampling.TrajInfo, eval_env_fn=None, eval_n_envs=0,
-        eval_max_steps=None, eval_max_trajectories=None, start_method=start_method,
-        torch_threads=1, cpu_affinity=None, shutdown_timeout=5.0)
+def _measured(env_s, agent_s, *, batch_B=16, n_workers=4, cpus=4, on_gpu=False, ships=True):
+    """What the probe reports for fixed costs: env_s per env step, agent_s(n) per agent call
+    on n envs, with ``cpus`` usable CPUs; an agent on a GPU or not, that the cpu kind's
+    workers can get (``ships``) or not."""
+    W, W_alt = auto.worker_counts(batch_B, n_workers)
+    return auto.Measurements(
+        env_step_s=env_s, agent_call_s={n: agent_s(n) for n in range(1, batch_B + 1)},
+        batch_B=batch_B, n_workers=W, alternating_workers=W_alt, usable_cpus=cpus,
+        ruled_out=auto.ruled_out(alternating_workers=W_alt, agent_on_gpu=on_gpu,
+                                 agent_ships=ships))
 
 
-def _fake_costs(monkeypatch, env_s, agent_s):
-    """Make the probe report fixed costs: env_s per step, agent_s(n) per call on n envs."""
-    env = make_cartpole()
-    spaces = (env.observation_space, env.action_space)
-    monkeypatch.setattr(bench, "_probe_env", lambda env_fn, seed: (env_s, spaces, env.reset()[0]))
-    monkeypatch.setattr(bench, "_agent_call_s",
-                        lambda agent, o, a, sizes, budget, sample_obs=None:
-                        {n: agent_s(n) for n in sizes})
-    monkeypatch.setattr(bench, "usable_cpus", lambda: 4)
+def _choose(m):
+    """(kind, reason), as choose_kind gives them for the measurements ``m``."""
+    predicted = auto.predict(m)
+    kind = auto.pick(predicted)
+    return kind, auto.explain(kind, m, predicted, probe_s=1.0)
 
 
 @pytest.mark.parametrize("env_s, agent_s, cuda, picklable, method, expect", [
@@ -325,23 +326,93 @@ def _fake_costs(monkeypatch, env_s, agent_s):
     # envs so cheap next to an agent that must stay in the parent: parallel is no faster
     (0.5e-6, lambda n: 500e-6, False, False, "spawn", "serial"),
 ])
-def test_auto_rule(monkeypatch, env_s, agent_s, cuda, picklable, method, expect):
+def test_auto_rule(env_s, agent_s, cuda, picklable, method, expect):
     if method not in __import__("multiprocessing").get_all_start_methods():
         pytest.skip(f"no {method} here")
-    _fake_costs(monkeypatch, env_s, agent_s)
-    monkeypatch.setattr(bench, "_uses_cuda", lambda agent: cuda)
     agent = RandomAgent(make_cartpole().action_space) if picklable else _Unpicklable()
-    kind, reason = bench.choose_kind(make_cartpole, agent, _opts(start_method=method), 4)
+    ships = auto.cpu_can_ship(agent, method)  # the real check, on the real agent
+    kind, reason = _choose(_measured(env_s, agent_s, on_gpu=cuda, ships=ships))
     assert kind == expect, reason
     if not picklable and method == "spawn":
         assert "cannot be pickled" in reason
 
 
-def test_auto_rule_without_an_even_worker_count_never_picks_alternating(monkeypatch):
-    _fake_costs(monkeypatch, 100e-6, lambda n: 200e-6)
-    monkeypatch.setattr(bench, "_uses_cuda", lambda agent: True)
-    kind, reason = bench.choose_kind(make_cartpole, _Unpicklable(), _opts(), 3)
+def test_auto_rule_without_an_even_worker_count_never_picks_alternating():
+    m = _measured(100e-6, lambda n: 200e-6, n_workers=3, on_gpu=True,
+                  ships=auto.cpu_can_ship(_Unpicklable(), None))
+    kind, reason = _choose(m)
     assert kind == "gpu" and "alternating (needs an even worker count" in reason
+
+
+def test_auto_prefers_the_simpler_kind_unless_clearly_faster():
+    gain = auto.PREFER_SIMPLER
+    assert auto.pick({"cpu": 1.0 / gain * 1.01, "serial": 1.0}) == "serial"
+    assert auto.pick({"cpu": 1.0 / gain * 0.99, "serial": 1.0}) == "cpu"
+    assert auto.pick({"serial": 1.0, "gpu": 0.5, "alternating": 0.5 / gain * 1.01}) == "gpu"
+
+
+# -- the core without the benchmark ----------------------------------------------------------
+EVERY_KIND = """
+import sys
+import sampling
+assert sampling.__file__.startswith(sys.argv[1]), sampling.__file__
+for kind in list(sampling.KINDS) + ["auto"]:
+    agent = sampling.RandomAgent(sampling.CartPole().action_space)
+    with sampling.make_sampler(kind, sampling.CartPole, agent, batch_T=4, batch_B=4,
+                               n_workers=2, start_method="fork") as s:
+        assert s.obtain_samples().observation.shape[:2] == (4, 4), kind
+bench = sorted(m for m in sys.modules if m.split(".")[:2] == ["sampling", "bench"])
+assert not bench, bench
+print("every kind ran")
+"""
+
+
+def _child(args, cwd, path, timeout=100):
+    """Run Python with ``args`` and PYTHONPATH ``path``; ``-c`` code gets ``path`` as argv[1]."""
+    args = ["-c", args, path] if isinstance(args, str) else args
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=dict(os.environ, PYTHONPATH=path))
+
+
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="no fork here")
+def test_a_vendored_copy_without_the_benchmark_works(tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(ROOT, "sampling"), tmp_path / "sampling",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(tmp_path / "sampling" / "bench")
+    # -S: no site-packages .pth files, so an editable install of this checkout (a finder
+    # that maps sampling.* here) cannot supply the deleted subpackage; the copy, numpy and
+    # cloudpickle are all the child sees.
+    import cloudpickle
+    deps = sorted({os.path.dirname(os.path.dirname(m.__file__)) for m in (np, cloudpickle)})
+    path = os.pathsep.join([str(tmp_path), *deps])
+    p = _child(["-S", "-c", EVERY_KIND, str(tmp_path)], tmp_path, path)
+    assert p.returncode == 0 and "every kind ran" in p.stdout, p.stderr
+    p = _child(["-S", "-m", "sampling", "--json"], tmp_path, path)
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    assert p.stderr.count("\n") == 1, p.stderr  # one line
+    assert "sampling.bench" in p.stderr and "the core library works without it" in p.stderr
+
+
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="no fork here")
+def test_no_core_module_imports_the_benchmark():
+    code = """
+import importlib, pkgutil, sys
+import sampling
+for m in pkgutil.iter_modules(sampling.__path__):
+    if m.name not in ("bench", "torch_agent"):  # torch_agent needs torch, imports only tree
+        importlib.import_module("sampling." + m.name)
+agent = sampling.RandomAgent(sampling.CartPole().action_space)
+with sampling.make_sampler("auto", sampling.CartPole, agent, batch_T=4, batch_B=4,
+                           n_workers=2, start_method="fork") as s:
+    s.obtain_samples()
+bench = sorted(m for m in sys.modules if m.split(".")[:2] == ["sampling", "bench"])
+assert not bench, bench
+"""
+    p = _child(code, ROOT, ROOT)
+    assert p.returncode == 0, p.stderr
 
 
 @pytest.mark.parametrize("workers, match", [

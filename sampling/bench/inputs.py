@@ -1,0 +1,119 @@
+"""The benchmark's inputs from command-line strings: an env factory, an agent.
+
+Imports the core's public agents; gymnasium and torch only when asked for (a gymnasium
+id, ``--agent mlp``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Callable
+
+from ..agents import RandomAgent
+
+__all__ = ["BenchError", "resolve_env", "check_env", "make_agent", "import_torch"]
+
+
+class BenchError(Exception):
+    """A benchmark input is unusable (bad --env, missing torch, ...); the message says why."""
+
+
+def resolve_env(spec: str, kwargs: dict | None = None) -> Callable[[], Any]:
+    """Return a picklable zero-argument env factory for ``spec``.
+
+    ``spec`` is ``"package.module:factory"`` (any callable returning a gymnasium-API env,
+    called with ``**kwargs``) or a gymnasium id such as ``"CartPole-v1"`` (made with
+    ``gymnasium.make(spec, **kwargs)``; gymnasium's own ``"module:EnvId"`` form works too).
+    Raises :class:`BenchError` with the reason when neither works.
+    """
+    kwargs = dict(kwargs or {})
+    if ":" in spec:
+        return _from_module(spec, kwargs)
+    gym = _gymnasium()
+    if gym is None:
+        raise BenchError(f"--env {spec!r} looks like a gymnasium id, but gymnasium is not "
+                         f"installed (pip install gymnasium); or pass package.module:factory, "
+                         f"e.g. sampling.envs:make_cartpole")
+    fn = functools.partial(gym.make, spec, **kwargs)
+    if spec not in gym.envs.registry:
+        import difflib
+        close = difflib.get_close_matches(spec, list(gym.envs.registry), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise BenchError(f"--env {spec!r}: no such gymnasium env id{hint} (for your own env "
+                         f"pass package.module:factory)")
+    return fn
+
+
+def _from_module(spec: str, kwargs: dict) -> Callable[[], Any]:
+    """``"package.module:factory"``, or gymnasium's ``"module:EnvId"``."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise BenchError(f"--env {spec!r}: cannot import module {mod_name!r} ({e}); use "
+                         f"package.module:factory with the module on PYTHONPATH, or a "
+                         f"gymnasium id such as CartPole-v1") from None
+    obj: Any = mod
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        obj = None
+    if callable(obj):
+        return functools.partial(obj, **kwargs)
+    gym = _gymnasium()  # gymnasium's own "module:EnvId": importing registered the id
+    if gym is not None and attr in gym.envs.registry:
+        return functools.partial(gym.make, spec, **kwargs)
+    raise BenchError(f"--env {spec!r}: module {mod_name!r} has no callable {attr!r} "
+                     f"(and {attr!r} is not a registered gymnasium id)")
+
+
+def _gymnasium():
+    try:
+        import gymnasium
+    except ImportError:
+        return None
+    return gymnasium
+
+
+def check_env(env_fn: Callable[[], Any], name: str) -> Any:
+    """Build one env (closed again) and return its observation and action spaces."""
+    try:
+        env = env_fn()
+    except Exception as e:
+        raise BenchError(f"--env {name!r}: making the env failed: {type(e).__name__}: {e}") \
+            from None
+    try:
+        for attr in ("reset", "step", "action_space", "observation_space"):
+            if not hasattr(env, attr):
+                raise BenchError(f"--env {name!r} returned a {type(env).__name__}, which has no "
+                                 f"{attr!r}: expected a gymnasium-API env")
+        return env.observation_space, env.action_space
+    finally:
+        try:
+            env.close()
+        except Exception:
+            pass
+
+
+def import_torch():
+    """torch, or a :class:`BenchError` saying how to do without it."""
+    try:
+        import torch
+    except ImportError:
+        raise BenchError("the mlp agent needs torch, which is not installed: "
+                         "pip install torch (or use --agent random)") from None
+    return torch
+
+
+def make_agent(name: str, spaces: tuple, seed: int = 0) -> Any:
+    """``"random"`` (:class:`~sampling.RandomAgent`) or ``"mlp"``
+    (:class:`~sampling.bench.MLPAgent`, needs torch)."""
+    obs_space, act_space = spaces
+    if name == "random":
+        return RandomAgent(act_space, seed=seed)
+    if name == "mlp":
+        import_torch()
+        from .mlp import MLPAgent
+        return MLPAgent(obs_space, act_space, seed=seed)
+    raise BenchError(f"unknown agent {name!r}; choose random or mlp")
