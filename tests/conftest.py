@@ -11,13 +11,14 @@ import time
 
 import pytest
 
-from tests.helpers import shm_entries
+from tests.helpers import alive, kill_all, shm_entries
 
 
 class LeakWatch:
     """The /dev/shm names (shared-memory segments, and semaphores: ``sem.mp-*`` under
-    spawn/forkserver) created in this process while it watches, and the worker processes
-    started. Other processes share /dev/shm, so only the names recorded here count."""
+    spawn/forkserver) created in this process while it watches, and the pids of the
+    processes it started (``pids``, in start order). Other processes share /dev/shm, so
+    only the names recorded here count."""
 
     def __init__(self):
         self.before = shm_entries()
@@ -54,29 +55,51 @@ class LeakWatch:
         """The recorded names that exist in /dev/shm now."""
         return (shm_entries() - self.before) & self.created
 
-    def check(self, wait_s: float = 5.0) -> None:
-        """Raise AssertionError if a child process is alive (after up to ``wait_s`` s) or a
-        recorded name is left in /dev/shm (after a garbage collection)."""
+    def alive(self) -> list:
+        """The recorded processes that are still alive (zombies are not)."""
+        return [p for p in self.pids if alive(p)]
+
+    def check(self, wait_s: float = 5.0, started: bool = False) -> None:
+        """Raise AssertionError if a child process or a recorded process is alive (after
+        up to ``wait_s`` s), or a recorded name is left in /dev/shm (after a garbage
+        collection). ``started``: also fail unless the watch saw a name created and a
+        process started (the test meant to watch a sampler with workers)."""
         gc.collect()
+        if started:
+            assert self.created, "the watch saw no shared-memory segment being created"
+            assert self.pids, "the watch saw no worker process being started"
         deadline = time.monotonic() + wait_s
-        while mp.active_children() and time.monotonic() < deadline:
+        while (mp.active_children() or self.alive()) and time.monotonic() < deadline:
             time.sleep(0.02)
         children = mp.active_children()
         assert not children, f"child processes still alive after the test: {children}"
+        running = self.alive()
+        assert not running, f"processes started by the test still alive: {running}"
         leaked = self.present()
         semaphores = sorted(n for n in leaked if n.startswith("sem."))
         assert not leaked, (f"left in /dev/shm after the test: {sorted(leaked)}"
                             + (f" ({len(semaphores)} named semaphores)" if semaphores else ""))
 
+    def assert_clean(self) -> None:
+        """Nothing the sampler created is left, right now (no waiting): call after
+        dropping the sampler and the exception (a sampler's names are unlinked once its
+        workers are ready, or when it closes)."""
+        self.check(wait_s=0, started=True)
+
 
 @pytest.fixture
 def no_leaks(monkeypatch):
-    """After the test: no live child process, and none of the /dev/shm names (segments,
-    ``sem.mp-*`` semaphores) this process created during the test is left. Yields the
-    :class:`LeakWatch`, whose ``created`` and ``present()`` a test may check earlier."""
+    """After the test: no live child process or process the test started, and none of the
+    /dev/shm names (segments, ``sem.mp-*`` semaphores) this process created during the
+    test is left. Yields the :class:`LeakWatch`, whose ``created``, ``pids``,
+    ``present()``, ``alive()`` and ``assert_clean()`` a test may use earlier. Whatever
+    the outcome, a recorded process still alive is SIGKILLed (no orphan outlives a test)."""
     watch = LeakWatch().record(monkeypatch)
-    yield watch
-    watch.check()
+    try:
+        yield watch
+        watch.check()
+    finally:
+        kill_all(watch.pids)
 
 
 # Python >= 3.12 warns (DeprecationWarning "This process ... is multi-threaded, use of fork()

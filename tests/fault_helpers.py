@@ -1,4 +1,6 @@
-"""Toy envs and agents that fail on purpose, for tests/test_faults.py.
+"""Agents that fail on purpose, envs that own a child process, and the bookkeeping of the
+fault and leak tests (tests/test_faults.py, tests/test_leaks.py). The env that fails on
+purpose, :class:`tests.helpers.FaultEnv`, is with the other toy envs.
 
 Importable under spawn/forkserver (workers unpickle these classes by reference).
 Every fault first writes ``time.monotonic()`` (system-wide on Linux, so comparable
@@ -7,9 +9,10 @@ from the fault to the parent's raise.
 """
 from __future__ import annotations
 
-import faulthandler
+import contextlib
 import multiprocessing as mp
 import os
+import select
 import signal
 import subprocess
 import textwrap
@@ -19,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import CountingEnv
+from tests.helpers import CountingEnv, FaultEnv, write_stamp
 
-
-class EnvFault(RuntimeError):
-    """Raised by :class:`FaultEnv`."""
+ROOT = Path(__file__).resolve().parents[1]
+# A test's subprocess takes a few seconds; this is generous for a loaded machine, yet bounded.
+SCRIPT_TIMEOUT_S = 60
 
 
 class AgentFault(RuntimeError):
@@ -55,74 +58,6 @@ def locked_error(msg):
 
 def sys_exit(msg):
     return SystemExit(f"sys.exit: {msg}")
-
-
-def write_stamp(stamp) -> None:
-    if stamp is not None:
-        with open(stamp, "w") as f:
-            f.write(repr(time.monotonic()))
-
-
-def read_stamp(stamp) -> float:
-    with open(stamp) as f:
-        return float(f.read())
-
-
-def in_worker(w: int) -> bool:
-    """True in the process of sampler worker ``w`` (named "sampling-<kind>-worker-<w>")."""
-    name = mp.current_process().name
-    return name.startswith("sampling-") and name.endswith(f"-worker-{w}")
-
-
-class FaultEnv(CountingEnv):
-    """CountingEnv that fails once, at ``where``:
-
-    - ``"init"``: in the constructor, only in the process of worker ``worker``;
-    - ``"reset"``: in any reset of the env with global index ``fail_env``;
-    - ``"step"``: in the step after ``after`` steps of env ``fail_env`` (decorrelation
-      steps count too).
-
-    ``how``: ``"raise"`` (an :class:`EnvFault`), ``"exit"`` (``os._exit(3)``) or
-    ``"kill"`` (SIGKILL to itself) or ``"bus"`` (SIGBUS, as a page of a full /dev/shm
-    gives); ``exc(message)`` makes the exception to raise (default
-    :class:`EnvFault`). Never fails in the process with pid ``safe_pid``
-    (the parent's probe env).
-    """
-
-    def __init__(self, where="step", after=0, fail_env=3, worker=1, how="raise", stamp=None,
-                 safe_pid=None, exc=EnvFault, **kw):
-        super().__init__(**kw)
-        self.where, self.after, self.fail_env, self.how = where, after, fail_env, how
-        self.exc = exc
-        self.stamp, self.safe_pid = stamp, safe_pid
-        self.n_steps = 0
-        if where == "init" and in_worker(worker) and os.getpid() != safe_pid:
-            self._inject_fault()
-
-    def _armed(self) -> bool:
-        return self.env_id == self.fail_env and os.getpid() != self.safe_pid
-
-    def _inject_fault(self):
-        write_stamp(self.stamp)
-        if self.how == "exit":
-            os._exit(3)
-        if self.how in ("kill", "bus"):
-            faulthandler.disable()  # pytest's, inherited by fork: no dump of a SIGBUS on purpose
-            os.kill(os.getpid(), signal.SIGKILL if self.how == "kill" else signal.SIGBUS)
-            time.sleep(10)  # the signal is on its way
-        raise self.exc(f"boom in {self.where} of env {self.env_id}")
-
-    def reset(self, *, seed=None, options=None):
-        out = super().reset(seed=seed, options=options)
-        if self.where == "reset" and self._armed():
-            self._inject_fault()
-        return out
-
-    def step(self, action):
-        self.n_steps += 1
-        if self.where == "step" and self.n_steps > self.after and self._armed():
-            self._inject_fault()
-        return super().step(action)
 
 
 class _ZeroActions:
@@ -223,23 +158,24 @@ class BadShapeAgent(_ZeroActions):
         return action, info
 
 
-# Stand-ins for sampling.worker.worker_main (same arguments), for the start-up tests: a
-# worker process that dies before worker_main's first statement is one that failed in
+# Stand-ins for sampling.pool.worker_entry (same arguments), for the start-up tests: a
+# worker process that dies before worker_entry's first statement is one that failed in
 # multiprocessing's start-up (importing the main module, unpickling its arguments).
-def exit_before_worker_main(w, payload, shm_name, nbytes, placed, conn, *semaphores):
+def exit_before_worker_main(w, program, payload, shm_name, nbytes, placed, conn, *rest):
     """Dies as a start-up failure does: exit code 1, no word on the pipe."""
     os._exit(1)
 
 
-def killed_before_worker_main(w, payload, shm_name, nbytes, placed, conn, *semaphores):
+def killed_before_worker_main(w, program, payload, shm_name, nbytes, placed, conn, *rest):
     """SIGKILLed (say, by the out-of-memory killer) before any sampling code ran."""
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(10)  # the signal is on its way
 
 
-def exit_after_started(w, payload, shm_name, nbytes, placed, conn, *semaphores):
-    """Says "started" as worker_main does first, then exits: a death after start-up."""
-    conn.send(("started",))
+def exit_after_started(w, program, payload, shm_name, nbytes, placed, conn, *rest):
+    """Says Started as worker_entry does first, then exits: a death after start-up."""
+    from sampling.pool import Started
+    conn.send(Started())
     os._exit(3)
 
 
@@ -281,30 +217,6 @@ def simulator_pids(pid_dir) -> tuple:
     return started, closed
 
 
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or the pid is someone else's now
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def kill_all(pids) -> None:
-    """SIGKILL whichever of ``pids`` is still alive (a test's clean-up of orphans)."""
-    for pid in pids:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
 # The opening of the tests' child scripts: print "SHM <name>" for every /dev/shm name the
 # child creates (a segment, or a named semaphore under spawn/forkserver), as it appears.
 RECORD_NAMES = textwrap.dedent("""
@@ -325,3 +237,91 @@ RECORD_NAMES = textwrap.dedent("""
     mp.synchronize.SemLock.__init__ = sem_init_rec
     mp.shared_memory.SharedMemory.__init__ = shm_init_rec
 """)
+
+
+def script_env() -> dict:
+    """The environment of a test's child script: this one, with the repository importable."""
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def sampling_children() -> list:
+    """This process's live sampler workers."""
+    return [p for p in mp.active_children() if p.name.startswith("sampling-")]
+
+
+def worker_pid(kind: str, w: int) -> int:
+    """The pid of worker ``w`` of this process's (one) ``kind`` sampler."""
+    name = f"sampling-{kind}-worker-{w}"
+    (p,) = [p for p in mp.active_children() if p.name == name]
+    return p.pid
+
+
+class TrainingError(Exception):
+    """An exception in the user's training loop."""
+
+
+def interrupt_main_thread(how: str = "signal") -> None:
+    """A Ctrl-C: SIGINT to the main thread (``"signal"``, what a terminal does), or
+    KeyboardInterrupt without a signal (``"interrupt_main"``: a blocked SIGINT cannot hold
+    it back)."""
+    if how == "signal":
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:
+        import _thread
+        _thread.interrupt_main()
+
+
+@contextlib.contextmanager
+def interrupt_after(delay: float, how: str = "signal"):
+    """Interrupt the main thread (:func:`interrupt_main_thread`) ``delay`` s into the
+    block. Yields a list that gets the ``time.monotonic()`` of the interrupt once sent."""
+    sent: list = []
+
+    def fire():
+        sent.append(time.monotonic())
+        interrupt_main_thread(how)
+
+    timer = threading.Timer(delay, fire)
+    try:
+        timer.start()
+        yield sent
+    finally:
+        timer.cancel()
+        timer.join()
+
+
+def wait_until(cond, bound: float, period: float = 0.05) -> bool:
+    """Poll ``cond()`` every ``period`` s for up to ``bound`` s; whether it came true."""
+    deadline = time.monotonic() + bound
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(period)
+    return True
+
+
+def read_until_ready(proc, deadline: float) -> dict:
+    """Read a child script's stdout until it prints READY: ``{first word: [the other words
+    of every such line]}`` (e.g. "SHM <name>" and "PIDS <pid> <pid>" lines). Kills the
+    script and raises AssertionError if READY does not come by ``deadline``."""
+    lines: dict = {}
+    buf = b""
+    fd = proc.stdout.fileno()
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            lines = {}
+            for line in buf.decode().splitlines():
+                key, _, rest = line.partition(" ")
+                lines.setdefault(key, []).extend(rest.split())
+            if "READY" in lines:
+                return lines
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"the script did not get ready: {buf!r} {proc.stderr.read()!r}")

@@ -1,12 +1,44 @@
-"""numpy-only toy envs and agents shared by the tests (importable under spawn/forkserver)."""
+"""numpy-only toy envs and agents shared by the tests (importable under spawn/forkserver),
+the test matrix (kinds, start methods, reset modes) derived from the package, and process
+and /dev/shm bookkeeping."""
 from __future__ import annotations
 
+import faulthandler
+import functools
+import multiprocessing as mp
 import os
+import signal
+import threading
 import time
 
 import numpy as np
 
+import sampling
+from sampling.api import RESET_MODES as _RESET_MODES
 from sampling.spaces import Box, Dict, Discrete
+
+# -- the test matrix: every kind is a row of sampling.KINDS, picked here by its properties --
+KINDS = list(sampling.KINDS)
+PARALLEL = [k for k, v in sampling.KINDS.items() if v.workers]  # envs step in worker processes
+SERVED = [k for k, v in sampling.KINDS.items() if v.served]  # the parent acts for the workers
+GROUPED = [k for k, v in sampling.KINDS.items() if v.groups > 1]  # worker groups take turns
+# each worker steps its envs with its own copy of the agent
+WORKER_AGENTS = [k for k, v in sampling.KINDS.items() if v.driver == "worker_agents"]
+METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+RESET_MODES = list(_RESET_MODES)
+
+
+def one_per(*fields: str, kinds=KINDS) -> list:
+    """The first of ``kinds`` (in table order) for each distinct value of the named fields or
+    properties of :class:`sampling.kinds.Kind`: ``one_per("driver")`` is one kind per driver,
+    ``one_per("workers")`` one kind without worker processes and one with them."""
+    seen, out = set(), []
+    for k in kinds:
+        key = tuple(getattr(sampling.KINDS[k], f) for f in fields)
+        if key not in seen:
+            seen.add(key)
+            out.append(k)
+    return out
 
 
 class CountingEnv:
@@ -69,41 +101,6 @@ class DictObsEnv(CountingEnv):
         v = super()._obs(action)
         img = np.full((2, 3), (self.t + 10 * max(self.env_id, 0)) % 256, dtype=np.uint8)
         return {"vec": v, "img": img, "n": {"k": np.int64(self.t)}}
-
-
-class FailingEnv(CountingEnv):
-    """Raises ``RuntimeError('boom ...')`` at ``where`` ("init", "reset", "step") in env ``env_id``
-    ``fail_env`` (only when not in the process with pid ``safe_pid``, so the parent's probe
-    env survives), after ``after`` steps for "step". ``how="exit"`` calls ``os._exit(3)``
-    instead, ``how="kill"`` SIGKILLs itself."""
-
-    def __init__(self, where="step", after=0, fail_env=1, safe_pid=None, how="raise", **kw):
-        super().__init__(**kw)
-        self.where, self.after, self.fail_env, self.how = where, after, fail_env, how
-        self.safe_pid = safe_pid
-        self.steps = 0
-        if where == "init" and os.getpid() != safe_pid:
-            self._fail()
-
-    def _fail(self):
-        if self.how == "exit":
-            os._exit(3)
-        if self.how == "kill":
-            os.kill(os.getpid(), 9)
-        raise RuntimeError(f"boom in {self.where}")
-
-    def reset(self, *, seed=None, options=None):
-        out = super().reset(seed=seed, options=options)
-        if self.where == "reset" and self.env_id == self.fail_env and os.getpid() != self.safe_pid:
-            self._fail()
-        return out
-
-    def step(self, action):
-        self.steps += 1
-        if (self.where == "step" and self.env_id == self.fail_env and self.steps > self.after
-                and os.getpid() != self.safe_pid):
-            self._fail()
-        return super().step(action)
 
 
 class SlowEnv(CountingEnv):
@@ -223,6 +220,57 @@ def assert_batches_equal(a: dict, b: dict, path="batch") -> None:
             assert a[k].tobytes() == b[k].tobytes(), f"{path}.{k} differs"
 
 
+def assert_runs_equal(got: list, ref: list) -> None:
+    """:func:`assert_batches_equal` for each pair of batches of two runs ("batch i")."""
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert_batches_equal(g, r, f"batch {i}")
+
+
+class IdTraj(sampling.TrajInfo):
+    """TrajInfo that also records which env ran the episode (CountingEnv obs[0]), its
+    episode number, its first and final obs t, and how many segments updated it."""
+
+    def __init__(self, discount=0.99):
+        super().__init__(discount)
+        self.EnvId = -1
+        self.Episode = -1
+        self.StartT = -1
+        self.FinalT = -1
+        self.Segments = 0
+
+    def update(self, segment):
+        if self.Segments == 0:
+            obs = segment.observation
+            self.EnvId, self.Episode, self.StartT = int(obs[0, 0]), int(obs[0, 1]), int(obs[0, 2])
+        self.Segments += 1
+        super().update(segment)
+
+    def terminate(self, final_observation):
+        self.FinalT = int(final_observation[2])
+        return self
+
+
+class PolicyAgent:
+    """A plain policy as an rlpyt-style agent whose agent_info copies observation columns:
+    ``info={"theta": 2}`` records ``observation[:, 2]`` as agent_info["theta"]."""
+
+    def __init__(self, policy, info: dict):
+        self.policy, self.info = policy, info
+
+    def step(self, observation, prev_action, prev_reward):
+        return self.policy(observation), {k: observation[:, c].copy()
+                                          for k, c in self.info.items()}
+
+
+def gym_cartpole(**kw):
+    """env_fn for gymnasium's CartPole-v1 (``kw`` for gymnasium.make); skips the test
+    without gymnasium."""
+    import pytest  # here: spawned workers import this module, and need no pytest
+
+    gymnasium = pytest.importorskip("gymnasium")
+    return functools.partial(gymnasium.make, "CartPole-v1", **kw)
+
+
 def shm_entries():
     """Names in /dev/shm (shared-memory segments and named semaphores)."""
     try:
@@ -231,28 +279,106 @@ def shm_entries():
         return set()
 
 
-class HangingEnv(CountingEnv):
-    """Env ``stuck_env`` (by its env id, ``seed - base_seed``; eval envs come after the
-    batch_B training envs) stops returning at ``where``: "step" (after ``after`` steps),
-    "reset" (its first reset) or "init" (in env_fn, the ``stuck_env``-th one a process makes).
-    ``how``: "sleep" (a Python-level wait), "lock" (a C-level wait on a held lock) or
-    "stop" (the process SIGSTOPs itself). Never in the process with pid ``safe_pid`` (the
-    parent's probe env)."""
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or the pid is someone else's now
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
-    def __init__(self, where="step", how="sleep", stuck_env=1, after=2, safe_pid=None, **kw):
+
+def kill_all(pids) -> None:
+    """SIGKILL whichever of ``pids`` is still alive (a test's clean-up of orphans)."""
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+# -- envs that fail or hang on purpose ------------------------------------------------------
+class EnvFault(RuntimeError):
+    """Raised by :class:`FaultEnv`."""
+
+
+def write_stamp(stamp) -> None:
+    """Write ``time.monotonic()`` (system-wide on Linux, so comparable across processes) to
+    the file ``stamp``, if one is given: a test measures from it to the parent's raise."""
+    if stamp is not None:
+        with open(stamp, "w") as f:
+            f.write(repr(time.monotonic()))
+
+
+def read_stamp(stamp) -> float:
+    with open(stamp) as f:
+        return float(f.read())
+
+
+def in_worker(w: int) -> bool:
+    """True in the process of sampler worker ``w`` (named "sampling-<kind>-worker-<w>")."""
+    name = mp.current_process().name
+    return name.startswith("sampling-") and name.endswith(f"-worker-{w}")
+
+
+HANGS = ("sleep", "lock", "stop")  # FaultEnv's ways of never returning
+
+
+class FaultEnv(CountingEnv):
+    """CountingEnv that fails (or hangs) once, at ``where``:
+
+    - ``"init"``: in the constructor, only in the process of worker ``worker``;
+    - ``"reset"``: in any reset of the env with global index ``fail_env``;
+    - ``"step"``: in the step after ``after`` steps of env ``fail_env`` (decorrelation
+      steps count too);
+    - anything else (``"none"``): never.
+
+    ``how``: ``"raise"`` (``exc(message)``, by default an :class:`EnvFault`), ``"exit"``
+    (``os._exit(3)``), ``"kill"`` (SIGKILL to itself) or ``"bus"`` (SIGBUS, as a page of a
+    full /dev/shm gives); or it never returns: ``"sleep"`` (a Python-level wait), ``"lock"``
+    (a C-level wait on a held lock) or ``"stop"`` (the process SIGSTOPs itself). Every fault
+    first writes the time to the ``stamp`` file when one is given (:func:`write_stamp`).
+    Never fails in the process with pid ``safe_pid`` (the parent's probe env).
+    """
+
+    def __init__(self, where="step", after=0, fail_env=3, worker=1, how="raise", stamp=None,
+                 safe_pid=None, exc=EnvFault, **kw):
         super().__init__(**kw)
-        self.where, self.how, self.stuck_env, self.after = where, how, stuck_env, after
-        self.safe_pid = safe_pid
-        self.steps = 0
-        if where == "init" and os.getpid() != safe_pid and _init_counter() == stuck_env:
+        self.where, self.after, self.fail_env, self.how = where, after, fail_env, how
+        self.exc = exc
+        self.stamp, self.safe_pid = stamp, safe_pid
+        self.n_steps = 0
+        if where == "init" and self._init_armed(worker):
+            self._inject_fault()
+
+    def _init_armed(self, worker: int) -> bool:
+        return in_worker(worker) and os.getpid() != self.safe_pid
+
+    def _armed(self) -> bool:
+        return self.env_id == self.fail_env and os.getpid() != self.safe_pid
+
+    def _inject_fault(self):
+        write_stamp(self.stamp)
+        if self.how in HANGS:
             self._hang()
+        if self.how == "exit":
+            os._exit(3)
+        if self.how in ("kill", "bus"):
+            faulthandler.disable()  # pytest's, inherited by fork: no dump of a SIGBUS on purpose
+            os.kill(os.getpid(), signal.SIGKILL if self.how == "kill" else signal.SIGBUS)
+            time.sleep(10)  # the signal is on its way
+        raise self.exc(f"boom in {self.where} of env {self.env_id}")
 
     def _hang(self):
         if self.how == "stop":
-            import signal
             os.kill(os.getpid(), signal.SIGSTOP)
         elif self.how == "lock":
-            import threading
             lock = threading.Lock()
             lock.acquire()
             lock.acquire()  # never returns
@@ -260,16 +386,38 @@ class HangingEnv(CountingEnv):
 
     def reset(self, *, seed=None, options=None):
         out = super().reset(seed=seed, options=options)
-        if self.where == "reset" and self.env_id == self.stuck_env and os.getpid() != self.safe_pid:
-            self._hang()
+        if self.where == "reset" and self._armed():
+            self._inject_fault()
         return out
 
     def step(self, action):
-        self.steps += 1
-        if (self.where == "step" and self.env_id == self.stuck_env and self.steps > self.after
-                and os.getpid() != self.safe_pid):
-            self._hang()
+        self.n_steps += 1
+        if self.where == "step" and self.n_steps > self.after and self._armed():
+            self._inject_fault()
         return super().step(action)
+
+
+class FailingEnv(FaultEnv):
+    """A FaultEnv that raises a plain ``RuntimeError('boom ...')`` in env 1 (the CLI tests
+    name it: ``--env tests.helpers:FailingEnv``)."""
+
+    def __init__(self, where="step", after=0, fail_env=1, exc=RuntimeError, **kw):
+        super().__init__(where=where, after=after, fail_env=fail_env, exc=exc, **kw)
+
+
+class HangingEnv(FaultEnv):
+    """A FaultEnv that stops returning (``how``: "sleep", "lock" or "stop") in env
+    ``stuck_env`` (by its env id, ``seed - base_seed``; eval envs come after the batch_B
+    training envs): at ``where`` "step" (after ``after`` steps) or "reset" (its first
+    reset), or at "init" in env_fn's ``stuck_env``-th call in each process (not only in one
+    worker). Never in the process with pid ``safe_pid`` (the parent's probe env)."""
+
+    def __init__(self, where="step", how="sleep", stuck_env=1, after=2, safe_pid=None, **kw):
+        super().__init__(where=where, how=how, fail_env=stuck_env, after=after,
+                         safe_pid=safe_pid, **kw)
+
+    def _init_armed(self, worker: int) -> bool:
+        return os.getpid() != self.safe_pid and _init_counter() == self.fail_env
 
 
 _INIT_CALLS = [0]

@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 
 import sampling
-from sampling import TrajInfo
 from tests.helpers import (
+    RESET_MODES,
     CountingAgent,
     CountingEnv,
     DictObsEnv,
+    IdTraj,
+    PolicyAgent,
     assert_batches_equal,
     cartpole_policy,
     counting_policy,
+    gym_cartpole,
     snapshot,
 )
 
@@ -198,7 +201,7 @@ def test_wait_env_info_zero_while_waiting():
                                               err_msg=f"batch {i} step {t} env_info {name}")
 
 
-@pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
 @pytest.mark.parametrize("T,B,lengths", [(4, 2, (2, 3)), (7, 3, (3, 5, 4)), (1, 2, (1, 2)),
                                          (5, 4, (1, 1, 6))])
 def test_counting_invariants(reset_mode, T, B, lengths):
@@ -229,7 +232,7 @@ def test_fast_loop_matches_general_loop(final_observation, T, B, lengths):
         assert_batches_equal(dict(bf, env_info={}), bg)
 
 
-@pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
 def test_final_observation(reset_mode):
     b0, b1 = collect(env_fn=LEN23, final_observation=True, reset_mode=reset_mode, **SMALL)
     fo0 = np.zeros((4, 2, 4), np.float32)
@@ -258,7 +261,7 @@ def test_final_observation_absent_by_default():
 
 
 # -- episode stats ---------------------------------------------------------------------
-@pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
 def test_returns_across_batch_boundaries(reset_mode):
     lengths, discount, B = (3, 7, 4, 9), 0.9, 3
     batches = collect(env_fn=functools.partial(CountingEnv, lengths=lengths), n=6, batch_T=5,
@@ -294,39 +297,23 @@ def test_returns_across_batch_boundaries(reset_mode):
     assert any(len(ep[2]) > 5 for eps in finished for ep in eps), "no episode spans batches"
 
 
-class IdTraj(TrajInfo):
-    """Extends update/terminate: which env (CountingEnv obs[0]) and first/final obs t."""
-
-    def __init__(self, discount=0.99):
-        super().__init__(discount)
-        self.EnvId = -1
-        self.Episode = -1
-        self.StartT = -1
-        self.FinalT = -1
-        self.Segments = 0
+class CheckedIdTraj(IdTraj):
+    """IdTraj (tests/helpers.py) that also checks each segment it is given."""
 
     def update(self, segment):
-        if self.Segments == 0:
-            obs = segment.observation
-            self.EnvId, self.Episode, self.StartT = int(obs[0, 0]), int(obs[0, 1]), int(obs[0, 2])
         assert len(segment) == len(segment.reward) == len(segment.action)
         # any batch field, not only the usual ones (no decorrelation segments here)
         assert len(segment.done) == len(segment) and not segment.done[:-1].any()
         np.testing.assert_array_equal(copy.deepcopy(segment).reward, segment.reward)
         with pytest.raises(AttributeError):
             getattr(segment, "no_such_field")  # noqa: B009
-        self.Segments += 1
         super().update(segment)
-
-    def terminate(self, final_observation):
-        self.FinalT = int(final_observation[2])
-        return self
 
 
 def test_custom_traj_info_and_order():
     lengths = (2, 6, 3)
     batches = collect(env_fn=functools.partial(CountingEnv, lengths=lengths), n=4, batch_T=4,
-                      batch_B=3, traj_info=IdTraj)
+                      batch_B=3, traj_info=CheckedIdTraj)
     seen = 0
     for bt in batches:
         stats = bt["traj_infos"]
@@ -445,7 +432,7 @@ def test_evaluation_stopping_rules_and_seeds(rule):
     seed, B, E, lengths = 3, 2, 3, (3, 5, 4)
     agent = CountingAgent()
     with sampling.make_sampler("serial", CountingEnv, agent, batch_T=4, batch_B=B, seed=seed,
-                               eval_n_envs=E, traj_info=IdTraj, **rule) as s:
+                               eval_n_envs=E, traj_info=CheckedIdTraj, **rule) as s:
         s.obtain_samples(0)
         res = s.evaluate_agent(7)
         assert agent.mode == ("eval", 7)
@@ -480,7 +467,7 @@ def test_evaluation_uses_eval_env_fn_and_is_repeatable():
 
     with sampling.make_sampler("serial", CountingEnv, CountingAgent(), batch_T=4, batch_B=2,
                                eval_env_fn=eval_env_fn, eval_n_envs=2,
-                               eval_max_trajectories=6, traj_info=IdTraj) as s:
+                               eval_max_trajectories=6, traj_info=CheckedIdTraj) as s:
         first = s.evaluate_agent(0)
         second = s.evaluate_agent(1)
     assert len(made) == 2  # eval envs are made once (the probe env comes from env_fn)
@@ -511,7 +498,7 @@ def test_bootstrap_value_gets_env_ids_when_accepted():
 
 
 # -- dict observations -----------------------------------------------------------------
-@pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
 def test_dict_observations(reset_mode):
     batches = collect(env_fn=DictObsEnv, n=3, batch_T=5, batch_B=3, reset_mode=reset_mode,
                       final_observation=True)
@@ -603,18 +590,6 @@ def jitter_policy(observation):
     return (np.abs(observation[:, 0] * 1e6).astype(np.int64) % 2).astype(np.int64)
 
 
-class JitterAgent:
-    """jitter_policy as an agent object, with an agent_info entry."""
-
-    def step(self, observation, prev_action, prev_reward):
-        return jitter_policy(observation), {"x": observation[:, 0].copy()}
-
-
-def gym_cartpole():
-    gymnasium = pytest.importorskip("gymnasium")
-    return functools.partial(gymnasium.make, "CartPole-v1")
-
-
 def check_cartpole(batches: list, wait: bool) -> int:
     """Alignment invariants that hold for any CartPole run; returns episodes seen."""
     T, B = batches[0]["done"].shape
@@ -668,11 +643,11 @@ def _tag_ends(batches):
             s["_t"], s["_b"] = t, b
 
 
-@pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
 def test_gymnasium_cartpole_invariants(reset_mode):
     env_fn = gym_cartpole()
-    kw = dict(env_fn=env_fn, agent=JitterAgent(), n=4, batch_T=25, batch_B=3,
-              reset_mode=reset_mode, final_observation=True)
+    kw = dict(env_fn=env_fn, agent=PolicyAgent(jitter_policy, {"x": 0}), n=4, batch_T=25,
+              batch_B=3, reset_mode=reset_mode, final_observation=True)
     batches = collect(seed=1, **kw)
     _tag_ends(batches)
     assert check_cartpole(batches, reset_mode == "wait") >= 3

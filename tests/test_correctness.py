@@ -7,7 +7,6 @@ tests/test_torch.py.
 from __future__ import annotations
 
 import collections
-import multiprocessing as mp
 import random
 import warnings
 
@@ -17,18 +16,18 @@ import pytest
 import sampling
 from sampling.spaces import Box, Discrete
 from tests.helpers import (
+    KINDS,
+    METHODS,
+    PARALLEL,
     CountingAgent,
     CountingEnv,
     assert_batches_equal,
     counting_policy,
+    one_per,
     snapshot,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
-
-METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
-PARALLEL = ["cpu", "gpu", "alternating", "no_overlap_alternating"]
-ALL_KINDS = ["serial"] + PARALLEL
 
 
 def readme_policy(observation):
@@ -112,7 +111,7 @@ def _states(agent) -> tuple:
             agent.rng.get_state()[1].copy(), agent.gen.bit_generator.state, agent.py.getstate())
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS + ["auto"])
+@pytest.mark.parametrize("kind", KINDS + ["auto"])
 def test_making_a_sampler_consumes_no_random_state(kind):
     agent = OwnGeneratorsAgent()
 
@@ -227,7 +226,7 @@ def _bad(field, value):
     return lambda: BadStepEnv(field=field, value=value, lengths=(50,))
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+@pytest.mark.parametrize("kind", one_per("driver"))
 @pytest.mark.parametrize("field,value,match", [
     ("reward", None, r"env 1 \(.*\) returned reward None \(NoneType\) at step 1 of the batch"),
     ("reward", "2.5", r"env 1 .*reward '2.5' \(str\).*must be a real number"),
@@ -258,7 +257,7 @@ class NumpyTypesEnv(CountingEnv):
         return o, np.array(np.float32(r)), np.bool_(te), np.array(tr), info
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_numpy_scalars_and_0d_arrays_are_accepted_exactly(kind):
     kw = dict(batch_T=12, batch_B=2, n_workers=2, start_method="fork")
     with sampling.make_sampler(kind, CountingEnv, CountingAgent(), **kw) as s:
@@ -306,7 +305,7 @@ def _int_box(dtype):
     return lambda: BoxActionEnv(Box(np.iinfo(dtype).min, np.iinfo(dtype).max, (2,), dtype))
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+@pytest.mark.parametrize("kind", one_per("driver"))
 @pytest.mark.parametrize("dtype,value,match", [
     (np.int8, [300, 0], r"values 0..300 outside the range of int8"),
     (np.uint8, [300, 0], r"values 0..300 outside the range of uint8"),
@@ -361,7 +360,7 @@ def _gym_spaces() -> list:
     return out
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_gymnasium_action_space_in_every_kind(kind):
     for space in _gym_spaces():
         agent = sampling.RandomAgent(space, seed=1)
@@ -441,7 +440,7 @@ class HugeInfoEnv(CountingEnv):
         return out
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 @pytest.mark.parametrize("env_fn,error,match", [
     (lambda: None, TypeError, r"env_fn\(\) returned NoneType for the probe env.*"
                               r"gymnasium-API env"),
@@ -459,7 +458,7 @@ def test_envs_off_the_gymnasium_api_get_errors_naming_the_api(kind, env_fn, erro
                               n_workers=2)
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_sampler_exposes_the_probe_envs_spaces(kind):
     with sampling.make_sampler(kind, CountingEnv, CountingAgent(), batch_T=3, batch_B=2,
                                n_workers=2) as s:

@@ -13,27 +13,21 @@ exceptions that do not pickle, bad env/agent output, and, in subprocesses,
 resource-tracker warnings at exit and a SIGKILL of the parent itself.
 
 /dev/shm is shared with whatever else runs on the machine, so the leak check compares
-before/after only for the names the watched samplers created (recorded by patching
-SharedMemory and SemLock in this process).
+before/after only for the names the watched samplers created (recorded by the ``no_leaks``
+fixture's LeakWatch, tests/conftest.py, patching SharedMemory and SemLock in this process).
+The kinds are the parallel rows of ``sampling.KINDS`` (tests/helpers.py).
 """
 from __future__ import annotations
 
 import functools
 import gc
-import multiprocessing as mp
-import multiprocessing.process
-import multiprocessing.shared_memory
-import multiprocessing.synchronize
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,111 +36,45 @@ import sampling
 from sampling import RemoteTraceback, SamplerClosedError, WorkerError
 from tests.fault_helpers import (
     RECORD_NAMES,
+    ROOT,
+    SCRIPT_TIMEOUT_S,
     AgentFault,
     BadShapeAgent,
-    EnvFault,
-    FaultEnv,
     ParentFaultAgent,
+    TrainingError,
     WorkerFaultAgent,
-    kill_all,
+    interrupt_after,
     locked_error,
-    read_stamp,
+    read_until_ready,
+    sampling_children,
+    script_env,
     sys_exit,
     two_arg_error,
+    wait_until,
+    worker_pid,
 )
-from tests.helpers import CountingAgent, CountingEnv, ShapeChangingEnv, SlowEnv, shm_entries
+from tests.helpers import (
+    METHODS,
+    PARALLEL,
+    SERVED,
+    WORKER_AGENTS,
+    CountingAgent,
+    CountingEnv,
+    EnvFault,
+    FaultEnv,
+    ShapeChangingEnv,
+    SlowEnv,
+    alive,
+    kill_all,
+    one_per,
+    read_stamp,
+    shm_entries,
+    write_stamp,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-KINDS = ["cpu", "gpu", "alternating", "no_overlap_alternating"]
-SERVED = ["gpu", "alternating", "no_overlap_alternating"]
-METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 BOUND_S = 5.0  # a fault must reach the parent within this many seconds
 SMALL = dict(batch_T=10, batch_B=4, n_workers=2)
-
-
-# -- leak and orphan bookkeeping ------------------------------------------------------------
-def _alive(pid: int) -> bool:
-    """A process that exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pid reused by someone else's process
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _sampling_children() -> list:
-    return [p for p in mp.active_children() if p.name.startswith("sampling-")]
-
-
-class Watch:
-    """Records what samplers create in this process: /dev/shm names (shared-memory
-    segments and named semaphores) and worker pids."""
-
-    def __init__(self):
-        self.before = shm_entries()
-        self.created: set = set()
-        self.pids: dict = {}
-
-    def worker_pid(self, kind: str, w: int) -> int:
-        name = f"sampling-{kind}-worker-{w}"
-        (p,) = [p for p in mp.active_children() if p.name == name]
-        return p.pid
-
-    def assert_clean(self) -> None:
-        """Nothing the sampler created is left: call after dropping the sampler and the
-        exception (a sampler's names are unlinked once its workers are ready, or when
-        it closes)."""
-        gc.collect()
-        assert self.created, "the watch saw no shared-memory segment being created"
-        assert self.pids, "the watch saw no worker process being started"
-        leaked = (shm_entries() - self.before) & self.created
-        assert not leaked, f"left in /dev/shm: {sorted(leaked)}"
-        children = _sampling_children()
-        assert not children, f"worker processes still running: {children}"
-        alive = {name: pid for name, pid in self.pids.items() if _alive(pid)}
-        assert not alive, f"worker processes alive: {alive}"
-
-
-@pytest.fixture
-def watch(monkeypatch):
-    w = Watch()
-    sem_init = mp.synchronize.SemLock.__init__
-    shm_init = mp.shared_memory.SharedMemory.__init__
-    start = mp.process.BaseProcess.start
-
-    def sem_init_rec(self, *args, **kwargs):
-        sem_init(self, *args, **kwargs)
-        name = self._semlock.name  # None where the name is unlinked at once (fork)
-        if name:
-            w.created.add("sem." + name.lstrip("/"))
-
-    def shm_init_rec(self, name=None, create=False, size=0, *args, **kwargs):
-        shm_init(self, name, create, size, *args, **kwargs)
-        if create:
-            w.created.add(self.name.lstrip("/"))
-
-    def start_rec(self):
-        start(self)
-        if self.name.startswith("sampling-"):
-            w.pids[f"{self.name}#{len(w.pids)}"] = self.pid
-
-    monkeypatch.setattr(mp.synchronize.SemLock, "__init__", sem_init_rec)
-    monkeypatch.setattr(mp.shared_memory.SharedMemory, "__init__", shm_init_rec)
-    monkeypatch.setattr(mp.process.BaseProcess, "start", start_rec)
-    yield w
-    for pid in w.pids.values():  # never leave an orphan behind, even when a test failed
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+PER_DRIVER = one_per("driver", kinds=PARALLEL)  # one parallel kind per way of driving workers
 
 
 def _assert_closed(sampler) -> None:
@@ -181,7 +109,7 @@ RAISES = ("init", "reset", "decorrelation", "step", "eval", "worker_agent")
 EXITCODE = {"kill_init": -9, "exit_step": 3, "kill_step": -9, "kill_between": -9, "kill_eval": -9}
 
 
-def _run_fault(kind, method, fault, tmp_path, watch) -> dict:
+def _run_fault(kind, method, fault, tmp_path) -> dict:
     """Provoke ``fault``; return what the parent raised (as plain data) and when."""
     phase, env_kw, _ = FAULTS[fault]
     stamp = str(tmp_path / "fault_time")
@@ -217,9 +145,8 @@ def _run_fault(kind, method, fault, tmp_path, watch) -> dict:
                     sampler.evaluate_agent(0)
                 else:  # between
                     sampler.obtain_samples(0)
-                    victim = watch.worker_pid(kind, 1)
-                    with open(stamp, "w") as f:
-                        f.write(repr(time.monotonic()))
+                    victim = worker_pid(kind, 1)
+                    write_stamp(stamp)
                     os.kill(victim, signal.SIGKILL)
                     sampler.obtain_samples(1)
         raised_at = time.monotonic()
@@ -241,12 +168,12 @@ def _run_fault(kind, method, fault, tmp_path, watch) -> dict:
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 @pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_fault_matrix(kind, start_method, fault, tmp_path, watch):
-    if fault == "worker_agent" and kind != "cpu":
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_fault_matrix(kind, start_method, fault, tmp_path, no_leaks):
+    if fault == "worker_agent" and kind not in WORKER_AGENTS:
         pytest.skip("the agent runs in the parent in this kind (see test_parent_agent_*)")
     phase, _, where = FAULTS[fault]
-    r = _run_fault(kind, start_method, fault, tmp_path, watch)
+    r = _run_fault(kind, start_method, fault, tmp_path)
 
     assert r["type"] is WorkerError
     head = f"{kind} sampler: worker 1 (envs 2..3)"
@@ -278,69 +205,61 @@ def test_fault_matrix(kind, start_method, fault, tmp_path, watch):
         assert r["cause"] is None and r["remote_traceback"] is None
     assert r.get("closed_checked", False) == (phase != "construct")
     del r
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 # -- exceptions that do not travel well, and bad env output --------------------------------------
-def _step_fault_sampler(kind, tmp_path, exc, method="fork"):
+def _step_fault(kind, tmp_path, exc, match) -> WorkerError:
+    """Env 3 raises ``exc(message)`` in a step of the first batches: the WorkerError, which
+    must match ``match`` and reach the parent within BOUND_S, leaving no worker running and
+    the sampler closed."""
     stamp = str(tmp_path / "fault_time")
     env_fn = functools.partial(FaultEnv, after=15, stamp=stamp, safe_pid=os.getpid(), exc=exc)
-    return sampling.make_sampler(kind, env_fn, CountingAgent(), start_method=method,
-                                 **SMALL), stamp
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_worker_exception_that_cannot_be_pickled(kind, tmp_path, watch):
-    sampler, stamp = _step_fault_sampler(kind, tmp_path, locked_error)
-    with sampler:
-        with pytest.raises(WorkerError, match=r"worker 1 \(envs 2\.\.3\) raised RuntimeError: "
-                                              r"LockedError: boom in step of env 3") as ei:
+    with sampling.make_sampler(kind, env_fn, CountingAgent(), start_method="fork",
+                               **SMALL) as sampler:
+        with pytest.raises(WorkerError, match=match) as ei:
             for i in range(3):
                 sampler.obtain_samples(i)
         assert time.monotonic() - read_stamp(stamp) < BOUND_S
-        assert isinstance(ei.value.__cause__.__cause__, RemoteTraceback)
-        assert "_inject_fault" in ei.value.remote_traceback
-        assert "LockedError" in ei.value.remote_traceback
+        assert sampling_children() == []
         _assert_closed(sampler)
-    del sampler, ei
-    watch.assert_clean()
+    return ei.value
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_worker_exception_that_cannot_be_unpickled(kind, tmp_path, watch):
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_worker_exception_that_cannot_be_pickled(kind, tmp_path, no_leaks):
+    err = _step_fault(kind, tmp_path, locked_error, r"worker 1 \(envs 2\.\.3\) raised "
+                                                    r"RuntimeError: LockedError: boom in step "
+                                                    r"of env 3")
+    assert isinstance(err.__cause__.__cause__, RemoteTraceback)
+    assert "_inject_fault" in err.remote_traceback
+    assert "LockedError" in err.remote_traceback
+    del err
+    no_leaks.assert_clean()
+
+
+@pytest.mark.parametrize("kind", PER_DRIVER)
+def test_worker_exception_that_cannot_be_unpickled(kind, tmp_path, no_leaks):
     # It pickles in the worker but TwoArgError(*args) fails in the parent.
-    sampler, stamp = _step_fault_sampler(kind, tmp_path, two_arg_error)
-    with sampler:
-        with pytest.raises(WorkerError,
-                           match=r"worker 1 \(envs 2\.\.3\) raised .*TwoArgError") as ei:
-            for i in range(3):
-                sampler.obtain_samples(i)
-        assert time.monotonic() - read_stamp(stamp) < BOUND_S
-        assert "_inject_fault" in ei.value.remote_traceback
-        assert "TwoArgError" in ei.value.remote_traceback
-        assert _sampling_children() == []
-        _assert_closed(sampler)
-    del sampler, ei
-    watch.assert_clean()
+    err = _step_fault(kind, tmp_path, two_arg_error,
+                      r"worker 1 \(envs 2\.\.3\) raised .*TwoArgError")
+    assert "_inject_fault" in err.remote_traceback
+    assert "TwoArgError" in err.remote_traceback
+    del err
+    no_leaks.assert_clean()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_worker_sys_exit(kind, tmp_path, watch):
-    sampler, stamp = _step_fault_sampler(kind, tmp_path, sys_exit)
-    with sampler:
-        with pytest.raises(WorkerError, match=r"worker 1 \(envs 2\.\.3\) raised SystemExit: "
-                                              r"sys.exit: boom") as ei:
-            for i in range(3):
-                sampler.obtain_samples(i)
-        assert time.monotonic() - read_stamp(stamp) < BOUND_S
-        assert type(ei.value.__cause__) is SystemExit
-        _assert_closed(sampler)
-    del sampler, ei
-    watch.assert_clean()
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_worker_sys_exit(kind, tmp_path, no_leaks):
+    err = _step_fault(kind, tmp_path, sys_exit,
+                      r"worker 1 \(envs 2\.\.3\) raised SystemExit: sys.exit: boom")
+    assert type(err.__cause__) is SystemExit
+    del err
+    no_leaks.assert_clean()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_bad_env_output_in_worker(kind, watch):
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_bad_env_output_in_worker(kind, no_leaks):
     env_fn = functools.partial(ShapeChangingEnv, bad_env=1, at=2)
     with sampling.make_sampler(kind, env_fn, CountingAgent(), start_method="fork",
                                **SMALL) as sampler:
@@ -350,14 +269,14 @@ def test_bad_env_output_in_worker(kind, watch):
         assert type(ei.value.__cause__) is ValueError
         _assert_closed(sampler)
     del sampler, ei
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_bad_agent_output(kind, watch):
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_bad_agent_output(kind, no_leaks):
     with sampling.make_sampler(kind, CountingEnv, BadShapeAgent(from_call=3),
                                start_method="fork", **SMALL) as sampler:
-        if kind == "cpu":  # each worker's copy fails: either may be reported
+        if kind in WORKER_AGENTS:  # each worker's copy fails: either may be reported
             with pytest.raises(WorkerError, match=r"worker [01] \(envs [02]\.\.[13]\) raised "
                                                   r"ValueError: .*agent.step returned shape "
                                                   r"\(3,\), expected \(2,\)") as ei:
@@ -367,46 +286,42 @@ def test_bad_agent_output(kind, watch):
             with pytest.raises(ValueError, match=r"action server.*agent.step returned shape "
                                                  r"\((5|3),\), expected \((4|2),\)"):
                 sampler.obtain_samples(0)
-        assert _sampling_children() == []
+        assert sampling_children() == []
         _assert_closed(sampler)
     del sampler
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 # -- the user's side: exceptions in the loop body, forgotten samplers -----------------------------
-class _TrainingError(Exception):
-    pass
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_exception_in_loop_body_shuts_down(kind, watch):
-    with pytest.raises(_TrainingError):
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_exception_in_loop_body_shuts_down(kind, no_leaks):
+    with pytest.raises(TrainingError):
         with sampling.make_sampler(kind, CountingEnv, CountingAgent(), start_method="fork",
                                    **SMALL) as sampler:
             for i, _ in enumerate(sampler.steps()):
                 if i == 1:
-                    raise _TrainingError("in train()")
-    assert _sampling_children() == []
+                    raise TrainingError("in train()")
+    assert sampling_children() == []
     _assert_closed(sampler)
     del sampler
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 @pytest.mark.parametrize("start_method", METHODS)
-def test_forgotten_sampler_is_cleaned_up_by_gc(start_method, watch):
+def test_forgotten_sampler_is_cleaned_up_by_gc(start_method, no_leaks):
     sampler = sampling.make_sampler("gpu", CountingEnv, CountingAgent(),
                                     start_method=start_method, **SMALL)
     batch = sampler.obtain_samples(0)
-    assert len(_sampling_children()) == 2
+    assert len(sampling_children()) == 2
     del sampler
     gc.collect()
     assert batch.reward.shape == (10, 4)  # the views outlive the sampler
     del batch
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_eval_fault_message_names_the_eval_env(kind, watch):
+@pytest.mark.parametrize("kind", PER_DRIVER)
+def test_eval_fault_message_names_the_eval_env(kind, no_leaks):
     # Not "(in env 1, ...)": env 1 is a training env of worker 0; the failing one is eval env 1.
     eval_env_fn = functools.partial(FaultEnv, after=2, fail_env=5, safe_pid=os.getpid())
     with sampling.make_sampler(kind, CountingEnv, CountingAgent(), start_method="fork",
@@ -420,16 +335,17 @@ def test_eval_fault_message_names_the_eval_env(kind, watch):
     assert re.search(r"\beval env (1|5)\b", msg), msg
     assert not re.search(r"\(in env 1\b", msg), msg
     del sampler, ei
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 # -- the agent in the parent ------------------------------------------------------------------
 @pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_parent_agent_exception_propagates_unchanged(kind, start_method, watch):
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_parent_agent_exception_propagates_unchanged(kind, start_method, no_leaks):
     # Served kinds: agent.step raises in the parent mid-batch (call 1 is the probe).
-    # cpu: the parent only runs the agent's hooks; sample_mode raises on the 2nd batch.
-    hook = "sample_mode" if kind == "cpu" else "step"
+    # Worker agents (cpu): the parent only runs the agent's hooks; sample_mode raises on the
+    # 2nd batch.
+    hook = "sample_mode" if kind in WORKER_AGENTS else "step"
     agent = ParentFaultAgent(os.getpid(), fail_at=15, exc=AgentFault, hook=hook)
     with sampling.make_sampler(kind, CountingEnv, agent, start_method=start_method,
                                **SMALL) as sampler:
@@ -440,14 +356,14 @@ def test_parent_agent_exception_propagates_unchanged(kind, start_method, watch):
         assert ei.type is AgentFault
         assert not isinstance(ei.value, WorkerError)
         assert elapsed < BOUND_S
-        assert _sampling_children() == []  # already shut down, not only at __exit__
+        assert sampling_children() == []  # already shut down, not only at __exit__
         _assert_closed(sampler)
     del ei, sampler, agent
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 @pytest.mark.parametrize("kind", SERVED)
-def test_parent_agent_exception_during_eval(kind, watch):
+def test_parent_agent_exception_during_eval(kind, no_leaks):
     agent = ParentFaultAgent(os.getpid(), fail_at=10**9, exc=AgentFault)
     with sampling.make_sampler(kind, CountingEnv, agent, start_method="fork", eval_n_envs=2,
                                eval_max_steps=40, **SMALL) as sampler:
@@ -456,16 +372,16 @@ def test_parent_agent_exception_during_eval(kind, watch):
         with pytest.raises(AgentFault, match="parent agent boom in step"):
             sampler.evaluate_agent(0)
         assert time.monotonic() - agent.fault_time < BOUND_S
-        assert _sampling_children() == []
+        assert sampling_children() == []
         _assert_closed(sampler)
     del sampler, agent
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 # -- KeyboardInterrupt -------------------------------------------------------------------------
 @pytest.mark.parametrize("start_method", METHODS)
 @pytest.mark.parametrize("kind", SERVED)
-def test_keyboard_interrupt_from_agent(kind, start_method, watch):
+def test_keyboard_interrupt_from_agent(kind, start_method, no_leaks):
     agent = ParentFaultAgent(os.getpid(), fail_at=3, exc=KeyboardInterrupt)
     with sampling.make_sampler(kind, CountingEnv, agent, start_method=start_method,
                                **SMALL) as sampler:
@@ -473,69 +389,59 @@ def test_keyboard_interrupt_from_agent(kind, start_method, watch):
             for _ in sampler.steps(3):
                 pass
         assert time.monotonic() - agent.fault_time < BOUND_S
-        assert _sampling_children() == []
+        assert sampling_children() == []
         _assert_closed(sampler)
     del sampler, agent
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
-def _interrupt_main():
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+def _assert_ctrl_c_stops(sampler, call) -> None:
+    """A Ctrl-C (SIGINT to the main thread) 0.3 s into ``call(sampler)`` raises
+    KeyboardInterrupt within BOUND_S, with every worker gone and the sampler closed."""
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_after(0.3) as sent:
+            call(sampler)
+    raised_at = time.monotonic()
+    assert sent and raised_at - sent[0] < BOUND_S
+    assert sampling_children() == []
+    _assert_closed(sampler)
+
+
+def _three_batches(sampler) -> None:
+    for _ in sampler.steps(3):
+        pass
 
 
 @pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_keyboard_interrupt_signal_during_slow_batch(kind, start_method, watch):
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_keyboard_interrupt_signal_during_slow_batch(kind, start_method, no_leaks):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     env_fn = functools.partial(SlowEnv, delay=0.2)  # a batch takes >= 2 s
-    sent = []
-    timer = threading.Timer(0.3, lambda: (sent.append(time.monotonic()), _interrupt_main()))
     with sampling.make_sampler(kind, env_fn, CountingAgent(), start_method=start_method,
                                **SMALL) as sampler:
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                timer.start()
-                for _ in sampler.steps(3):
-                    pass
-            raised_at = time.monotonic()
-        finally:
-            timer.cancel()
-            timer.join()
-        assert sent and raised_at - sent[0] < BOUND_S
-        assert _sampling_children() == []
-        _assert_closed(sampler)
+        _assert_ctrl_c_stops(sampler, _three_batches)
     del sampler
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_keyboard_interrupt_signal_during_slow_evaluation(kind, watch):
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_keyboard_interrupt_signal_during_slow_evaluation(kind, no_leaks):
     eval_env_fn = functools.partial(SlowEnv, delay=0.2)  # an evaluation takes >= 2 s
-    sent = []
-    timer = threading.Timer(0.3, lambda: (sent.append(time.monotonic()), _interrupt_main()))
     with sampling.make_sampler(kind, CountingEnv, CountingAgent(), start_method="fork",
                                eval_env_fn=eval_env_fn, eval_n_envs=2, eval_max_steps=40,
                                **SMALL) as sampler:
         sampler.obtain_samples(0)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                timer.start()
-                sampler.evaluate_agent(0)
-            raised_at = time.monotonic()
-        finally:
-            timer.cancel()
-            timer.join()
-        assert sent and raised_at - sent[0] < BOUND_S
-        assert _sampling_children() == []
-        _assert_closed(sampler)
+        _assert_ctrl_c_stops(sampler, lambda s: s.evaluate_agent(0))
     del sampler
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 # -- a slow env is not a dead one --------------------------------------------------------------
-@pytest.mark.parametrize("kind", KINDS)
-def test_slow_env_is_not_dead(kind, watch):
-    # 0.3 s per step, longer than the parent's 0.1 s poll and the workers' 0.5 s poll / 2
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_slow_env_is_not_dead(kind, no_leaks):
+    # 0.3 s per step, about 1 s per batch and per evaluation: the parent and the workers
+    # wake from their waits to check on each other (sampling.pool.POLL_S, and GATHER_POLL_S
+    # for a whole batch) while the env is busy, and must not take it for dead
     env_fn = functools.partial(SlowEnv, delay=0.3)
     with sampling.make_sampler(kind, env_fn, CountingAgent(), batch_T=3, batch_B=2,
                                n_workers=2, eval_n_envs=2, eval_max_steps=6,
@@ -548,7 +454,7 @@ def test_slow_env_is_not_dead(kind, watch):
         trajs = sampler.evaluate_agent(0)  # 3 steps per eval env
         assert len(trajs) == 1 and trajs[0].Length == 3
     del sampler, batch
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 # -- resource-tracker warnings: only visible when the interpreter exits ------------------------
@@ -557,8 +463,8 @@ TRACKER_SCRIPT = textwrap.dedent("""
     import multiprocessing as mp
     import sampling
     from sampling import WorkerError
-    from tests.fault_helpers import FaultEnv, ParentFaultAgent
-    from tests.helpers import CountingAgent, CountingEnv, SlowEnv
+    from tests.fault_helpers import ParentFaultAgent
+    from tests.helpers import CountingAgent, CountingEnv, FaultEnv, SlowEnv
 
     method = sys.argv[1]
     pid = os.getpid()
@@ -632,8 +538,8 @@ TRACKER_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("start_method", METHODS)
 def test_no_resource_tracker_warnings(start_method):
     proc = subprocess.run([sys.executable, "-c", TRACKER_SCRIPT, start_method], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=60)
+                          env=script_env(), capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT_S)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
     assert "leaked" not in proc.stderr, proc.stderr
     assert "resource_tracker" not in proc.stderr, proc.stderr
@@ -645,13 +551,14 @@ def test_no_resource_tracker_warnings(start_method):
 # name is unlinked as soon as the workers attach) and prints PIDS and READY when the test
 # may strike: "construct" while the workers are still starting, "idle" between batches,
 # "batch" mid-batch (in served kinds the parent hangs in the agent, the workers wait for
-# actions; in cpu the workers step a slow env).
+# actions; where the workers run the agent (cpu) they step a slow env).
 CHILD_SCRIPT = RECORD_NAMES + textwrap.dedent("""
     import sampling
     from tests.fault_helpers import ReadyThenHangAgent, SlowInitEnv
     from tests.helpers import CountingEnv, SlowEnv
 
     kind, method, when = sys.argv[1], sys.argv[2], sys.argv[3]
+    served = sampling.KINDS[kind].served
 
     def workers():
         return [p.pid for p in mp.active_children() if p.name.startswith("sampling-")]
@@ -669,13 +576,13 @@ CHILD_SCRIPT = RECORD_NAMES + textwrap.dedent("""
     if when == "construct":
         env_fn = functools.partial(SlowInitEnv, delay=1.0)
         threading.Thread(target=ready_when_started, daemon=True).start()
-    elif when == "batch" and kind == "cpu":  # a batch takes 20 s: 2 envs x 100 steps x 0.1 s
+    elif when == "batch" and not served:  # a batch takes 20 s: 2 envs x 100 steps x 0.1 s
         env_fn, T = functools.partial(SlowEnv, delay=0.1), 100
     agent = ReadyThenHangAgent(os.getpid(), at=10**9)
     try:
         with sampling.make_sampler(kind, env_fn, agent, batch_T=T, batch_B=4, n_workers=2,
                                    start_method=method) as s:
-            if when == "batch" and kind == "cpu":
+            if when == "batch" and not served:
                 timer = threading.Timer(0.5, ready)
                 timer.daemon = True
                 timer.start()
@@ -712,42 +619,18 @@ def _descendants(pid: int) -> list:
 
 def _start_child(kind, start_method, when, **popen_kw):
     return subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, kind, start_method, when],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_kw)
-
-
-def _read_until_ready(proc, deadline) -> dict:
-    lines: dict = {}
-    buf = b""
-    fd = proc.stdout.fileno()
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            lines = {}
-            for line in buf.decode().splitlines():
-                key, _, rest = line.partition(" ")
-                lines.setdefault(key, []).extend(rest.split())
-            if "READY" in lines:
-                return lines
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"the script did not get ready: {buf!r} {proc.stderr.read()!r}")
+                            cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **popen_kw)
 
 
 def _wait_gone(pids, names, bound) -> tuple:
-    start = time.monotonic()
-    while True:
-        alive = [p for p in pids if _alive(p)]
-        left = set(names) & shm_entries()
-        if (not alive and not left) or time.monotonic() - start > bound:
-            return alive, left
-        time.sleep(0.1)
+    """Wait up to ``bound`` s for ``pids`` to die and ``names`` to leave /dev/shm; what is
+    left of each."""
+    def left() -> tuple:
+        return [p for p in pids if alive(p)], set(names) & shm_entries()
+
+    wait_until(lambda: left() == ([], set()), bound, period=0.1)
+    return left()
 
 
 def _cleanup_child(proc, pids) -> None:
@@ -759,12 +642,20 @@ def _cleanup_child(proc, pids) -> None:
     proc.stderr.close()
 
 
-PARENT_KILL_CASES = ([("cpu", m, "idle") for m in METHODS]
-                     + [("cpu", m, "construct") for m in METHODS]
-                     + [("gpu", "fork", "batch"), ("alternating", "forkserver", "batch"),
-                        ("no_overlap_alternating", "spawn", "batch")]
-                     # a cpu worker mid-batch (20 s of env steps) must look for its parent
-                     + [("cpu", "fork", "batch"), ("cpu", "spawn", "batch")])
+def _in_turn(kinds, methods) -> list:
+    """``(kind, start method)``: each of ``kinds`` with the next of ``methods`` (those here)
+    in turn, so that a few subprocess tests cover every such kind and several methods."""
+    here = [m for m in methods if m in METHODS]
+    return [(k, here[i % len(here)]) for i, k in enumerate(kinds)]
+
+
+# The kinds whose workers run the agent (cpu) idle, constructing and mid-batch (20 s of env
+# steps: such a worker must look for its parent by itself), every served kind mid-batch.
+PARENT_KILL_CASES = ([(k, m, "idle") for k in WORKER_AGENTS for m in METHODS]
+                     + [(k, m, "construct") for k in WORKER_AGENTS for m in METHODS]
+                     + [(k, m, "batch") for k, m in _in_turn(SERVED, ["fork", "forkserver",
+                                                                       "spawn"])]
+                     + [(k, m, "batch") for k in WORKER_AGENTS for m in ("fork", "spawn")])
 
 
 @pytest.mark.parametrize("kind,start_method,when", PARENT_KILL_CASES)
@@ -772,10 +663,10 @@ def test_parent_sigkill_leaves_nothing(kind, start_method, when):
     proc = _start_child(kind, start_method, when)
     family: list = []
     try:
-        info = _read_until_ready(proc, time.monotonic() + 30)
+        info = read_until_ready(proc, time.monotonic() + 30)
         workers = [int(p) for p in info["PIDS"]]
         created = set(info["SHM"])
-        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        assert len(workers) == 2 and all(alive(p) for p in workers)
         assert any(n.startswith("psm") for n in created)
         family = _descendants(proc.pid)  # workers, forkserver, resource tracker
         assert set(workers) <= set(family)
@@ -783,24 +674,26 @@ def test_parent_sigkill_leaves_nothing(kind, start_method, when):
             assert {n for n in created if n.startswith("psm")} <= shm_entries()
         proc.kill()
         proc.wait(10)
-        # workers notice within their 0.5 s poll; a constructing one after its 1 s env_fn
-        alive, left = _wait_gone(family, created, BOUND_S)
-        assert not alive, f"processes outlived their SIGKILLed parent: {alive}"
+        # workers notice within their poll period (sampling.pool.POLL_S); a constructing one
+        # after its 1 s env_fn
+        running, left = _wait_gone(family, created, BOUND_S)
+        assert not running, f"processes outlived their SIGKILLed parent: {running}"
         assert not left, f"left in /dev/shm after the parent was SIGKILLed: {sorted(left)}"
     finally:
         _cleanup_child(proc, family)
 
 
-@pytest.mark.parametrize("kind,start_method,when", [("cpu", m, "batch") for m in METHODS]
-                         + [("gpu", "spawn", "batch"),
-                            ("no_overlap_alternating", "forkserver", "batch")]
-                         + [("cpu", m, "construct") for m in METHODS])
+@pytest.mark.parametrize("kind,start_method,when",
+                         [(k, m, "batch") for k in WORKER_AGENTS for m in METHODS]
+                         + [(k, m, "batch") for k, m in _in_turn(SERVED, ["spawn", "fork",
+                                                                          "forkserver"])]
+                         + [(k, m, "construct") for k in WORKER_AGENTS for m in METHODS])
 def test_ctrl_c_to_the_process_group(kind, start_method, when):
     # What a terminal does on Ctrl-C: SIGINT to every process of the foreground group.
     proc = _start_child(kind, start_method, when, start_new_session=True)
     family: list = []
     try:
-        info = _read_until_ready(proc, time.monotonic() + 30)
+        info = read_until_ready(proc, time.monotonic() + 30)
         created = set(info["SHM"])
         family = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
@@ -811,8 +704,8 @@ def test_ctrl_c_to_the_process_group(kind, start_method, when):
         assert proc.returncode == 0 and "INTERRUPTED" in out, err
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
         assert "leaked" not in err, err
-        alive, left = _wait_gone(family, created, 1.0)
-        assert not alive and not left, (alive, left)
+        running, left = _wait_gone(family, created, 1.0)
+        assert not running and not left, (running, left)
     finally:
         _cleanup_child(proc, family)
 
@@ -846,9 +739,8 @@ SIGINT_BOOT_SCRIPT = textwrap.dedent("""
 def test_sigint_to_a_starting_spawn_worker_is_ignored(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SIGINT_BOOT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
     assert "KeyboardInterrupt" not in proc.stderr, proc.stderr
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
 
@@ -865,7 +757,7 @@ STARTUP_CAUSES = (r"the cause is printed on the worker's stderr above\. Usually 
 
 @pytest.mark.parametrize("start_method", METHODS)
 @pytest.mark.parametrize("case", ["exit_before", "killed_before", "exit_after_started"])
-def test_worker_dying_before_it_started(case, start_method, monkeypatch, watch):
+def test_worker_dying_before_it_started(case, start_method, monkeypatch, no_leaks):
     # The worker's target is swapped for a stand-in that dies before worker_main would run
     # (or just after its "started" message): only the first is a start-up failure.
     from tests import fault_helpers
@@ -873,7 +765,7 @@ def test_worker_dying_before_it_started(case, start_method, monkeypatch, watch):
     target, code = {"exit_before": (fault_helpers.exit_before_worker_main, 1),
                     "killed_before": (fault_helpers.killed_before_worker_main, -9),
                     "exit_after_started": (fault_helpers.exit_after_started, 3)}[case]
-    monkeypatch.setattr("sampling.samplers.worker_main", target)
+    monkeypatch.setattr("sampling.pool.worker_entry", target)
     with pytest.raises(WorkerError) as ei:
         sampling.make_sampler("cpu", CountingEnv, CountingAgent(), start_method=start_method,
                               **SMALL)
@@ -893,7 +785,7 @@ def test_worker_dying_before_it_started(case, start_method, monkeypatch, watch):
                          r"killed it, check the system log for the out-of-memory killer", msg), msg
         assert "while its process was starting" not in msg, msg
     del err, ei
-    watch.assert_clean()
+    no_leaks.assert_clean()
 
 
 # The classic start-up failures, for real: a script without the main guard (spawn and
@@ -911,7 +803,6 @@ NO_GUARD_SCRIPT = textwrap.dedent("""
         s.obtain_samples(0)
     print("OK", flush=True)
 """)
-SCRIPT_TIMEOUT_S = 60  # a few seconds here; generous for a loaded machine, yet bounded
 # After the script exits, its resource tracker and forkserver notice their closed pipes and
 # exit too; its workers are gone already (the script kills them before it raises).
 LEFTOVER_WAIT_S = 5.0
@@ -930,7 +821,7 @@ def _tagged_pids(tag: str) -> list:
                     out.append(int(d))
         except OSError:
             continue
-    return [p for p in out if _alive(p)]
+    return [p for p in out if alive(p)]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs /proc")
@@ -939,7 +830,7 @@ def _tagged_pids(tag: str) -> list:
 def test_startup_failure_in_a_real_script(how, start_method, tmp_path):
     tag_value = f"{os.getpid()}-{how}-{start_method}-{time.monotonic_ns()}"
     tag = f"SAMPLING_STARTUP_TEST={tag_value}"  # as it appears in /proc/<pid>/environ
-    env = dict(os.environ, PYTHONPATH=str(ROOT), SAMPLING_STARTUP_TEST=tag_value)
+    env = dict(script_env(), SAMPLING_STARTUP_TEST=tag_value)
     if how == "file":
         script = tmp_path / "train.py"
         script.write_text(NO_GUARD_SCRIPT)
@@ -949,16 +840,10 @@ def test_startup_failure_in_a_real_script(how, start_method, tmp_path):
     try:
         proc = subprocess.run(**kw, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=SCRIPT_TIMEOUT_S)
-        deadline = time.monotonic() + LEFTOVER_WAIT_S
-        while _tagged_pids(tag) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: not _tagged_pids(tag), LEFTOVER_WAIT_S, period=0.1)
         assert not _tagged_pids(tag), "processes outlived the script"
     finally:
-        for pid in _tagged_pids(tag):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        kill_all(_tagged_pids(tag))
     err = proc.stderr
     if start_method == "fork":  # nothing re-runs the script: it works
         assert proc.returncode == 0 and "OK" in proc.stdout, err

@@ -32,10 +32,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import types
-from pathlib import Path
 
 import pytest
 
@@ -45,30 +43,40 @@ from sampling.errors import SharedMemoryFullError
 from tests.conftest import LeakWatch
 from tests.fault_helpers import (
     RECORD_NAMES,
-    FaultEnv,
+    ROOT,
+    SCRIPT_TIMEOUT_S,
     SimulatorEnv,
+    TrainingError,
+    interrupt_after,
+    read_until_ready,
+    script_env,
+    simulator_pids,
+    wait_until,
+    worker_pid,
+)
+from tests.helpers import (
+    METHODS,
+    PARALLEL,
+    CountingAgent,
+    CountingEnv,
+    FaultEnv,
     alive,
     kill_all,
-    simulator_pids,
+    one_per,
+    shm_entries,
 )
-from tests.helpers import CountingAgent, CountingEnv, shm_entries
 
-ROOT = Path(__file__).resolve().parents[1]
-KINDS = ["cpu", "gpu", "alternating"]
-METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+# One kind per driver and group count: the ways of laying out workers and their semaphores.
+LAYOUTS = one_per("driver", "groups", kinds=PARALLEL)
+PER_DRIVER = one_per("driver", kinds=PARALLEL)
 NAMED = [m for m in METHODS if m != "fork"]  # start methods whose semaphores have names
 SMALL = dict(batch_T=5, batch_B=4, n_workers=2)
 BOUND_S = 5.0  # every error and every close here must come within this many seconds
-SCRIPT_TIMEOUT_S = 60  # a subprocess takes a few seconds; generous for a loaded machine
-
-
-class _TrainingError(Exception):
-    pass
 
 
 # -- 1. nothing named outlives start-up ----------------------------------------------------------
 @pytest.mark.parametrize("start_method", NAMED)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYOUTS)
 def test_no_name_outlives_start_up(kind, start_method, no_leaks):
     with sampling.make_sampler(kind, CountingEnv, CountingAgent(), start_method=start_method,
                                eval_n_envs=2, eval_max_steps=10, **SMALL) as sampler:
@@ -84,7 +92,7 @@ def test_no_name_outlives_start_up(kind, start_method, no_leaks):
 
 
 @pytest.mark.parametrize("start_method", NAMED)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYOUTS)
 def test_no_name_while_a_construction_error_is_kept(kind, start_method, no_leaks):
     # The WorkerError's frames hold the semaphores: in a notebook, forever. Their names go
     # with the sampler all the same.
@@ -122,32 +130,7 @@ NAMES_SCRIPT = RECORD_NAMES + textwrap.dedent("""
 """)
 
 
-def _read_ready(proc, deadline) -> dict:
-    lines: dict = {}
-    buf = b""
-    while time.monotonic() < deadline:
-        chunk = proc.stdout.readline()
-        if not chunk:
-            break
-        buf += chunk
-        key, _, rest = chunk.decode().strip().partition(" ")
-        lines.setdefault(key, []).extend(rest.split())
-        if key == "READY":
-            return lines
-    proc.kill()
-    raise AssertionError(f"the script did not get ready: {buf!r} {proc.stderr.read()!r}")
-
-
-def _wait_until(cond, bound: float) -> bool:
-    deadline = time.monotonic() + bound
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-PARENT_DEATHS = ([("killpg", k, "spawn") for k in KINDS] + [("killpg", "gpu", "forkserver")]
+PARENT_DEATHS = ([("killpg", k, "spawn") for k in LAYOUTS] + [("killpg", "gpu", "forkserver")]
                  + [(how, k, m) for how in ("kill", "term", "exit")
                     for k, m in (("cpu", "spawn"), ("alternating", "forkserver"))])
 
@@ -164,12 +147,12 @@ def test_parent_death_leaves_no_name_and_no_orphan(how, kind, start_method, tmp_
     pid_dir = tmp_path / "sims"
     pid_dir.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", NAMES_SCRIPT, kind, start_method, how,
-                             str(pid_dir)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                             str(pid_dir)], cwd=ROOT, env=script_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     workers: list = []
     try:
-        info = _read_ready(proc, time.monotonic() + SCRIPT_TIMEOUT_S)
+        info = read_until_ready(proc, time.monotonic() + SCRIPT_TIMEOUT_S)
         names = set(info["SHM"])
         workers = [int(p) for p in info["PIDS"]]
         assert len(workers) == 2
@@ -179,7 +162,7 @@ def test_parent_death_leaves_no_name_and_no_orphan(how, kind, start_method, tmp_
             os.kill(proc.pid, signal.SIGKILL if how == "kill" else signal.SIGTERM)
         _, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
         err = err.decode()
-        assert _wait_until(lambda: not any(alive(p) for p in workers), BOUND_S), \
+        assert wait_until(lambda: not any(alive(p) for p in workers), BOUND_S), \
             "workers outlived their parent"
         assert not names & shm_entries(), f"left in /dev/shm: {sorted(names & shm_entries())}"
         assert "leaked" not in err and "resource_tracker" not in err, err
@@ -188,7 +171,7 @@ def test_parent_death_leaves_no_name_and_no_orphan(how, kind, start_method, tmp_
         if how != "killpg":  # (killpg killed the envs' children with everyone else)
             assert set(started) == closed, "an env was not closed"
         # (a SIGKILLed group dies asynchronously: its members may take a moment to go)
-        assert _wait_until(lambda: not any(alive(p) for p in started), BOUND_S), \
+        assert wait_until(lambda: not any(alive(p) for p in started), BOUND_S), \
             "an env's child process was orphaned"
     finally:
         if proc.poll() is None:
@@ -222,7 +205,7 @@ ENV_PATHS = ["shutdown", "worker_fault", "body_exception", "gc", "keyboard_inter
 
 @pytest.mark.parametrize("path", ENV_PATHS)
 @pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LAYOUTS)
 def test_every_env_is_closed(kind, start_method, path, sims, no_leaks):
     fault = (dict(where="step", after=7, fail_env=3) if path == "worker_fault"
              else dict(where="none"))
@@ -237,10 +220,10 @@ def test_every_env_is_closed(kind, start_method, path, sims, no_leaks):
         with pytest.raises(WorkerError, match=r"worker 1 .*raised EnvFault"):
             sampler.obtain_samples(1)
     elif path == "body_exception":
-        with pytest.raises(_TrainingError):
+        with pytest.raises(TrainingError):
             with sampler:
                 t0 = time.monotonic()
-                raise _TrainingError("in train()")
+                raise TrainingError("in train()")
     elif path == "keyboard_interrupt":  # Ctrl-C between two batches
         with pytest.raises(KeyboardInterrupt):
             with sampler:
@@ -250,13 +233,13 @@ def test_every_env_is_closed(kind, start_method, path, sims, no_leaks):
         del sampler
         gc.collect()
     elapsed = time.monotonic() - t0
-    assert not [p for p in no_leaks.pids if alive(p)], "a worker is still alive"
+    assert not no_leaks.alive(), "a worker is still alive"
     assert elapsed < BOUND_S, f"closing took {elapsed:.2f} s"
     _assert_all_closed(sims, 4)
 
 
 @pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("kind", PER_DRIVER)
 def test_sigkilled_worker_cannot_close_its_envs(kind, start_method, sims, no_leaks):
     # What the README says: SIGKILL leaves no chance to run close(). The other worker's
     # envs are closed; the killed worker's children are orphans (the fixture kills them).
@@ -264,7 +247,7 @@ def test_sigkilled_worker_cannot_close_its_envs(kind, start_method, sims, no_lea
     with sampling.make_sampler(kind, env_fn, CountingAgent(), start_method=start_method,
                                **SMALL) as sampler:
         sampler.obtain_samples(0)
-        victim = [p for p in mp.active_children() if p.name.endswith("worker-1")][0].pid
+        victim = worker_pid(kind, 1)
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(WorkerError, match="killed by signal SIGKILL"):
             sampler.obtain_samples(1)
@@ -282,7 +265,7 @@ def test_a_sigterm_from_outside_is_reported_and_closes_the_envs(sims, no_leaks):
     with sampling.make_sampler("gpu", env_fn, CountingAgent(), start_method="fork",
                                **SMALL) as sampler:
         sampler.obtain_samples(0)
-        victim = [p for p in mp.active_children() if p.name.endswith("worker-1")][0].pid
+        victim = worker_pid("gpu", 1)
         os.kill(victim, signal.SIGTERM)
         with pytest.raises(WorkerError, match="worker 1 .*killed by signal SIGTERM") as ei:
             sampler.obtain_samples(1)
@@ -316,11 +299,12 @@ EXIT_SCRIPT = textwrap.dedent("""
 
 def test_exit_with_an_open_sampler_and_a_stuck_close_is_bounded(sims):
     # multiprocessing's exit hook SIGTERMs daemonic workers and joins them without a limit;
-    # the sampler's own hook runs first and kills a worker whose env's close() is stuck.
+    # the sampler's own hook runs first and kills a worker whose env's close() is stuck
+    # (after sampling.pool.TERMINATE_GRACE_S).
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(sims)], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=SCRIPT_TIMEOUT_S)
+                          env=script_env(), capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT_S)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0 and "EXITING" in proc.stdout, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -328,63 +312,46 @@ def test_exit_with_an_open_sampler_and_a_stuck_close_is_bounded(sims):
 
 
 # -- 3. Ctrl-C during a graceful shutdown ---------------------------------------------------------
-def _interrupt(how: str) -> None:
-    if how == "signal":  # what a terminal's Ctrl-C does to the main thread
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-    else:  # KeyboardInterrupt without a signal: a blocked SIGINT cannot hold it back
-        import _thread
-        _thread.interrupt_main()
-
-
 @pytest.mark.parametrize("how", ["signal", "interrupt_main"])
 @pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("kind", PER_DRIVER)
 def test_ctrl_c_during_graceful_shutdown(kind, start_method, how, sims, no_leaks):
     # Each env's close() takes 0.5 s: the Ctrl-C comes while the workers close them.
     env_fn = functools.partial(SimulatorEnv, str(sims), where="none", close_delay=0.5)
     sampler = sampling.make_sampler(kind, env_fn, CountingAgent(), start_method=start_method,
                                     **SMALL)
     sampler.obtain_samples(0)
-    timer = threading.Timer(0.3, _interrupt, (how,))
     t0 = time.monotonic()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_after(0.3, how):
             sampler.shutdown()
-    finally:
-        timer.cancel()
-        timer.join()
     elapsed = time.monotonic() - t0
     # no waiting here: shutdown() returned only once every worker was gone
-    assert not [p for p in no_leaks.pids if alive(p)], "a worker outlived the shutdown"
+    assert not no_leaks.alive(), "a worker outlived the shutdown"
     assert mp.active_children() == []
     assert no_leaks.present() == set()
     assert elapsed < BOUND_S, f"the interrupted shutdown took {elapsed:.2f} s"
     with pytest.raises(SamplerClosedError):
         sampler.obtain_samples(1)
     sampler.shutdown()  # a second one: nothing left to do
-    _assert_all_closed(sims, 4)  # 2 x 0.5 s per worker: within the grace period
+    # 2 x 0.5 s per worker: within sampling.pool.TERMINATE_GRACE_S
+    _assert_all_closed(sims, 4)
 
 
 @pytest.mark.parametrize("start_method", METHODS)
 def test_ctrl_c_during_a_forced_shutdown(start_method, sims, no_leaks):
     # The exception in the body stops the workers with SIGTERM; they close their slow envs
-    # while the parent waits its grace period, and the Ctrl-C lands in that wait.
+    # while the parent waits its grace period (sampling.pool.TERMINATE_GRACE_S), and the
+    # Ctrl-C lands in that wait.
     env_fn = functools.partial(SimulatorEnv, str(sims), where="none", close_delay=0.5)
     sampler = sampling.make_sampler("cpu", env_fn, CountingAgent(), start_method=start_method,
                                     **SMALL)
     sampler.obtain_samples(0)
-    timer = threading.Timer(0.3, _interrupt, ("interrupt_main",))
-    try:
-        with pytest.raises(KeyboardInterrupt) as ei:
-            with sampler:
-                timer.start()
-                raise _TrainingError("in train()")
-    finally:
-        timer.cancel()
-        timer.join()
-    assert isinstance(ei.value.__context__, _TrainingError)
-    assert not [p for p in no_leaks.pids if alive(p)], "a worker outlived the shutdown"
+    with pytest.raises(KeyboardInterrupt) as ei:
+        with interrupt_after(0.3, "interrupt_main"), sampler:
+            raise TrainingError("in train()")
+    assert isinstance(ei.value.__context__, TrainingError)
+    assert not no_leaks.alive(), "a worker outlived the shutdown"
     assert no_leaks.present() == set()
     _assert_all_closed(sims, 4)
 
@@ -432,7 +399,7 @@ def _full_shm(monkeypatch, free=1 * MB, total=64 * MB):
     monkeypatch.setattr(os, "statvfs", statvfs, raising=False)
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu", "alternating"])
+@pytest.mark.parametrize("kind", LAYOUTS)
 def test_shm_space_is_checked(kind, monkeypatch, no_leaks):
     _full_shm(monkeypatch)
     with pytest.raises(SharedMemoryFullError) as ei:
@@ -466,7 +433,7 @@ def test_shm_space_not_checked_where_fallocate_is_unsupported(monkeypatch, no_le
 
 
 @pytest.mark.parametrize("reserved", [True, False])
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("kind", PER_DRIVER)
 def test_worker_sigbus_names_dev_shm(kind, reserved, monkeypatch, no_leaks):
     if not reserved:  # a platform or filesystem that cannot reserve the segment's space
         monkeypatch.delattr(os, "posix_fallocate", raising=False)
@@ -544,7 +511,7 @@ def test_small_dev_shm_for_real(case):
            f"\"$SCRIPT\" {case}")
     proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", cmd],
                           cwd=ROOT, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), SCRIPT=SMALL_SHM_SCRIPT))
+                          env=dict(script_env(), SCRIPT=SMALL_SHM_SCRIPT))
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr
     assert "LEFT \n" in out or out.rstrip().endswith("LEFT"), out  # nothing in /dev/shm
@@ -639,15 +606,15 @@ RLIMIT_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_rlimit_as_for_real(kind):
     proc = subprocess.run([sys.executable, "-c", RLIMIT_SCRIPT, kind], cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                          text=True, timeout=SCRIPT_TIMEOUT_S)
+                          env=script_env(), capture_output=True, text=True,
+                          timeout=SCRIPT_TIMEOUT_S)
     if proc.returncode != 0 or not proc.stdout:
         pytest.skip(f"RLIMIT_AS misbehaves here: {proc.stderr[-500:]}")
     seconds, _, msg = proc.stdout.partition(" ")
-    what = "buffer" if kind == "serial" else "shared-memory segment"
+    what = "shared-memory segment" if sampling.KINDS[kind].workers else "buffer"
     assert msg.startswith(f"out of memory allocating the sampler's {what} of "), msg
     assert "the batch [batch_T=50000, batch_B=1024]" in msg
     assert float(seconds) < BOUND_S
@@ -656,7 +623,7 @@ def test_rlimit_as_for_real(kind):
 # -- the leak watch itself -----------------------------------------------------------------------
 @pytest.mark.skipif("spawn" not in METHODS, reason="no named semaphores without spawn")
 def test_leak_watch_fails_on_a_left_semaphore(monkeypatch):
-    from sampling.samplers import _drop_semaphore_name
+    from sampling.pool import _drop_semaphore_name
 
     watch = LeakWatch().record(monkeypatch)
     sem = mp.get_context("spawn").Semaphore(0)

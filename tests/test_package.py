@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sampling
+from tests.helpers import one_per
 
 
 def test_import_has_no_heavy_or_side_effects():
@@ -79,11 +80,12 @@ class ChainEnv:
         pass
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+@pytest.mark.parametrize("kind", one_per("driver"))
 def test_scalar_observations(kind):
+    n_workers = 2 if sampling.KINDS[kind].workers else None
     with sampling.make_sampler(kind, ChainEnv, lambda o: np.zeros(len(o), np.int64),
-                               batch_T=6, batch_B=2, n_workers=None if kind == "serial"
-                               else 2, start_method="fork") as s:
+                               batch_T=6, batch_B=2, n_workers=n_workers,
+                               start_method="fork") as s:
         batch = s.obtain_samples()
     assert batch.observation.shape == (6, 2) and batch.observation.dtype == np.int64
     np.testing.assert_array_equal(batch.observation[:, 0], [0, 1, 2, 3, 0, 1])

@@ -16,22 +16,27 @@ import numpy as np
 import pytest
 
 import sampling
-from sampling import TrajInfo
 from tests.helpers import (
+    GROUPED,
+    KINDS,
+    METHODS,
+    PARALLEL,
+    RESET_MODES,
+    SERVED,
     CountingAgent,
     CountingEnv,
     DictObsEnv,
+    IdTraj,
+    PolicyAgent,
     assert_batches_equal,
+    assert_runs_equal,
     cartpole_policy,
+    gym_cartpole,
     snapshot,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
-KINDS = ["cpu", "gpu", "alternating", "no_overlap_alternating"]
-LOCKSTEP = ["gpu", "alternating", "no_overlap_alternating"]
-METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
-MODES = ["mid_batch", "wait"]
 N_BATCHES = 3
 
 
@@ -39,38 +44,6 @@ N_BATCHES = 3
 def run(kind, env_fn, agent, n=N_BATCHES, **kw) -> list:
     with sampling.make_sampler(kind, env_fn, agent, **kw) as s:
         return [snapshot(b) for b in s.steps(n)]
-
-
-class IdTraj(TrajInfo):
-    """Adds which env (CountingEnv obs[0]) ran the episode and its first/final obs t."""
-
-    def __init__(self, discount=0.99):
-        super().__init__(discount)
-        self.EnvId = -1
-        self.StartT = -1
-        self.FinalT = -1
-
-    def update(self, segment):
-        if self.EnvId < 0:
-            obs = segment.observation
-            self.EnvId, self.StartT = int(obs[0, 0]), int(obs[0, 2])
-        super().update(segment)
-
-    def terminate(self, final_observation):
-        self.FinalT = int(final_observation[2])
-        return self
-
-
-class CartPoleAgent:
-    """cartpole_policy as an rlpyt-style agent, with agent_info."""
-
-    def step(self, observation, prev_action, prev_reward):
-        return cartpole_policy(observation), {"theta": observation[:, 2].copy()}
-
-
-def _gym_cartpole():
-    gymnasium = pytest.importorskip("gymnasium")
-    return functools.partial(gymnasium.make, "CartPole-v1", max_episode_steps=30)
 
 
 LENGTHS = (3, 5, 4, 7)
@@ -84,15 +57,17 @@ CONFIGS = {
     "counting": lambda: (COUNTING, CountingAgent, COUNTING_KW),
     "counting_decorrelated": lambda: (COUNTING, CountingAgent,
                                       dict(COUNTING_KW, max_decorrelation_steps=15)),
-    "gymnasium": lambda: (_gym_cartpole(), CartPoleAgent, dict(final_observation=True)),
+    "gymnasium": lambda: (gym_cartpole(max_episode_steps=30),
+                          lambda: PolicyAgent(cartpole_policy, {"theta": 2}),
+                          dict(final_observation=True)),
 }
 
 
 def _master_params() -> list:
     out = []
-    for kind in KINDS:
+    for kind in PARALLEL:
         for method in METHODS:
-            for mode in MODES:
+            for mode in RESET_MODES:
                 for config in CONFIGS:
                     if config == "counting_decorrelated" and method == "forkserver":
                         # decorrelation is worker code that runs after env_fn(), the same
@@ -125,8 +100,7 @@ def test_bit_identical_to_serial(kind, start_method, reset_mode, config):
     got = run(kind, env_fn, agent_fn(), reset_mode=reset_mode, n_workers=2,
               start_method=start_method, **SIZE, **extra)
     assert len(got) == len(ref) == N_BATCHES
-    for i, (g, r) in enumerate(zip(got, ref)):
-        assert_batches_equal(g, r, f"batch {i}")
+    assert_runs_equal(got, ref)
     # the comparison is not vacuous: episodes ended, and the optional fields are there
     assert sum(len(r["traj_infos"]) for r in ref) >= 2
     if config.startswith("counting"):
@@ -134,14 +108,13 @@ def test_bit_identical_to_serial(kind, start_method, reset_mode, config):
         assert ref[0]["agent_info"] and ref[0]["env_info"]
 
 
-@pytest.mark.parametrize("reset_mode", MODES)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
+@pytest.mark.parametrize("kind", PARALLEL)
 def test_dict_observations_match_serial(kind, reset_mode):
     kw = dict(batch_T=10, batch_B=4, seed=1, reset_mode=reset_mode, final_observation=True)
     ref = run("serial", DictObsEnv, CountingAgent(), **kw)
     got = run(kind, DictObsEnv, CountingAgent(), n_workers=2, start_method="fork", **kw)
-    for i, (g, r) in enumerate(zip(got, ref)):
-        assert_batches_equal(g, r, f"batch {i}")
+    assert_runs_equal(got, ref)
     assert got[0]["observation"]["img"].dtype == np.uint8
     assert got[0]["final_observation"]["n"]["k"].dtype == np.int64
 
@@ -165,7 +138,7 @@ def _evaluate(kind, rule, **kw) -> tuple:
 
 
 @pytest.mark.parametrize("rule", list(EVAL_RULES))
-@pytest.mark.parametrize("kind", LOCKSTEP)
+@pytest.mark.parametrize("kind", SERVED)
 def test_evaluation_identical_to_serial(kind, rule):
     ref = _evaluate("serial", rule)
     got = _evaluate(kind, rule, n_workers=2, start_method="fork")
@@ -194,7 +167,7 @@ def test_cpu_evaluation_returns_full_episodes(rule):
             assert 6 <= t["EnvId"] < 10
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", PARALLEL)
 def test_training_unaffected_by_evaluation(kind):
     kw = dict(batch_T=8, batch_B=4, seed=2, **COUNTING_KW)
     ref = run("serial", COUNTING, CountingAgent(), n=2, **kw)  # no evaluation in between
@@ -244,8 +217,7 @@ def test_uneven_and_grouped_splits_match_serial(kind, B, W, owners):
     kw = dict(batch_T=10, batch_B=B, seed=1, **COUNTING_KW)
     ref = run("serial", COUNTING, CountingAgent(), **kw)
     got = run(kind, COUNTING, CountingAgent(), n_workers=W, start_method="fork", **kw)
-    for i, (g, r) in enumerate(zip(got, ref)):
-        assert_batches_equal(g, r, f"batch {i}")
+    assert_runs_equal(got, ref)
     (b,) = run(kind, PidEnv, CountingAgent(), n=1, n_workers=W, start_method="fork",
                batch_T=3, batch_B=B)
     assert _owners(b["env_info"]["pid"]) == owners
@@ -265,7 +237,7 @@ def test_more_workers_than_envs_warns(kind, B, W, used):
     assert_batches_equal(got, ref)
 
 
-@pytest.mark.parametrize("kind", ["alternating", "no_overlap_alternating"])
+@pytest.mark.parametrize("kind", GROUPED)
 @pytest.mark.parametrize("B,W,match", [
     (6, 3, r"even number of workers.*n_workers=3"),
     (8, 1, r"even number of workers.*n_workers=1"),
@@ -347,14 +319,13 @@ class StepCounterAgent:
         return (c * 7 + c // 2) % 3, {"mem": c}
 
 
-@pytest.mark.parametrize("reset_mode", MODES)
-@pytest.mark.parametrize("kind", ["alternating", "no_overlap_alternating", "gpu", "cpu"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
+@pytest.mark.parametrize("kind", PARALLEL)
 def test_recurrent_agent_matches_serial(kind, reset_mode):
     kw = dict(batch_T=9, batch_B=4, seed=0, reset_mode=reset_mode, n=4)
     ref = run("serial", COUNTING, StepCounterAgent(), **kw)
     got = run(kind, COUNTING, StepCounterAgent(), n_workers=2, start_method="fork", **kw)
-    for i, (g, r) in enumerate(zip(got, ref)):
-        assert_batches_equal(g, r, f"batch {i}")
+    assert_runs_equal(got, ref)
     # the per-env state was reset at each episode's start: memory == steps into the episode
     for bt in ref:
         obs, mem = bt["observation"], bt["agent_info"]["mem"]
@@ -378,15 +349,15 @@ class ItrAgent:
         return np.zeros(n, np.int64), {"itr": np.full(n, self.itr, np.int64)}
 
 
-@pytest.mark.parametrize("kind", ["serial"] + KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_steps_and_obtain_samples_pass_itr(kind):
     agent = ItrAgent()
+    workers = sampling.KINDS[kind].workers
     with sampling.make_sampler(kind, COUNTING, agent, batch_T=3, batch_B=4,
-                               n_workers=None if kind == "serial" else 2,
-                               start_method="fork") as s:
+                               n_workers=2 if workers else None, start_method="fork") as s:
         assert s.kind == kind
         assert (s.batch_T, s.batch_B) == (3, 4)
-        assert s.n_workers == (0 if kind == "serial" else 2)
+        assert s.n_workers == (2 if workers else 0)
         r = repr(s)
         assert f"kind={kind!r}" in r and "open" in r and "batch_B=4" in r
         seen = [int(b.agent_info["itr"][0, 0]) for b in s.steps(3)]

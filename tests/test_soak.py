@@ -14,7 +14,7 @@ import time
 import pytest
 
 import sampling
-from tests.helpers import cartpole_policy
+from tests.helpers import PARALLEL, cartpole_policy, one_per
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _snapshot(pids: list) -> dict:
             **{f"worker {i}": (_rss_kb(p), _fds(p)) for i, p in enumerate(pids)}}
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("kind", one_per("driver", kinds=PARALLEL))
 def test_soak_memory_and_fds_stay_flat(kind):
     n_batches = max(20, -(-STEPS // (T * B)))
     warmup = max(5, n_batches // 10)

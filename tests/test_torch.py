@@ -19,11 +19,21 @@ from torch import nn  # noqa: E402
 import sampling  # noqa: E402
 from sampling.spaces import Box  # noqa: E402
 from sampling.torch_agent import PinnedStaging, TorchAgent, to_torch  # noqa: E402
-from tests.helpers import CountingAgent, CountingEnv, DictObsEnv  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    KINDS,
+    METHODS,
+    PARALLEL,
+    RESET_MODES,
+    SERVED,
+    WORKER_AGENTS,
+    CountingAgent,
+    CountingEnv,
+    DictObsEnv,
+    one_per,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- example: a2c -->"
-ALL_KINDS = ["serial", "cpu", "gpu", "alternating", "no_overlap_alternating"]
 
 
 class ActorCritic(nn.Module):
@@ -206,7 +216,7 @@ def test_gaussian_step(std_from):
     np.testing.assert_allclose(agent.step(obs[:3], action[:3], np.zeros(3))[0], mean[:3])
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_gaussian_agent_in_a_sampler(kind):
     model = nn.Linear(2, 2)
     model.log_std = nn.Parameter(torch.zeros(2))
@@ -265,7 +275,7 @@ def test_shared_arrays_are_views_of_parameters_and_buffers():
 def test_bootstrap_value_is_the_value_of_the_next_batch_first_observation():
     torch.manual_seed(0)
     agent = TorchAgent(ActorCritic(n_out=3))
-    for kind in ("serial", "cpu", "gpu"):
+    for kind in one_per("driver"):
         with sampling.make_sampler(kind, CountingEnv, agent, batch_T=4, batch_B=4,
                                    n_workers=2, bootstrap_value=True) as sampler:
             bootstrap = sampler.obtain_samples().bootstrap_value.copy()
@@ -294,9 +304,11 @@ def test_cpu_workers_run_torch_with_one_thread(start_method):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("kind,start_method", [
-    ("cpu", "fork"), ("cpu", "spawn"), ("cpu", "forkserver"), ("gpu", None),
-    ("alternating", None)])
+# Worker agents get the parameters through shared memory (every start method); served kinds
+# (one per group count) act in the parent, with the parameters themselves.
+@pytest.mark.parametrize("kind,start_method",
+                         [(k, m) for k in WORKER_AGENTS for m in METHODS]
+                         + [(k, None) for k in one_per("groups", kinds=SERVED)])
 def test_parent_parameter_updates_reach_every_batch(kind, start_method):
     agent = _biased([40.0, -40.0])
     bias = agent.model.bias
@@ -310,8 +322,8 @@ def test_parent_parameter_updates_reach_every_batch(kind, start_method):
 
 
 # -- recurrent ---------------------------------------------------------------------------
-@pytest.mark.parametrize("reset_mode", ["mid_batch", "wait"])
-@pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
+@pytest.mark.parametrize("kind", KINDS)
 def test_recurrent_state_is_per_env_and_reset_at_episode_starts(kind, reset_mode):
     agent = TorchAgent(StepCounter(), recurrent=True)
     env_fn = lambda: CountingEnv(lengths=(3, 5, 4))  # noqa: E731
@@ -328,7 +340,7 @@ def test_recurrent_state_is_per_env_and_reset_at_episode_starts(kind, reset_mode
             assert sampler.evaluate_agent(itr)  # eval envs keep their own states
 
 
-@pytest.mark.parametrize("kind", ["serial", "alternating"])
+@pytest.mark.parametrize("kind", one_per("groups"))
 def test_lstm_batch_replays_from_its_recorded_initial_state(kind):
     torch.manual_seed(0)
     model = LSTMPolicy()
@@ -366,7 +378,7 @@ def _readme_example() -> str:
     return block[len("```python\n"):].split("\n```", 1)[0]
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("kind", one_per("driver", kinds=PARALLEL))
 def test_readme_example_learns_cartpole(kind, capsys):
     namespace = {"__name__": "readme_example"}
     threads = torch.get_num_threads()
@@ -556,7 +568,7 @@ def cleanrl_ppo(kind, iterations=40, num_envs=8, num_steps=128, seed=1):
     return curve
 
 
-@pytest.mark.parametrize("kind", ["cpu", "serial"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_cleanrl_ppo_port_with_a_plain_agent_learns(kind, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

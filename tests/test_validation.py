@@ -13,10 +13,17 @@ import pytest
 
 import sampling
 from sampling import SamplerClosedError, WorkerError
-from tests.helpers import CountingAgent, CountingEnv, ShapeChangingEnv, counting_policy
+from tests.helpers import (
+    KINDS,
+    PARALLEL,
+    WORKER_AGENTS,
+    CountingAgent,
+    CountingEnv,
+    ShapeChangingEnv,
+    counting_policy,
+    one_per,
+)
 
-KINDS = ["serial", "cpu", "gpu", "alternating", "no_overlap_alternating"]
-PARALLEL = ["cpu", "gpu", "alternating", "no_overlap_alternating"]
 GOOD = dict(batch_T=4, batch_B=2)
 
 
@@ -30,7 +37,7 @@ def no_process_start(monkeypatch):
 
 def make(kind="cpu", env_fn=CountingEnv, agent=None, **kw):
     kw = dict(GOOD, **kw)
-    if kind != "serial":
+    if kind not in sampling.KINDS or sampling.KINDS[kind].workers:  # (an unknown kind too)
         kw.setdefault("start_method", "fork")
     return sampling.make_sampler(kind, env_fn, CountingAgent() if agent is None else agent, **kw)
 
@@ -67,7 +74,7 @@ BAD_SIZES = [
     for name in ("batch_T", "batch_B", "n_workers") for bad in BAD_SIZES
     if not (name == "n_workers" and bad[0] is None)  # None: the default worker count
 ])
-@pytest.mark.parametrize("kind", ["serial", "cpu", "alternating"])
+@pytest.mark.parametrize("kind", one_per("workers", "groups"))
 def test_bad_sizes(kind, name, value, error, match, no_process_start):
     with pytest.raises(error, match=rf"^{name} {match}"):
         make(kind, **{name: value})
@@ -104,7 +111,7 @@ def test_numpy_integers_accepted():
     (dict(cpu_affinity=[0, 1]), TypeError, r"cpu_affinity must be a list with one list"),
     (dict(cpu_affinity=[[100000]]), ValueError, r"cpu_affinity names CPUs \[100000\]"),
 ])
-@pytest.mark.parametrize("kind", ["serial", "gpu"])
+@pytest.mark.parametrize("kind", one_per("served"))
 def test_bad_options(kind, kw, error, match, no_process_start):
     with pytest.raises(error, match=match):
         make(kind, **kw)
@@ -168,7 +175,7 @@ def test_unpicklable_eval_env_fn_rejected_for_spawn(no_process_start):
 @pytest.mark.parametrize("kind", PARALLEL)
 def test_unpicklable_env_fn_fine_with_fork(kind, no_leaks):
     agent = CountingAgent()
-    if kind == "cpu":
+    if kind in WORKER_AGENTS:
         agent.lock = threading.Lock()  # the cpu kind's agent goes to the workers too
     with make(kind, env_fn=_lock_env_fn(), agent=agent, start_method="fork") as s:
         b = s.obtain_samples(0)
@@ -215,21 +222,16 @@ def test_agent_not_returning_a_pair(no_process_start):
         make("serial", agent=Bad())
 
 
-@pytest.mark.parametrize("kind", ["serial", "gpu", "alternating"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_agent_wrong_count_on_a_batch(kind, no_leaks):
     s = make(kind, agent=WrongCountLater(), batch_B=4, n_workers=2)
-    with pytest.raises(ValueError, match=r"envs 0\.\.\d .*agent.step returned shape \(\d,\), "
-                                         r"expected \(\d,\)"):
-        s.obtain_samples(0)
-    with pytest.raises(SamplerClosedError):
-        s.obtain_samples(1)
-
-
-@pytest.mark.parametrize("kind", ["cpu"])
-def test_agent_wrong_count_on_a_batch_in_worker(kind, no_leaks):
-    s = make(kind, agent=WrongCountLater(), batch_B=4, n_workers=2)
-    with pytest.raises(WorkerError, match=r"worker \d \(envs \d\.\.\d\) raised ValueError:.*"
-                                          r"agent.step returned shape"):
+    if kind in WORKER_AGENTS:  # the workers' copies of the agent fail
+        error = pytest.raises(WorkerError, match=r"worker \d \(envs \d\.\.\d\) raised "
+                                                 r"ValueError:.*agent.step returned shape")
+    else:  # the agent in this process fails
+        error = pytest.raises(ValueError, match=r"envs 0\.\.\d .*agent.step returned shape "
+                                                r"\(\d,\), expected \(\d,\)")
+    with error:
         s.obtain_samples(0)
     with pytest.raises(SamplerClosedError):
         s.obtain_samples(1)
@@ -252,7 +254,7 @@ def test_shape_changing_env_serial(change, got):
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-@pytest.mark.parametrize("kind", ["cpu", "alternating"])
+@pytest.mark.parametrize("kind", one_per("groups", kinds=PARALLEL))
 def test_shape_changing_env_parallel(kind, method, no_leaks):
     env_fn = functools.partial(ShapeChangingEnv, bad_env=3, at=2, change="shape")
     s = make(kind, env_fn=env_fn, batch_B=4, n_workers=2, start_method=method)
@@ -310,7 +312,7 @@ def test_closed_sampler_raises_and_shutdown_is_idempotent(kind, no_leaks):
     s.shutdown()
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_context_manager_closes(kind, no_leaks):
     with make(kind, n_workers=2) as s:
         s.obtain_samples(0)
@@ -392,7 +394,7 @@ TRAJ_FIX = r"pass traj_info=sampling\.TrajInfo, a subclass of it, or a factory"
     pytest.param(_failing_factory, rf"{TRAJ_HEAD}.*raised ZeroDivisionError: stats factory "
                                    rf"broke; {TRAJ_FIX}", id="raises"),
 ])
-@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+@pytest.mark.parametrize("kind", one_per("driver"))
 def test_bad_traj_info(kind, traj_info, match, no_process_start):
     with pytest.raises(TypeError, match=match):
         make(kind, traj_info=traj_info)
@@ -404,7 +406,7 @@ def test_bad_traj_info(kind, traj_info, match, no_process_start):
     (functools.partial(_ExtraTraj, extra=7), _ExtraTraj),
     (_DuckTraj, _DuckTraj),
 ])
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_good_traj_info(kind, traj_info, cls, no_leaks):
     with make(kind, traj_info=traj_info, batch_T=8, n_workers=2) as s:
         trajs = s.obtain_samples(0).traj_infos
@@ -442,7 +444,7 @@ AFF_INT = r"^cpu_affinity holds CPU ids, which are ints: "
     ([[0], [100000]], ValueError, r"^cpu_affinity names CPUs \[100000\] that this process may "
                                   r"not use"),
 ])
-@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("kind", one_per("workers"))
 def test_bad_cpu_affinity(kind, spec, error, match, no_process_start):
     import os
 
