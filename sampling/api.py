@@ -29,14 +29,19 @@ RESET_MODES = ("mid_batch", "wait")
 MAX_SHUTDOWN_TIMEOUT_S = 24 * 3600.0
 
 
-def _shutdown_timeout(value: Any) -> float:
+def _seconds(name: str, value: Any, none_ok: str = "") -> float:
+    """``value`` as seconds; a TypeError for what is not a real number (bools included)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"shutdown_timeout must be a number of seconds, got {value!r} "
+        raise TypeError(f"{name} must be a number of seconds{none_ok}, got {value!r} "
                         f"({type(value).__name__})")
     try:
-        seconds = float(value)
+        return float(value)
     except OverflowError:  # an int beyond float's range
-        seconds = float("inf")
+        return float("inf")
+
+
+def _shutdown_timeout(value: Any) -> float:
+    seconds = _seconds("shutdown_timeout", value)
     if not 0.0 <= seconds <= MAX_SHUTDOWN_TIMEOUT_S:  # False for nan too
         raise ValueError(f"shutdown_timeout must be a number >= 0 and <= "
                          f"{MAX_SHUTDOWN_TIMEOUT_S:.0f} (a day), got {value!r}")
@@ -46,13 +51,7 @@ def _shutdown_timeout(value: Any) -> float:
 def _step_timeout(value: Any, kind: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"step_timeout must be a number of seconds or None, got {value!r} "
-                        f"({type(value).__name__})")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        seconds = float("inf")
+    seconds = _seconds("step_timeout", value, " or None")
     if not 0.0 < seconds <= MAX_SHUTDOWN_TIMEOUT_S:  # False for nan too
         raise ValueError(f"step_timeout must be a finite number of seconds > 0, got {value!r} "
                          f"(at most {MAX_SHUTDOWN_TIMEOUT_S:.0f}, a day; None: no deadline)")

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .agents import AgentRunner
+from .collector import close_quietly
 from .kinds import KINDS, usable_cpus, worker_count
 from .spaces import random_action_fn
 from .tree import is_tree, tree_map
@@ -279,10 +280,7 @@ def probe_env(env_fn: Callable, seed: int) -> tuple:
             n += block
         return statistics.median(times), (env.observation_space, env.action_space), obs
     finally:
-        try:
-            env.close()
-        except Exception:
-            pass
+        close_quietly(env)
 
 
 def agent_call_s(agent: Any, obs_space: Any, act_space: Any, sizes: Iterable[int],

@@ -15,7 +15,7 @@ from .errors import tag, tagged
 from .spaces import random_action_fn
 from .tree import get, is_tree, path_text, stack, tree_leaves, tree_map
 
-__all__ = ["TrajInfo", "Segment", "Collector"]
+__all__ = ["TrajInfo", "Segment", "Collector", "make_env", "close_quietly"]
 
 
 # Where a worker is, for the step deadline: a worker that has one writes its progress as
@@ -52,6 +52,17 @@ def make_env(env_fn: Callable[[], Any], label: str, fn_name: str = "env_fn") -> 
                         f"{', '.join(missing)}; it must return a gymnasium-API env (reset, step, "
                         f"observation_space, action_space), e.g. return gymnasium.make(...)")
     return env
+
+
+def close_quietly(env: Any) -> None:
+    """``env.close()``, if it has one, ignoring its errors (every closing path: a failing
+    close must not hide the error that led there, nor keep the other envs open)."""
+    close = getattr(env, "close", None)  # duck-typed envs may have none
+    try:
+        if close is not None:
+            close()
+    except Exception:
+        pass
 
 
 def check_reset(out: Any, what: str) -> Any:

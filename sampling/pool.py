@@ -154,8 +154,9 @@ class Pool:
         self.conns: list = []
         self.sems: list = []        # per worker (obs_ready, act_ready): the handoff
         self.stack_pipes: list = []  # per worker, where its stack comes, with deadlines
-        self.started: set = set()   # workers whose Started came: a death after it is no
-        self.spec: PoolSpec | None = None  # start-up failure
+        self.started: set = set()   # workers whose Started came (a later death is no
+        #                             start-up failure)
+        self.spec: PoolSpec | None = None
         self.closed: Callable[[], None] = lambda: None  # raises if the owner was closed
         self._watch: dict = {}  # worker -> (its beat, when the parent first saw it)
 

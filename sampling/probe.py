@@ -14,7 +14,7 @@ import numpy as np
 from .agent_state import RngGuard
 from .agents import AgentRunner
 from .buffers import Spec, layout, size_text, spec_of
-from .collector import check_reset, check_step, env_action, make_env
+from .collector import check_reset, check_step, close_quietly, env_action, make_env
 from .spaces import random_action_fn
 from .tree import path_text, to_numpy, tree_leaves, tree_map
 
@@ -61,10 +61,7 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed
         info = check_step(env.step(env_action(a[0])), what)[4]
         obs_space = getattr(env, "observation_space", None)
     finally:
-        try:
-            env.close()
-        except Exception:
-            pass
+        close_quietly(env)
     obs = tree_map(np.asarray, obs)
     for path, leaf in tree_leaves(obs):
         if leaf.dtype.kind not in "biufc":

@@ -42,11 +42,12 @@ from .collector import (
     STEP,
     Collector,
     TrajInfo,
+    close_quietly,
     make_env,
 )
 from .errors import SamplerClosedError, SamplerError, WorkerError
 from .kinds import KINDS, split
-from .pool import BEAT_WORDS, Pool, PoolSpec, quietly, sigint_blocked
+from .pool import BEAT_WORDS, Pool, PoolSpec, sigint_blocked
 from .probe import batch_specs, contents, probe
 from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
 from .worker import Collect, Evaluate, WorkerConfig, restart_eval, run, run_batch, run_eval
@@ -139,9 +140,7 @@ class _Resources:
                 self.shared = None
         envs = self.envs
         while envs:
-            close = getattr(envs.pop(0), "close", None)  # duck-typed envs may have none
-            if close is not None:
-                quietly(close)
+            close_quietly(envs.pop(0))
 
 
 # Samplers not closed yet. multiprocessing's exit hook SIGTERMs daemonic children and then
@@ -183,9 +182,6 @@ class Sampler:
         self._finalizer = weakref.finalize(self, self._res.close, False)
         _open.add(self)
         self._runner = AgentRunner(agent)
-        self._drive = {"in_process": self._drive_in_process,
-                       "worker_agents": self._drive_worker_agents,
-                       "served": self._drive_served}[self._k.driver]
         try:
             self._setup(env_fn, agent)
         except BaseException:
@@ -301,7 +297,9 @@ class Sampler:
         ``sample_mode``."""
         with self._collecting("obtain_samples"):
             self._runner.call("sample_mode", itr)
-            done = self._drive(itr)
+            # Looked up per batch: a bound method kept on self would make a reference
+            # cycle, and a dropped sampler would then wait for the cyclic GC to close.
+            done = getattr(self, f"_drive_{self._k.driver}")(itr)
             bufs = self._bufs
             if "bootstrap_value" in bufs and self._k.driver != "worker_agents":
                 T = self.batch_T

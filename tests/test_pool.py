@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -153,3 +154,19 @@ def test_pool_handoff_semaphores_have_no_name_after_start(tmp_path):
     finally:
         pool.stop(graceful=True)
     assert np.all([p is None for p in pool.procs]) and not mp.active_children()
+
+
+@pytest.mark.parametrize("kind", list(sampling.KINDS))
+def test_a_dropped_sampler_closes_at_once_without_the_cyclic_gc(kind):
+    # No reference cycle may hold a sampler: dropped, its finalizer runs at once and stops
+    # its workers (a cycle would leave them running until the cyclic GC happens to run).
+    gc.disable()
+    try:
+        s = sampling.make_sampler(kind, COUNTING, CountingAgent(), batch_T=4, batch_B=4,
+                                  n_workers=2 if sampling.KINDS[kind].workers else None,
+                                  start_method="fork")
+        s.obtain_samples()
+        del s
+        assert not mp.active_children()
+    finally:
+        gc.enable()

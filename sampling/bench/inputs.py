@@ -10,6 +10,7 @@ import importlib
 from typing import Any, Callable
 
 from ..agents import RandomAgent
+from ..collector import close_quietly
 
 __all__ = ["BenchError", "resolve_env", "check_env", "make_agent", "import_torch"]
 
@@ -90,10 +91,7 @@ def check_env(env_fn: Callable[[], Any], name: str) -> Any:
                                  f"{attr!r}: expected a gymnasium-API env")
         return env.observation_space, env.action_space
     finally:
-        try:
-            env.close()
-        except Exception:
-            pass
+        close_quietly(env)
 
 
 def import_torch():

@@ -21,6 +21,7 @@ import numpy as np
 from ..agents import AgentRunner
 from ..api import make_sampler
 from ..auto import action_pool, agent_call_s
+from ..collector import close_quietly
 from ..errors import WorkerError
 from ..kinds import KINDS, usable_cpus, worker_count
 from ..pool import Close, Done, Link, Pool, PoolSpec, Ready
@@ -111,10 +112,7 @@ def env_alone(env_fn: Callable[[], Any], seconds: float = DEFAULT_SECONDS,
     try:
         return _median_rate(_env_chunks(env, seed), seconds)
     finally:
-        try:
-            env.close()
-        except Exception:
-            pass
+        close_quietly(env)
 
 
 # -- W envs alone, in W processes ------------------------------------------------------------
