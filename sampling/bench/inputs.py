@@ -11,12 +11,9 @@ from typing import Any, Callable
 
 from ..agents import RandomAgent
 from ..collector import close_quietly
+from .errors import BenchError
 
 __all__ = ["BenchError", "resolve_env", "check_env", "make_agent", "import_torch"]
-
-
-class BenchError(Exception):
-    """A benchmark input is unusable (bad --env, missing torch, ...); the message says why."""
 
 
 def resolve_env(spec: str, kwargs: dict | None = None) -> Callable[[], Any]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..torch_agent import TorchAgent
-from .inputs import BenchError
+from .errors import BenchError
 
 __all__ = ["MLPAgent", "HIDDEN", "ACTION_NOISE"]
 
