@@ -2,7 +2,8 @@
 
 Imports only numpy and :mod:`sampling.spaces`. ``CartPole`` follows the dynamics,
 rewards and limits of gymnasium's ``CartPole-v1``; ``step_cost_us`` makes each step
-burn that much CPU time, to stand in for an expensive simulator.
+burn that much CPU time, to stand in for an expensive simulator. ``VectorCartPole`` steps
+``num_envs`` of them in one call, with gymnasium's vector-env API (``VectorEnv``, 1.x).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from .spaces import Box, Discrete
 
-__all__ = ["CartPole", "make_cartpole"]
+__all__ = ["CartPole", "make_cartpole", "VectorCartPole", "make_vector_cartpole", "AUTORESET_MODES"]
 
 
 class CartPole:
@@ -72,6 +73,125 @@ class CartPole:
         pass
 
 
+# gymnasium's AutoresetMode values (the enum itself, or its value, is accepted): what a
+# vector env does with a sub-env whose episode ended at a step.
+#   NextStep  its next step() call resets it instead of stepping (gymnasium's default);
+#   SameStep  it is reset within that step: the returned observation is the new episode's,
+#             the final one is in infos["final_obs"] (where infos["_final_obs"] is True);
+#   Disabled  nothing: the caller resets it with reset(options={"reset_mask": mask}).
+AUTORESET_MODES = ("NextStep", "SameStep", "Disabled")
+
+
+class VectorCartPole:
+    """``num_envs`` CartPoles stepped in one call, with numpy: step for step, sub-env ``i``
+    is a :class:`CartPole` (the same dynamics, order of operations and seeding; reset
+    with ``seed[i]`` it gives the same observations, rewards and flags).
+
+    The API of gymnasium's ``VectorEnv`` (duck-typed, gymnasium is not needed):
+    ``num_envs``, ``single_observation_space``, ``single_action_space``,
+    ``reset(seed=int|list, options={"reset_mask": mask})`` and ``step(actions[num_envs])``
+    returning ``[num_envs]``-leading arrays; ``metadata["autoreset_mode"]`` says what
+    happens to an ended sub-env (see :data:`AUTORESET_MODES`).
+    """
+
+    def __init__(self, num_envs: int = 16, max_episode_steps: int = 500,
+                 step_cost_us: float = 0.0, autoreset_mode: object = "SameStep"):
+        mode = getattr(autoreset_mode, "value", autoreset_mode)
+        if mode not in AUTORESET_MODES:
+            raise ValueError(f"autoreset_mode must be one of {', '.join(AUTORESET_MODES)} "
+                             f"(or gymnasium's AutoresetMode), got {autoreset_mode!r}")
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+        self.num_envs = num_envs
+        self.metadata = {"autoreset_mode": autoreset_mode}
+        self._mode = mode
+        one = CartPole(max_episode_steps, step_cost_us)
+        self._c = one  # the constants
+        self.single_observation_space, self.single_action_space = (one.observation_space,
+                                                                   one.action_space)
+        high = one.observation_space.high
+        self.observation_space = Box(np.broadcast_to(-high, (num_envs, 4)),
+                                     np.broadcast_to(high, (num_envs, 4)), dtype=np.float32)
+        self.action_space = Box(0, 1, shape=(num_envs,), dtype=np.int64)
+        self._rngs = [np.random.default_rng() for _ in range(num_envs)]
+        self._state = np.zeros((num_envs, 4))
+        self._t = np.zeros(num_envs, np.int64)
+        self._ended = np.zeros(num_envs, bool)  # NextStep: reset at the next step
+
+    def reset(self, *, seed: int | list | None = None, options: dict | None = None):
+        """Reset every sub-env (``seed``: an int seeds sub-env i with ``seed + i``; a list
+        gives each its own), or only those in ``options["reset_mask"]``."""
+        n = self.num_envs
+        mask = np.ones(n, bool) if not options or "reset_mask" not in options else \
+            np.asarray(options["reset_mask"], bool)
+        if mask.shape != (n,):
+            raise ValueError(f"reset_mask must be {n} bools, got shape {mask.shape}")
+        if seed is not None:
+            seeds = [seed + i for i in range(n)] if isinstance(seed, int) else list(seed)
+            if len(seeds) != n:
+                raise ValueError(f"seed must be an int or {n} seeds, got {len(seeds)}")
+            for i in np.flatnonzero(mask):
+                if seeds[i] is not None:
+                    self._rngs[i] = np.random.default_rng(seeds[i])
+        self._reset(mask)
+        return self._state.astype(np.float32), {}
+
+    def _reset(self, mask: np.ndarray) -> None:
+        for i in np.flatnonzero(mask):  # one draw per sub-env, as CartPole.reset does
+            self._state[i] = self._rngs[i].uniform(-0.05, 0.05, size=4)
+        self._t[mask] = 0
+        self._ended[mask] = False
+
+    def step(self, actions):
+        """Step every sub-env with ``actions[i]`` (0 or 1)."""
+        a = np.asarray(actions)
+        n, c = self.num_envs, self._c
+        if a.shape != (n,) or a.dtype.kind not in "iub" or ((a != 0) & (a != 1)).any():
+            raise ValueError(f"VectorCartPole actions must be {n} ints in {{0, 1}}, got "
+                             f"{actions!r:.80}")
+        if c.step_cost_s:
+            _burn(c.step_cost_s * n)
+        s = self._state
+        x, x_dot, theta, theta_dot = s.T  # views: written in place below
+        force = np.where(a == 1, c.force_mag, -c.force_mag)
+        costheta, sintheta = np.cos(theta), np.sin(theta)
+        temp = (force + c.polemass_length * theta_dot * theta_dot * sintheta) / c.total_mass
+        thetaacc = (c.gravity * sintheta - costheta * temp) / (
+            c.length * (4.0 / 3.0 - c.masspole * costheta * costheta / c.total_mass))
+        xacc = temp - c.polemass_length * thetaacc * costheta / c.total_mass
+        ended = self._ended.copy() if self._mode == "NextStep" and self._ended.any() else None
+        x += c.tau * x_dot  # CartPole's order: x, x_dot, theta, theta_dot, each from the
+        x_dot += c.tau * xacc  # values before the step
+        theta += c.tau * theta_dot
+        theta_dot += c.tau * thetaacc
+        self._t += 1
+        # |x| > limit is CartPole's x < -limit or x > limit
+        term = (np.abs(x) > c.x_threshold) | (np.abs(theta) > c.theta_threshold)
+        trunc = ~term & (self._t >= c.max_episode_steps)
+        reward = np.ones(n)
+        infos: dict = {}
+        if ended is not None:  # NextStep: these reset instead of stepping (state overwritten)
+            self._reset(ended)
+            term[ended] = trunc[ended] = False
+            reward[ended] = 0.0
+        done = term | trunc
+        obs = s.astype(np.float32)
+        if self._mode == "NextStep":
+            self._ended = done
+        elif self._mode == "SameStep" and done.any():
+            final = np.empty(n, object)
+            for i in np.flatnonzero(done):
+                final[i] = obs[i].copy()
+            self._reset(done)
+            obs = s.astype(np.float32)
+            infos = {"final_obs": final, "_final_obs": done.copy(),
+                     "final_info": {}, "_final_info": done.copy()}
+        return obs, reward, term, trunc, infos
+
+    def close(self) -> None:
+        pass
+
+
 def _burn(seconds: float) -> None:
     # CPU time of this thread, not wall time: a descheduled worker must not count as busy.
     end = time.thread_time() + seconds
@@ -82,3 +202,9 @@ def _burn(seconds: float) -> None:
 def make_cartpole(max_episode_steps: int = 500, step_cost_us: float = 0.0):
     """Factory for ``--env sampling.envs:make_cartpole`` and for picklable env_fns."""
     return CartPole(max_episode_steps=max_episode_steps, step_cost_us=step_cost_us)
+
+
+def make_vector_cartpole(num_envs: int = 16, max_episode_steps: int = 500,
+                         step_cost_us: float = 0.0, autoreset_mode: object = "SameStep"):
+    """Factory of :class:`VectorCartPole` (picklable, for env_fns)."""
+    return VectorCartPole(num_envs, max_episode_steps, step_cost_us, autoreset_mode)
