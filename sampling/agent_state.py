@@ -1,6 +1,6 @@
 """What a copy of the agent carries: parameters to mirror and random generators to reseed.
 
-Imports numpy and :mod:`sampling.buffers`; torch only if the user already imported it.
+Imports numpy and :mod:`sampling.tree`; torch only if the user already imported it.
 A ``cpu``-kind worker runs its own copy of the agent, so the parent must (1) copy its
 parameters into every copy at each batch and (2) give each copy its own random streams;
 and the sampler's own calls of the agent (the probe) must not consume the user's random

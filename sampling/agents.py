@@ -1,8 +1,8 @@
 """The agent protocol: wrap a plain policy or an rlpyt-style agent, and run it on a batch slice.
 
-Imports numpy, :mod:`sampling.buffers` and :mod:`sampling.spaces`. Every kind calls the
-agent through :class:`AgentRunner`, so "who calls the agent" (parent or worker) is the
-only thing a kind decides.
+Imports numpy, :mod:`sampling.buffers`, :mod:`sampling.spaces` and :mod:`sampling.tree`.
+Every kind calls the agent through :class:`AgentRunner`, so "who calls the agent" (parent
+or worker) is the only thing a kind decides.
 """
 from __future__ import annotations
 

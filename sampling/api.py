@@ -1,6 +1,7 @@
 """``make_sampler``: the front door. Validates every argument before a process starts.
 
-Imports kinds, samplers and agent_state (and, for ``"auto"``, :mod:`sampling.auto` lazily).
+Imports kinds, samplers, collector and agent_state (and, for ``"auto"``,
+:mod:`sampling.auto` lazily).
 """
 from __future__ import annotations
 
