@@ -6,10 +6,10 @@ parameters into every copy at each batch and (2) give each copy its own random s
 and the sampler's own calls of the agent (the probe) must not consume the user's random
 state. This module finds those things by walking what the agent references.
 
-The walk: the agent object itself, then its attributes (``vars``, ``__slots__``),
-items of dicts/lists/tuples, closure cells, the ``__self__`` of bound methods,
-``functools.partial`` arguments, and the globals a plain function's code names, up to
-:data:`WALK_DEPTH` levels deep. It does not descend into torch modules (their
+The walk: the agent object itself, then its attributes (``vars``, ``__slots__``, and its
+class's), items of dicts/lists/tuples, closure cells, the ``__self__`` of bound methods,
+``functools.partial`` arguments, and the globals and default arguments of a plain
+function, up to :data:`WALK_DEPTH` levels deep. It does not descend into torch modules (their
 ``state_dict`` covers submodules), numpy arrays, modules, classes, builtins, spaces or
 envs.
 """
@@ -72,6 +72,9 @@ def _children(obj: Any) -> Iterator[tuple]:
         for name in obj.__code__.co_names:
             if name in g:
                 yield name, g[name]
+        for i, v in enumerate(obj.__defaults__ or ()):  # def policy(obs, net=NET)
+            yield f"default{i}", v
+        yield from (obj.__kwdefaults__ or {}).items()
     else:
         d = getattr(obj, "__dict__", None)
         if isinstance(d, dict):
@@ -79,6 +82,18 @@ def _children(obj: Any) -> Iterator[tuple]:
         for slot in getattr(type(obj), "__slots__", ()):
             if isinstance(slot, str) and hasattr(obj, slot):
                 yield slot, getattr(obj, slot)
+        # Class attributes (``class Agent: net = Net()``) that no instance attribute hides;
+        # methods and descriptors are code, not state.
+        for klass in type(obj).__mro__[:-1]:  # all but object
+            for name, v in vars(klass).items():
+                if not (name.startswith("__") or isinstance(v, _CODE)
+                        or (isinstance(d, dict) and name in d)):
+                    yield name, v
+
+
+# Class attributes that are code (the walk skips them).
+_CODE = (types.FunctionType, staticmethod, classmethod, property, types.MemberDescriptorType,
+         types.GetSetDescriptorType, type)
 
 
 _LEAF_TYPES = (type, types.ModuleType, types.BuiltinFunctionType, str, bytes, int, float,

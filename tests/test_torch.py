@@ -447,12 +447,42 @@ def _closure_policy():
     return policy, net
 
 
+class ClassNetAgent:
+    """The module is a class attribute, made at import (so in every spawned worker too)."""
+
+    net = BiasedNet()
+
+    def step(self, observation, prev_action, prev_reward):
+        return PlainAgent(self.net).step(observation, prev_action, prev_reward)
+
+
+_DEFAULT_NET = BiasedNet()
+
+
+def default_arg_policy(observation, net=_DEFAULT_NET):
+    """The module is a default argument (made at import)."""
+    with torch.no_grad():
+        return net(torch.as_tensor(observation)).argmax(-1).numpy()
+
+
+def _import_time_net(net):
+    with torch.no_grad():  # its state as made (another test may have changed it)
+        net.lin.bias.data = torch.tensor([40.0, -40.0])
+        net.shift.zero_()
+    return net
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
-@pytest.mark.parametrize("make", ["attribute", "nested", "closure"])
+@pytest.mark.parametrize("make", ["attribute", "nested", "closure", "class_attribute",
+                                  "default_arg"])
 def test_plain_agent_modules_are_mirrored_into_cpu_workers(make, start_method):
     if make == "attribute":
         net = BiasedNet()
         agent = PlainAgent(net)
+    elif make == "class_attribute":
+        agent, net = ClassNetAgent(), _import_time_net(ClassNetAgent.net)
+    elif make == "default_arg":
+        agent, net = default_arg_policy, _import_time_net(_DEFAULT_NET)
     else:
         agent, net = _nested_agent() if make == "nested" else _closure_policy()
     with sampling.make_sampler("cpu", sampling.CartPole, agent, batch_T=4, batch_B=4,
