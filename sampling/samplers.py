@@ -179,6 +179,10 @@ class Sampler:
         self._interrupted = False      # shutdown() came while another thread collected
         self._res = _Resources()
         self._res.pool.closed = _closed_check(self)
+        # The in_process driver's stand-in for a worker's link: run_batch asks it every
+        # POLL_S whether to go on (a shutdown() from another thread leaves the envs to the
+        # collecting thread, which is stepping them).
+        self._guard = _Guard(self._res.pool.closed)
         self._finalizer = weakref.finalize(self, self._res.close, False)
         _open.add(self)
         self._runner = AgentRunner(agent)
@@ -324,6 +328,8 @@ class Sampler:
                 f"lock around its calls)")
         try:
             yield
+            if self._interrupted:  # an in_process batch that finished before it noticed
+                self._check_open()
         except BaseException as e:
             reason = (f"worker {e.worker} failed during {what}" if isinstance(e, WorkerError)
                       else f"{type(e).__name__} during {what}")
@@ -337,7 +343,7 @@ class Sampler:
             self._busy.release()
 
     def _drive_in_process(self, itr: int) -> list:
-        return run_batch(self._coll, self._runner, None, self._bufs)
+        return run_batch(self._coll, self._runner, self._guard, self._bufs)
 
     def _drive_worker_agents(self, itr: int) -> list:
         if self._params is not None:
@@ -402,7 +408,7 @@ class Sampler:
                                     where="serial sampler", label="eval env")
         restart_eval(self._ecoll, self._runner, o.seed + self.batch_B, first)
         return run_eval(self._ecoll, self._runner, None, self._ebufs, max_T, max_traj,
-                        self._ctrl)
+                        self._ctrl, check=self._guard.check_parent)
 
     def _evaluate_workers(self, itr: int, max_T: int, max_traj: int) -> list:
         """Lockstep: workers report every step; this process counts finished episodes over
@@ -446,8 +452,9 @@ class Sampler:
 
     def shutdown(self) -> None:
         """Stop workers and release shared memory; idempotent. Called from another thread
-        while a batch is being collected, it stops the workers at once, and the collecting
-        thread raises :class:`SamplerClosedError`."""
+        while a batch is being collected, it stops the workers at once (``serial``: the
+        collecting thread stops at its next check, within POLL_S, and closes the envs it
+        was stepping), and the collecting thread raises :class:`SamplerClosedError`."""
         if self._busy.acquire(blocking=False):
             try:
                 self._close(graceful=True, reason="shut down")
@@ -455,6 +462,9 @@ class Sampler:
                 self._busy.release()
         else:
             self._interrupted = True
+            if not self._k.workers:
+                self._closed_reason = self._closed_reason or "shut down while collecting"
+                return
             self._close(graceful=False, reason="shut down while collecting")
 
     close = shutdown
@@ -513,6 +523,13 @@ def _stuck_text(step_timeout: float, slices: list, eslices: list, w: int, phase:
     within = (f"{limit:g} s ({ENV_FN_TIMEOUT_FACTOR} x step_timeout)"
               if phase in (MAKE, EVAL_MAKE) else f"step_timeout={step_timeout:g} s")
     return f"{what} within {within}"
+
+
+class _Guard:
+    """What run_batch needs of a link to stop a batch: ``check_parent()``."""
+
+    def __init__(self, check: Callable[[], None]):
+        self.check_parent = check
 
 
 def _closed_check(sampler: Sampler) -> Callable[[], None]:

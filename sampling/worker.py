@@ -101,12 +101,13 @@ def run_batch(coll: Collector, runner, link, bufs: dict) -> list:
 
 
 def run_eval(coll: Collector, runner, link, bufs: dict, max_steps: int, max_traj: int,
-             ctrl: np.ndarray) -> list:
+             ctrl: np.ndarray, check: Callable[[], None] | None = None) -> list:
     """Step eval envs until ``max_steps`` or ``max_traj`` finished episodes.
 
     Returns ``(step, env, TrajInfo)`` tuples. In a worker every step goes through the
     handoff and the parent decides when to stop (``ctrl[0]``), counting finished episodes
-    over all workers: that lockstep makes evaluation identical in every kind.
+    over all workers: that lockstep makes evaluation identical in every kind. In this
+    process (no ``link``), ``check()`` runs before every step.
     """
     results = []
     where, beat = coll.where, coll.beat
@@ -117,6 +118,8 @@ def run_eval(coll: Collector, runner, link, bufs: dict, max_steps: int, max_traj
             link.exchange()
             stop = ctrl[0]
         else:
+            if check is not None:  # in this process: stop if shut down meanwhile
+                check()
             stop = step == max_steps or len(results) >= max_traj
         if stop:
             break

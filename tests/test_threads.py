@@ -84,3 +84,48 @@ def test_shutdown_from_another_thread_stops_a_batch_in_flight(kind, start_method
     with pytest.raises(sampling.SamplerClosedError):
         s.obtain_samples()
     s.shutdown()  # idempotent
+
+
+class ClosingEnv(SlowEnv):
+    """Records a step that comes after its close(): closing an env while another thread
+    steps it is what a real simulator may crash on."""
+
+    def __init__(self, log, **kw):
+        super().__init__(**kw)
+        self.log, self.closed = log, False
+
+    def step(self, action):
+        if self.closed:
+            self.log.append("step after close")
+        return super().step(action)
+
+    def close(self):
+        self.closed = True
+        self.log.append(f"closed in {threading.current_thread().name}")
+
+
+@pytest.mark.parametrize("call", ["obtain_samples", "evaluate_agent"])
+@pytest.mark.parametrize("kind", [k for k, v in sampling.KINDS.items() if not v.workers])
+def test_shutdown_from_another_thread_stops_an_in_process_batch(kind, call):
+    # The parent steps the envs itself: shutdown() must not close them under the collecting
+    # thread; that thread stops within POLL_S, closes them, and raises.
+    log = []
+    s = sampling.make_sampler(kind, lambda: ClosingEnv(log, delay=STEP_S, lengths=(100,)),
+                              CountingAgent(), batch_T=60, batch_B=2, eval_n_envs=2,
+                              eval_max_steps=120)  # ~6 s of steps either way
+    worker = Collect(getattr(s, call))
+    worker.name = "collecting"
+    worker.start()
+    time.sleep(IN_FLIGHT_S)
+    t0 = time.monotonic()
+    s.shutdown()
+    worker.join(CLOSE_BOUND_S + 2)
+    assert not worker.is_alive(), "the collecting thread hung after shutdown()"
+    assert worker.ended - t0 < POLL_S + 2 * STEP_S + 1.0
+    assert isinstance(worker.error, sampling.SamplerClosedError), repr(worker.error)
+    assert "step after close" not in log
+    # every env built (eval envs are built by the first evaluation), by the stepping thread
+    assert log.count("closed in collecting") == (4 if call == "evaluate_agent" else 2)
+    with pytest.raises(sampling.SamplerClosedError):
+        s.obtain_samples()
+    s.shutdown()  # idempotent
