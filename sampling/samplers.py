@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import logging
 import threading
 import warnings
 import weakref
@@ -53,8 +52,6 @@ from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
 from .worker import Collect, Evaluate, WorkerConfig, restart_eval, run, run_batch, run_eval
 
 __all__ = ["Batch", "Options", "Sampler"]
-
-log = logging.getLogger(__name__)
 
 # env_fn() builds a simulator (loads assets, compiles, connects): its deadline is this many
 # times step_timeout.

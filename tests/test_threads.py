@@ -45,6 +45,20 @@ class Collect(threading.Thread):
         self.ended = time.monotonic()
 
 
+def _shut_down_while_collecting(s, collect):
+    """Run ``collect`` in a thread named "collecting", call ``s.shutdown()`` from this one
+    while it runs; return that thread (ended) and when shutdown() was called."""
+    worker = Collect(collect)
+    worker.name = "collecting"
+    worker.start()
+    time.sleep(IN_FLIGHT_S)
+    t0 = time.monotonic()
+    s.shutdown()
+    worker.join(CLOSE_BOUND_S + 2)
+    assert not worker.is_alive(), "the collecting thread hung after shutdown()"
+    return worker, t0
+
+
 @pytest.mark.parametrize("call", ["obtain_samples", "evaluate_agent"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_second_thread_gets_a_clear_error_and_the_first_batch_is_intact(kind, call):
@@ -69,13 +83,7 @@ def test_a_second_thread_gets_a_clear_error_and_the_first_batch_is_intact(kind, 
 def test_shutdown_from_another_thread_stops_a_batch_in_flight(kind, start_method):
     s = _make(kind, start_method)
     s.obtain_samples()
-    worker = Collect(lambda: s.obtain_samples())
-    worker.start()
-    time.sleep(IN_FLIGHT_S)
-    t0 = time.monotonic()
-    s.shutdown()
-    worker.join(CLOSE_BOUND_S + 2)
-    assert not worker.is_alive(), "the collecting thread hung after shutdown()"
+    worker, t0 = _shut_down_while_collecting(s, lambda: s.obtain_samples())
     assert worker.ended - t0 < CLOSE_BOUND_S
     if not sampling.KINDS[kind].workers:  # the parent steps: the batch may finish first
         assert worker.error is None or isinstance(worker.error, sampling.SamplerClosedError)
@@ -113,14 +121,7 @@ def test_shutdown_from_another_thread_stops_an_in_process_batch(kind, call):
     s = sampling.make_sampler(kind, lambda: ClosingEnv(log, delay=STEP_S, lengths=(100,)),
                               CountingAgent(), batch_T=60, batch_B=2, eval_n_envs=2,
                               eval_max_steps=120)  # ~6 s of steps either way
-    worker = Collect(getattr(s, call))
-    worker.name = "collecting"
-    worker.start()
-    time.sleep(IN_FLIGHT_S)
-    t0 = time.monotonic()
-    s.shutdown()
-    worker.join(CLOSE_BOUND_S + 2)
-    assert not worker.is_alive(), "the collecting thread hung after shutdown()"
+    worker, t0 = _shut_down_while_collecting(s, getattr(s, call))
     assert worker.ended - t0 < POLL_S + 2 * STEP_S + 1.0
     assert isinstance(worker.error, sampling.SamplerClosedError), repr(worker.error)
     assert "step after close" not in log
