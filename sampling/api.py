@@ -16,7 +16,7 @@ import numpy as np
 
 from .agent_state import RngGuard
 from .collector import TrajInfo
-from .kinds import KINDS, usable_cpus, worker_count
+from .kinds import KINDS, usable_cpus
 from .samplers import Options, Sampler
 
 __all__ = ["make_sampler", "usable_cpus"]
@@ -141,7 +141,6 @@ def make_sampler(
                              f"kind explicitly, or step_timeout=None")
     else:
         reason = None
-    opts.n_workers = worker_count(kind, opts.batch_B, opts.n_workers)
     if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
                                 or _default_method()) != "fork":
         _check_picklable(env_fn, agent, eval_env_fn, kind)

@@ -220,11 +220,14 @@ class Collector:
     ``env_info``, optional ``final_observation`` are ``[T, B]``.
     """
 
+    width = 1  # batch columns per env (a vector env has more: see sampling.vector)
+
     def __init__(self, envs: list, lo: int, bufs: dict, *, batch_T: int, wait: bool,
                  traj_info: Callable[[], TrajInfo], where: str, label: str = "env"):
         self.envs = envs
         self.label = label  # "env" or "eval env": how messages name env lo + j
-        self.lo, self.hi = lo, lo + len(envs)
+        n = self.n = len(envs) * self.width  # columns: j below is a column of this slice
+        self.lo, self.hi = lo, lo + n
         self.T = batch_T
         self.wait = wait
         self.new_traj = traj_info
@@ -254,14 +257,13 @@ class Collector:
                 pass
         # Per env, its fields as [time, ...] views: what a Segment of its episode slices.
         self.env_cols = [{k: tree_map(lambda a, j=j: a[:, j], v) for k, v in c.items()}
-                         for j in range(len(envs))]
+                         for j in range(n)]
         self.obs_leaves = list(tree_leaves(obs))
         # Per env_info leaf: the Python types stored as they are (others go through
         # cast_problem), so a float where the probe saw an int is refused, not truncated.
         self.info_leaves = [(path, arr, _DIRECT.get(arr.dtype.str, ()))
                             for path, arr in tree_leaves(self.cols["env_info"])]
         self.act_discrete = bufs["action"].ndim == 2 and bufs["action"].dtype.kind in "iub"
-        n = len(envs)
         self.rews = [0.0] * n
         self.ended: list = []          # (env, final observation, terminated, truncated) per step
         self.ended_as = [(False, False)] * n  # wait mode: (terminated, truncated) of the end
@@ -342,7 +344,7 @@ class Collector:
             for _, arr in tree_leaves(c["final_observation"]):
                 arr[...] = 0
         self.completed = []
-        self.ep_start = [0] * len(self.envs)
+        self.ep_start = [0] * self.n
 
     def step_envs(self, t: int) -> None:
         """Step every env with ``action[t]`` and record the results in rows t and t+1."""
@@ -386,9 +388,14 @@ class Collector:
             tag(e, f"{self.label} {self.lo + j}, step {t} of the batch")
             raise
         reward[...] = rews  # each one checked to be a real number
+        self._finish_step(t)
+
+    def _finish_step(self, t: int) -> None:
+        """Rows t+1 of prev_action/prev_reward, and the episodes that ended at step t."""
+        action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
         prev_action[...] = action
         prev_reward[...] = reward
-        for j, final, te, tr in ended:
+        for j, final, te, tr in self.ended:
             term[j] = te
             trunc[j] = tr
             done[j] = True
@@ -455,10 +462,27 @@ class Collector:
 
     def end_batch(self) -> list:
         """Add the open episodes' last segments to their stats; return finished episodes."""
-        for j in range(len(self.envs)):
+        for j in range(self.n):
             if not self.waiting[j] and self.ep_start[j] < self.T:
                 self.trajs[j].update(Segment(self.env_cols[j], self.ep_start[j], self.T))
         return self.completed
+
+    def restart(self, seed: int, first: bool) -> None:
+        """Reset every env for an evaluation (seeded ``seed + b`` the first time) into row 1
+        (begin_batch carries it to row 0)."""
+        for j, env in enumerate(self.envs):
+            mark(self.beat, EVAL_RESET, 0, j)
+            o, _ = env.reset(seed=seed + self.lo + j) if first else env.reset()
+            self.write_obs(1, j, o)
+        self._restarted()
+
+    def _restarted(self) -> None:
+        c = self.cols
+        c["prev_action_full"][1] = 0
+        c["prev_reward_full"][1] = 0
+        c["done"][...] = False
+        self.waiting = [False] * self.n
+        self.trajs = [self.new_traj() for _ in range(self.n)]
 
     # -- writing one env's observation / info ------------------------------------------
     def zero_obs(self, row: int, j: int) -> None:

@@ -77,36 +77,43 @@ def split(n: int, parts: int) -> list:
     return out
 
 
-def worker_count(kind: str, batch_B: int, n_workers: int | None, exact: bool = True) -> int:
+def worker_count(kind: str, batch_B: int, n_workers: int | None, exact: bool = True,
+                 width: int = 1) -> int:
     """The workers ``kind`` runs ``batch_B`` envs on: ``n_workers``, or by default one per
-    usable CPU; never more than ``batch_B`` (with a warning if asked for more), and a
+    usable CPU; never more than the envs (with a warning if asked for more), and a
     multiple of the kind's groups. The default (and, with ``exact=False``, ``n_workers``
     too) is rounded down to one, at least one worker per group. Raises ValueError where
-    the groups cannot be equal."""
+    the groups cannot be equal. With vector envs of ``width`` sub-envs, a worker's share
+    is whole vector envs: the count is over ``batch_B // width`` of them."""
     k = KINDS[kind]
     if not k.workers:
         return 0
-    g = k.groups
-    n = min(batch_B, usable_cpus()) if n_workers is None else n_workers
+    g, units = k.groups, batch_B // width
+    envs = (f"batch_B={batch_B}" if width == 1 else
+            f"the {units} vector envs (batch_B={batch_B} / num_envs={width})")
+    one = "one env each" if width == 1 else "one vector env each"
+    n = min(units, usable_cpus()) if n_workers is None else n_workers
     if n_workers is None or not exact:
         n = max(g, n - n % g)
-    if n > batch_B:
+    if n > units:
         if exact:
-            warnings.warn(f"n_workers={n} > batch_B={batch_B}: using {batch_B} workers (one "
-                          f"env each); the others would have no env to step", stacklevel=3)
-        n = batch_B - batch_B % g
+            warnings.warn(f"n_workers={n} > {envs}: using {units} workers ({one}); the "
+                          f"others would have nothing to step", stacklevel=5)
+        n = units - units % g
     if g > 1:
         equal = "two equal groups" if g == 2 else f"{g} equal groups"
         if n < g or n % g:
             count = "an even number" if g == 2 else f"a number divisible by {g}"
             raise ValueError(f"{kind!r} needs {count} of workers ({equal}), got n_workers={n}; "
-                             f"use such an n_workers <= batch_B")
-        sizes = group_sizes(batch_B, n, g)
+                             f"use such an n_workers <= {units if width == 1 else envs}")
+        sizes = [s * width for s in group_sizes(units, n, g)]
         if len(set(sizes)) > 1:
+            fix = (f"batch_B divisible by n_workers (e.g. batch_B={n * max(1, units // n)})"
+                   if width == 1 else f"batch_B divisible by n_workers * num_envs (e.g. "
+                   f"batch_B={n * max(1, units // n) * width})")
             raise ValueError(f"{kind!r} splits the envs into {equal}: batch_B={batch_B} over "
                              f"n_workers={n} gives groups of {tuple(sizes)} envs; choose "
-                             f"batch_B divisible by n_workers (e.g. batch_B="
-                             f"{n * max(1, batch_B // n)})")
+                             f"{fix}")
     return n
 
 

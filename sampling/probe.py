@@ -1,6 +1,6 @@
 """What a batch holds: probe one env and one agent call, and lay out the batch's arrays.
 
-Imports agents, agent_state, buffers, collector, spaces and tree. The probe builds one
+Imports agents, agent_state, buffers, collector, spaces, tree and vector. The probe builds one
 separate env (never a training env), steps it once and calls the agent once, under
 :class:`~sampling.agent_state.RngGuard`: the user's random streams come out as they went in.
 """
@@ -17,8 +17,16 @@ from .buffers import Spec, layout, size_text, spec_of
 from .collector import check_reset, check_step, close_quietly, env_action, make_env
 from .spaces import random_action_fn
 from .tree import path_text, to_numpy, tree_leaves, tree_map
+from .vector import (
+    autoreset_mode,
+    check_vector_step,
+    is_vector,
+    seeded_reset,
+    vector_infos,
+    vector_width,
+)
 
-__all__ = ["Probed", "probe", "batch_specs", "contents"]
+__all__ = ["Probed", "probe", "env_form", "batch_specs", "contents"]
 
 INT64 = np.iinfo(np.int64)  # the range an int in env_info may take (its leaf is int64)
 
@@ -34,6 +42,8 @@ class Probed:
     agent_info: dict       # one env's agent_info
     observation_space: Any
     action_space: Any
+    vector: bool = False   # env_fn returns vector envs (see sampling.vector)
+    width: int = 1         # batch columns per env: num_envs for a vector env
 
 
 def probe(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed:
@@ -51,18 +61,36 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed
     what = "the probe env (the parent builds one to size buffers)"
     env = make_env(env_fn, what)
     try:
-        obs = check_reset(env.reset(seed=seed), what)
-        space = env.action_space
+        vector, width = is_vector(env), vector_width(env)
+        if vector:
+            autoreset_mode(env, what)
+            obs = check_reset(seeded_reset(env, [seed + i for i in range(width)]), what)
+            space, obs_space = env.single_action_space, getattr(env, "single_observation_space",
+                                                                None)
+        else:
+            obs = check_reset(env.reset(seed=seed), what)
+            space, obs_space = env.action_space, getattr(env, "observation_space", None)
         shape, dtype = getattr(space, "shape", None), getattr(space, "dtype", None)
         if shape is None or dtype is None:
             raise TypeError(f"the env's action_space {space!r} has no shape/dtype; "
                             f"dict or tuple action spaces are not supported")
-        a = random_action_fn(space, np.random.default_rng(seed))(1)
-        info = check_step(env.step(env_action(a[0])), what)[4]
-        obs_space = getattr(env, "observation_space", None)
+        a = random_action_fn(space, np.random.default_rng(seed))(width)
+        if vector:
+            out = check_vector_step(env.step(a), width, what, "the probe step")
+            info = vector_infos(out[4], width, what)
+        else:
+            info = check_step(env.step(env_action(a[0])), what)[4]
     finally:
         close_quietly(env)
     obs = tree_map(np.asarray, obs)
+    if vector:
+        for path, leaf in tree_leaves(obs):
+            if leaf.shape[:1] != (width,):
+                raise ValueError(f"{what}: a vector env with num_envs={width} returned "
+                                 f"observations{path_text(path)} of shape {leaf.shape} from "
+                                 f"reset(); expected [num_envs, ...] arrays, one row per "
+                                 f"sub-env")
+        obs = tree_map(lambda x: x[0], obs)
     for path, leaf in tree_leaves(obs):
         if leaf.dtype.kind not in "biufc":
             raise TypeError(
@@ -70,7 +98,7 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed
                 f"stores numbers: observations must be numeric arrays (dicts and tuples of "
                 f"them are fine). Variable-size spaces (Graph, Sequence, Text) cannot be "
                 f"batched: wrap the env to return fixed-size arrays")
-    env_info = numeric(info, what)
+    env_info = numeric(info, what)  # a vector env's share per sub-env: see vector_infos
     obs1 = tree_map(lambda x: x[None], obs)
     act_shape, act_dtype = tuple(shape), np.dtype(dtype).str
     action, agent_info = runner.step(obs1, np.zeros((1,) + act_shape, act_dtype),
@@ -81,7 +109,19 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed
                          f"expected {(1,) + act_shape} (one row per env, shaped like the action "
                          f"space {space!r})")
     agent_info = tree_map(lambda x: to_numpy(x)[0], agent_info) if agent_info else {}
-    return Probed(obs, act_shape, act_dtype, env_info, agent_info, obs_space, space)
+    return Probed(obs, act_shape, act_dtype, env_info, agent_info, obs_space, space, vector,
+                  width)
+
+
+def env_form(env_fn: Callable, what: str) -> tuple:
+    """``(vector, width)`` of the env ``env_fn()`` returns (built, read and closed here)."""
+    env = make_env(env_fn, what, "eval_env_fn")
+    try:
+        if is_vector(env):
+            autoreset_mode(env, what)
+        return is_vector(env), vector_width(env)
+    finally:
+        close_quietly(env)
 
 
 def numeric(info: Any, what: str, path: tuple = ()) -> dict:

@@ -39,16 +39,16 @@ from .collector import (
     MAKE,
     RESET,
     STEP,
-    Collector,
     TrajInfo,
     close_quietly,
     make_env,
 )
 from .errors import SamplerClosedError, SamplerError, WorkerError
-from .kinds import KINDS, split
+from .kinds import KINDS, split, worker_count
 from .pool import BEAT_WORDS, Pool, PoolSpec, sigint_blocked
-from .probe import batch_specs, contents, probe
+from .probe import batch_specs, contents, env_form, probe
 from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
+from .vector import collector, env_label
 from .worker import Collect, Evaluate, WorkerConfig, restart_eval, run, run_batch, run_eval
 
 __all__ = ["Batch", "Options", "Sampler"]
@@ -167,7 +167,7 @@ class Sampler:
         self.kind = kind
         self._k = KINDS[kind]
         self.batch_T, self.batch_B = opts.batch_T, opts.batch_B
-        self.n_workers = opts.n_workers if self._k.workers else 0
+        self.n_workers = 0  # set once the probe tells how many envs env_fn's envs step
         self._o = opts
         self._itr = 0
         self._eval_count = 0
@@ -195,6 +195,12 @@ class Sampler:
         T, B, E = o.batch_T, o.batch_B, o.eval_n_envs
         p = probe(env_fn, self._runner, o.seed)
         self.observation_space, self.action_space = p.observation_space, p.action_space
+        self._form = (p.vector, p.width)
+        self._eform = self._form if o.eval_env_fn is env_fn or not E else \
+            env_form(o.eval_env_fn, "the probe eval env (the parent builds one to learn its "
+                                    "num_envs)")
+        _check_vector(o, self._form, self._eform)
+        self.n_workers = worker_count(self.kind, B, o.n_workers, width=p.width)
         specs = {"main": batch_specs(T, B, p, o.final_observation, o.bootstrap_value),
                  "ctrl": Spec((1,), "<i8")}  # ctrl[0]: the parent's "stop evaluating" flag
         if E:
@@ -225,8 +231,8 @@ class Sampler:
             return
         if k.served:
             self._runner.call("reset")
-        self._slices = split(B, self.n_workers)
-        self._eslices = split(E, self.n_workers)
+        self._slices = _slices(B, self.n_workers, p.width)
+        self._eslices = _slices(E, self.n_workers, self._eform[1])
         self._start_pool(env_fn, agent, placed, arrays.get("beats"))
 
     def _allocate(self, nbytes: int, placed: dict, what: str) -> dict:
@@ -242,9 +248,9 @@ class Sampler:
 
     def _setup_in_process(self, env_fn: Callable) -> None:
         o, envs = self._o, self._res.envs
-        for b in range(self.batch_B):
-            envs.append(make_env(env_fn, f"env {b}"))
-        self._coll = Collector(list(envs), 0, self._bufs, batch_T=self.batch_T,
+        for b in range(self.batch_B // self._form[1]):
+            envs.append(make_env(env_fn, env_label(b, self._form)))
+        self._coll = collector(list(envs), 0, self._bufs, *self._form, batch_T=self.batch_T,
                                wait=o.reset_mode == "wait", traj_info=self._new_traj(),
                                where="serial sampler")
         self._runner.call("reset")
@@ -263,6 +269,7 @@ class Sampler:
             eval_n=o.eval_n_envs, wait=o.reset_mode == "wait", seed=o.seed,
             max_decorrelation_steps=o.max_decorrelation_steps, traj_info=self._new_traj(),
             torch_threads=o.torch_threads, envs=self._slices[w], eval_envs=self._eslices[w],
+            form=self._form, eval_form=self._eform,
             cpu_affinity=o.cpu_affinity[w % len(o.cpu_affinity)] if o.cpu_affinity else None)
             for w in range(W)]
         per = W // self._k.groups
@@ -277,7 +284,8 @@ class Sampler:
             start_method=o.start_method, name=f"sampling-{self.kind}",
             beats=beats,
             deadline=functools.partial(_deadline, o.step_timeout),
-            stuck=functools.partial(_stuck_text, o.step_timeout, self._slices, self._eslices),
+            stuck=functools.partial(_stuck_text, o.step_timeout, self._slices, self._eslices,
+                                    self._form[1], self._eform[1]),
             close_timeout=o.shutdown_timeout))
         # Every worker has mapped the segment: drop its name, so that nothing can leak it
         # whatever happens next (even a SIGKILL of everyone).
@@ -398,9 +406,12 @@ class Sampler:
     def _evaluate_in_process(self, max_T: int, max_traj: int, first: bool) -> list:
         o, envs = self._o, self._res.envs
         if self._ecoll is None:
-            for e in range(o.eval_n_envs):
-                envs.append(make_env(o.eval_env_fn, f"eval env {e}", "eval_env_fn"))
-            self._ecoll = Collector(envs[self.batch_B:], 0, self._ebufs, batch_T=1,
+            built = []
+            for e in range(o.eval_n_envs // self._eform[1]):
+                built.append(make_env(o.eval_env_fn, env_label(e, self._eform, "eval env"),
+                                      "eval_env_fn"))
+                envs.append(built[-1])
+            self._ecoll = collector(built, 0, self._ebufs, *self._eform, batch_T=1,
                                     wait=False, traj_info=self._new_traj(),
                                     where="serial sampler", label="eval env")
         restart_eval(self._ecoll, self._runner, o.seed + self.batch_B, first)
@@ -500,12 +511,16 @@ def _deadline(step_timeout: float, phase: int) -> float | None:
     return step_timeout * (ENV_FN_TIMEOUT_FACTOR if phase in (MAKE, EVAL_MAKE) else 1)
 
 
-def _stuck_text(step_timeout: float, slices: list, eslices: list, w: int, phase: int, t: int,
-                j: int, limit: float) -> str:
-    """What worker w did not finish in time, for its WorkerError."""
+def _stuck_text(step_timeout: float, slices: list, eslices: list, width: int,
+                eval_width: int, w: int, phase: int, t: int, j: int, limit: float) -> str:
+    """What worker w did not finish in time, for its WorkerError (``j``: the column within
+    its slice, the first of a vector env's)."""
     lo, hi = slices[w]
-    env, eval_env = (f"env {lo + j}" if j >= 0 else f"envs {lo}..{hi - 1}",
-                     f"eval env {eslices[w][0] + j}")
+    env = (f"envs {lo}..{hi - 1}" if j < 0 else f"env {lo + j}" if width == 1
+           else f"the vector env of envs {lo + j}..{lo + j + width - 1}")
+    e = eslices[w][0] + j
+    eval_env = f"eval env {e}" if eval_width == 1 else \
+        f"the vector env of eval envs {e}..{e + eval_width - 1}"
     late = "did not return"
     what = {MAKE: f"env_fn() for {env} {late}",
             EVAL_MAKE: f"eval_env_fn() for {eval_env} {late}",
@@ -572,3 +587,27 @@ def _copy_params(dst: dict, src: Any) -> None:
 
 def _row(tree, t):
     return tree_map(lambda a: a[t], tree) if is_tree(tree) else tree[t]
+
+
+def _slices(n: int, workers: int, width: int) -> list:
+    """Per worker, its ``(lo, hi)`` columns: whole envs of ``width`` columns each."""
+    return [(lo * width, hi * width) for lo, hi in split(n // width, workers)]
+
+
+def _check_vector(o: Options, form: tuple, eform: tuple) -> None:
+    """Vector envs: batch_B (eval_n_envs) must be whole vector envs, and wait mode cannot be
+    honoured; a clear error before any process starts."""
+    for (vector, width), n, name, fn in ((form, o.batch_B, "batch_B", "env_fn"),
+                                         (eform, o.eval_n_envs, "eval_n_envs", "eval_env_fn")):
+        if vector and n % width:
+            fit = (n // width) * width
+            raise ValueError(
+                f"{name}={n} is not a multiple of num_envs={width}: {fn}() returns vector "
+                f"envs of {width} sub-envs, and each fills {width} columns. Use {name}="
+                f"{max(fit, width)}{f' or {fit + width}' if fit else ''} (or a vector env "
+                f"whose num_envs divides {n})")
+    if form[0] and o.reset_mode == "wait":  # (evaluations never wait)
+        raise ValueError(
+            "reset_mode='wait' cannot be honoured with vector envs: it holds an env whose "
+            "episode ended until the next batch, and a vector env steps all its sub-envs "
+            "together. Use reset_mode='mid_batch' (the default)")

@@ -1,6 +1,6 @@
 """The program every parallel kind's workers run (started by :mod:`sampling.pool`).
 
-Imports collector, agents, agent_state, pool and tree. A worker owns a slice of envs (and
+Imports collector, agents, agent_state, pool, tree and vector. A worker owns a slice of envs (and
 of eval envs), writes its columns of the shared batch, and either runs its own copy of the
 agent (the ``worker_agents`` driver) or hands observations to the parent and waits for
 actions (``served``). Commands: :class:`Collect`, :class:`Evaluate`, and the pool's Close.
@@ -22,7 +22,6 @@ from .collector import (
     AGENT,
     EVAL,
     EVAL_MAKE,
-    EVAL_RESET,
     IDLE,
     MAKE,
     STEP,
@@ -32,6 +31,7 @@ from .collector import (
 )
 from .pool import POLL_S, Close, Done, Link, Ready
 from .tree import is_tree, tree_leaves, tree_map
+from .vector import collector, env_label
 
 __all__ = ["WorkerConfig", "Collect", "Evaluate", "run", "run_batch", "run_eval",
            "restart_eval"]
@@ -56,6 +56,8 @@ class WorkerConfig:
     envs: tuple                # (lo, hi): the global indices of its envs
     eval_envs: tuple           # (lo, hi) of its eval envs
     cpu_affinity: list | None
+    form: tuple = (False, 1)       # (vector, width) of env_fn's envs (see sampling.vector)
+    eval_form: tuple = (False, 1)  # the same for eval_env_fn's
 
 
 @dataclass(frozen=True)
@@ -134,18 +136,9 @@ def run_eval(coll: Collector, runner, link, bufs: dict, max_steps: int, max_traj
 
 def restart_eval(coll: Collector, runner, seed: int, first: bool) -> None:
     """Reset eval envs at the start of an evaluation (seeded only the first time)."""
-    c = coll.cols
-    for j, env in enumerate(coll.envs):
-        mark(coll.beat, EVAL_RESET, 0, j)
-        o, _ = env.reset(seed=seed + coll.lo + j) if first else env.reset()
-        coll.write_obs(1, j, o)
-    c["prev_action_full"][1] = 0
-    c["prev_reward_full"][1] = 0
-    c["done"][...] = False
-    coll.waiting = [False] * len(coll.envs)
-    coll.trajs = [coll.new_traj() for _ in coll.envs]
+    coll.restart(seed, first)
     if runner is not None:
-        runner.reset_started(np.ones(len(coll.envs), bool), coll.bufs["env_ids"][coll.lo:coll.hi])
+        runner.reset_started(np.ones(coll.n, bool), coll.bufs["env_ids"][coll.lo:coll.hi])
 
 
 class _Worker:
@@ -163,13 +156,14 @@ class _Worker:
         # and, once env_fn may have imported torch, torch's and the agent's own generators.
         seeds = worker_seed(cfg.seed, lo)
         reseed(None, seeds)
-        for b in range(lo, hi):  # one by one: a SIGTERM meanwhile closes those built so far
-            mark(link.beat, MAKE, 0, b - lo)
-            link.envs.append(make_env(cfg.env_fn, f"env {b}"))
+        width = cfg.form[1]
+        for v in range(lo // width, hi // width):  # one by one: a SIGTERM meanwhile closes
+            mark(link.beat, MAKE, 0, v * width - lo)  # those built so far
+            link.envs.append(make_env(cfg.env_fn, env_label(v, cfg.form)))
         reseed(cfg.agent, seeds)
         self.runner = AgentRunner(cfg.agent) if cfg.agent is not None else None
         self.bufs["env_ids"] = np.arange(cfg.batch_B)
-        self.coll = Collector(list(link.envs), lo, self.bufs, batch_T=cfg.batch_T,
+        self.coll = collector(list(link.envs), lo, self.bufs, *cfg.form, batch_T=cfg.batch_T,
                               wait=cfg.wait, traj_info=cfg.traj_info, where=self.where)
         self.coll.beat = link.beat
         if self.runner is not None:
@@ -200,14 +194,15 @@ class _Worker:
     def evaluate(self, itr: int, max_steps: int) -> list:
         cfg, ebufs = self.cfg, self.arrays.get("eval")
         if self.ecoll is None:
-            elo, ehi = cfg.eval_envs
+            (elo, ehi), width = cfg.eval_envs, cfg.eval_form[1]
             built = []
-            for e in range(elo, ehi):
-                mark(self.link.beat, EVAL_MAKE, 0, e - elo)
-                built.append(make_env(cfg.eval_env_fn, f"eval env {e}", "eval_env_fn"))
+            for e in range(elo // width, ehi // width):
+                mark(self.link.beat, EVAL_MAKE, 0, e * width - elo)
+                built.append(make_env(cfg.eval_env_fn, env_label(e, cfg.eval_form, "eval env"),
+                                      "eval_env_fn"))
                 self.link.envs.append(built[-1])
             ebufs["env_ids"] = np.arange(cfg.batch_B, cfg.batch_B + cfg.eval_n)
-            self.ecoll = Collector(built, elo, ebufs, batch_T=1, wait=False,
+            self.ecoll = collector(built, elo, ebufs, *cfg.eval_form, batch_T=1, wait=False,
                                    traj_info=cfg.traj_info, where=self.where, label="eval env")
             self.ecoll.beat = self.link.beat
         self._enter_mode("eval_mode", itr)
