@@ -113,15 +113,12 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed
                   width)
 
 
-def env_form(env_fn: Callable, what: str) -> tuple:
-    """``(vector, width)`` of the env ``env_fn()`` returns (built, read and closed here)."""
-    env = make_env(env_fn, what, "eval_env_fn")
-    try:
-        if is_vector(env):
-            autoreset_mode(env, what)
-        return is_vector(env), vector_width(env)
-    finally:
-        close_quietly(env)
+def env_form(env: Any, what: str) -> tuple:
+    """``(vector, width)`` of ``env``: whether it is a vector env (one the sampler can
+    honour, else an error), and the batch columns it fills."""
+    if is_vector(env):
+        autoreset_mode(env, what)
+    return is_vector(env), vector_width(env)
 
 
 def numeric(info: Any, what: str, path: tuple = ()) -> dict:

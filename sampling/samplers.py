@@ -196,9 +196,16 @@ class Sampler:
         p = probe(env_fn, self._runner, o.seed)
         self.observation_space, self.action_space = p.observation_space, p.action_space
         self._form = (p.vector, p.width)
-        self._eform = self._form if o.eval_env_fn is env_fn or not E else \
-            env_form(o.eval_env_fn, "the probe eval env (the parent builds one to learn its "
-                                    "num_envs)")
+        self._eform, self._spare_eval = self._form, None
+        if E and o.eval_env_fn is not env_fn:
+            # One eval env, built here to learn its num_envs: serial keeps it as its first.
+            spare = make_env(o.eval_env_fn, "the first eval env", "eval_env_fn")
+            self._res.envs.append(spare)  # closed on every path
+            self._eform = env_form(spare, "the first eval env")
+            if k.workers:
+                close_quietly(self._res.envs.pop())
+            else:
+                self._spare_eval = spare
         _check_vector(o, self._form, self._eform)
         self.n_workers = worker_count(self.kind, B, o.n_workers, width=p.width)
         specs = {"main": batch_specs(T, B, p, o.final_observation, o.bootstrap_value),
@@ -247,10 +254,11 @@ class Sampler:
         return views(memory, placed)
 
     def _setup_in_process(self, env_fn: Callable) -> None:
-        o, envs = self._o, self._res.envs
+        o, built = self._o, []
         for b in range(self.batch_B // self._form[1]):
-            envs.append(make_env(env_fn, env_label(b, self._form)))
-        self._coll = collector(list(envs), 0, self._bufs, *self._form, batch_T=self.batch_T,
+            built.append(make_env(env_fn, env_label(b, self._form)))
+            self._res.envs.append(built[-1])
+        self._coll = collector(built, 0, self._bufs, *self._form, batch_T=self.batch_T,
                                wait=o.reset_mode == "wait", traj_info=self._new_traj(),
                                where="serial sampler")
         self._runner.call("reset")
@@ -406,8 +414,8 @@ class Sampler:
     def _evaluate_in_process(self, max_T: int, max_traj: int, first: bool) -> list:
         o, envs = self._o, self._res.envs
         if self._ecoll is None:
-            built = []
-            for e in range(o.eval_n_envs // self._eform[1]):
+            built = [self._spare_eval] if self._spare_eval is not None else []
+            for e in range(len(built), o.eval_n_envs // self._eform[1]):
                 built.append(make_env(o.eval_env_fn, env_label(e, self._eform, "eval env"),
                                       "eval_env_fn"))
                 envs.append(built[-1])

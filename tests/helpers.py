@@ -427,3 +427,76 @@ def _init_counter() -> int:
     """How many HangingEnvs this process made before (env_fn's call index in a worker)."""
     _INIT_CALLS[0] += 1
     return _INIT_CALLS[0] - 1
+
+
+def _stack(items: list):
+    if isinstance(items[0], dict):
+        return {k: _stack([x[k] for x in items]) for k in items[0]}
+    return np.stack([np.asarray(x) for x in items])
+
+
+class Vectorized:
+    """A vector env made of ``env_fns``' single envs, as gymnasium's SyncVectorEnv makes one
+    (duck-typed: it works for any single env, sampling's spaces included).
+
+    ``autoreset_mode`` "SameStep" (final observations in ``infos["final_obs"]``) or
+    "Disabled" (``reset(options={"reset_mask": m})``), or any other value to test refusals.
+    Infos: each numeric entry of the single infos as an ``[n]`` array, with its
+    ``_name`` mask, as gymnasium reports them.
+    """
+
+    def __init__(self, env_fns, autoreset_mode="SameStep"):
+        self.envs = [fn() for fn in env_fns]
+        self.num_envs = len(self.envs)
+        self.metadata = {"autoreset_mode": autoreset_mode}
+        self.single_observation_space = getattr(self.envs[0], "observation_space", None)
+        self.single_action_space = self.envs[0].action_space
+        self.action_space = self.single_action_space
+        self.closed = False
+
+    def reset(self, *, seed=None, options=None):
+        n = self.num_envs
+        mask = (options or {}).get("reset_mask", np.ones(n, bool))
+        seeds = [seed + i for i in range(n)] if isinstance(seed, int) else seed or [None] * n
+        obs = [env.reset(seed=s)[0] if m else None
+               for env, s, m in zip(self.envs, seeds, mask)]
+        self._last = [o if o is not None else last
+                      for o, last in zip(obs, getattr(self, "_last", obs))]
+        return _stack(self._last), {}
+
+    def step(self, actions):
+        out, finals, ended = [], [None] * self.num_envs, np.zeros(self.num_envs, bool)
+        infos = []
+        for i, (env, a) in enumerate(zip(self.envs, actions)):
+            o, r, te, tr, info = env.step(a.item() if np.ndim(a) == 0 else a)
+            if (te or tr) and self.metadata["autoreset_mode"] == "SameStep":
+                finals[i], ended[i] = o, True
+                o = env.reset()[0]
+            out.append((o, r, te, tr))
+            infos.append(info)
+        self._last = [x[0] for x in out]
+        info = {}
+        for k in infos[0]:
+            info[k] = np.array([x[k] for x in infos])
+            info["_" + k] = np.ones(self.num_envs, bool)
+        if ended.any():
+            info["final_obs"] = np.empty(self.num_envs, object)
+            for i in np.flatnonzero(ended):
+                info["final_obs"][i] = finals[i]
+            info["_final_obs"] = ended
+        return (_stack(self._last), np.array([x[1] for x in out]),
+                np.array([x[2] for x in out]), np.array([x[3] for x in out]), info)
+
+    def close(self):
+        self.closed = True
+        for env in self.envs:
+            env.close()
+
+
+def vectorized(env_fn, n, autoreset_mode="SameStep"):
+    """A picklable factory of :class:`Vectorized` over ``n`` copies of ``env_fn()``."""
+    return functools.partial(_make_vectorized, env_fn, n, autoreset_mode)
+
+
+def _make_vectorized(env_fn, n, autoreset_mode):
+    return Vectorized([env_fn] * n, autoreset_mode)

@@ -100,3 +100,120 @@ def test_gymnasium_autoreset_enum_is_accepted():
     assert vec.metadata["autoreset_mode"] is gym_vector.AutoresetMode.SAME_STEP
     vec.reset(seed=0)
     assert vec.step(np.ones(2, np.int64))[0].shape == (2, 4)
+
+
+# -- the sampler with vector envs ---------------------------------------------------------
+import functools  # noqa: E402
+
+import sampling  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    METHODS,
+    PARALLEL,
+    CountingAgent,
+    CountingEnv,
+    DictObsEnv,
+    IdTraj,
+    assert_runs_equal,
+    cartpole_policy,
+    snapshot,
+    vectorized,
+)
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+
+class CartPoleAgent:
+    """Deterministic, with a value: the policy of tests.helpers, value = sum of obs."""
+
+    def step(self, observation, prev_action, prev_reward):
+        return cartpole_policy(observation), {"lean": observation[:, 2].copy()}
+
+    def value(self, observation, prev_action, prev_reward):
+        return observation.sum(-1)
+
+
+def _gym_vector(n, max_episode_steps, autoreset="SAME_STEP"):
+    gym = pytest.importorskip("gymnasium")
+    mode = getattr(gym.vector.AutoresetMode, autoreset)
+    return functools.partial(gym.make_vec, "CartPole-v1", num_envs=n, vectorization_mode="sync",
+                             vector_kwargs={"autoreset_mode": mode},
+                             max_episode_steps=max_episode_steps)
+
+
+def _gym_single(max_episode_steps):
+    gym = pytest.importorskip("gymnasium")
+    return functools.partial(gym.make, "CartPole-v1", max_episode_steps=max_episode_steps)
+
+
+COUNTING = functools.partial(CountingEnv, lengths=(3, 5, 4, 7))
+CARTPOLE = functools.partial(sampling.CartPole, max_episode_steps=30)
+EVAL = dict(eval_n_envs=4, eval_max_steps=120)
+
+# name -> () -> (vector env_fn, the same envs single, agent factory, options)
+CONFIGS = {
+    "cartpole_same_step": lambda: (
+        functools.partial(sampling.envs.make_vector_cartpole, 2, max_episode_steps=30),
+        CARTPOLE, CartPoleAgent, dict(final_observation=True, bootstrap_value=True, **EVAL)),
+    "cartpole_disabled": lambda: (
+        functools.partial(sampling.envs.make_vector_cartpole, 2, max_episode_steps=30,
+                          autoreset_mode="Disabled"),
+        CARTPOLE, CartPoleAgent, dict(final_observation=True, bootstrap_value=True, **EVAL)),
+    "counting": lambda: (vectorized(COUNTING, 2), COUNTING, CountingAgent,
+                         dict(final_observation=True, bootstrap_value=True, traj_info=IdTraj,
+                              **EVAL)),
+    "counting_disabled_dict_obs": lambda: (
+        vectorized(DictObsEnv, 2, "Disabled"), DictObsEnv, CountingAgent,
+        dict(final_observation=True)),
+    "gymnasium_sync": lambda: (_gym_vector(2, 30), _gym_single(30), CartPoleAgent,
+                               dict(final_observation=True, bootstrap_value=True, **EVAL)),
+}
+SIZE = dict(batch_T=20, batch_B=4, seed=5)
+
+
+def _run(kind, env_fn, agent, n=3, **kw) -> tuple:
+    with sampling.make_sampler(kind, env_fn, agent, **SIZE, **kw) as s:
+        batches = [snapshot(b) for b in s.steps(n)]
+        evals = ([[t.stats() for t in s.evaluate_agent(i)] for i in range(2)]
+                 if kw.get("eval_n_envs") else [])
+    return batches, evals
+
+
+_reference: dict = {}
+
+
+def _single_reference(config: str) -> tuple:
+    if config not in _reference:
+        _, single, agent, kw = CONFIGS[config]()
+        _reference[config] = _run("serial", single, agent(), **kw)
+    return _reference[config]
+
+
+def _cases() -> list:
+    out = []
+    for config in CONFIGS:
+        out.append(pytest.param("serial", None, config, id=f"serial-{config}"))
+        for kind in PARALLEL:
+            for method in METHODS:
+                if method == "forkserver" and config not in ("counting", "gymnasium_sync"):
+                    continue  # worker code runs the same after the start: fork and spawn cover it
+                out.append(pytest.param(kind, method, config, id=f"{kind}-{method}-{config}"))
+    return out
+
+
+@pytest.mark.parametrize("kind,start_method,config", _cases())
+def test_vector_envs_give_the_batches_of_their_single_envs(kind, start_method, config):
+    """The master test, extended: a vector env made of n single envs gives bit-identical
+    batches, episode stats and evaluations to those n single envs, in every kind."""
+    vector, _, agent, kw = CONFIGS[config]()
+    ref_batches, ref_evals = _single_reference(config)
+    extra = {} if kind == "serial" else dict(n_workers=2, start_method=start_method)
+    batches, evals = _run(kind, vector, agent(), **kw, **extra)
+    assert_runs_equal(batches, ref_batches)
+    assert evals == ref_evals
+    assert sum(len(b["traj_infos"]) for b in ref_batches) >= 4  # episodes ended mid-batch
+    assert any(b["done"][:-1].any() for b in ref_batches)  # ...and not only at the last step
+    if evals:
+        assert evals[0] and evals[1]
+    if config == "counting":  # infos and agent_info per sub-env, final observations
+        assert batches[0]["env_info"]["t"].any() and batches[0]["agent_info"]
+        assert batches[0]["final_observation"].any()
