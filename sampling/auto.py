@@ -22,6 +22,7 @@ from .collector import close_quietly
 from .kinds import KINDS, usable_cpus, worker_count
 from .spaces import random_action_fn
 from .tree import is_tree, tree_map
+from .vector import is_vector, random_stepper, vector_width
 
 __all__ = ["Measurements", "choose_kind", "measure", "predict", "pick", "explain",
            "serial_only", "worker_counts", "ruled_out", "probe_env", "agent_call_s",
@@ -64,13 +65,16 @@ class Measurements:
     alternating_workers: int | None  # workers of alternating; None where it cannot split B
     usable_cpus: int         # C
     ruled_out: dict = field(default_factory=dict)  # {kind: why it cannot run}
+    width: int = 1           # n: envs per env object (num_envs of a vector env, else 1)
 
 
 # -- the cost model (pure) -----------------------------------------------------------------
 def predict(m: Measurements) -> dict:
     """Predicted wall seconds per batch step of each kind that can run: {kind: seconds}.
 
-    With e = ``env_step_s + COLLECT_S``, a(n) = ``agent_call_s[n]``, h = ``HANDOFF_S``,
+    With e = ``env_step_s + COLLECT_S / width`` (the bookkeeping is per env object: one
+    vector env call records ``width`` env steps), a(n) = ``agent_call_s[n]``,
+    h = ``HANDOFF_S``,
     each kind's time is ``max(critical path, CPU work / C)``:
 
     ===========  ===============================  =========================
@@ -83,19 +87,20 @@ def predict(m: Measurements) -> dict:
                  + h
     ===========  ===============================  =========================
 
-    (B/W rounded up; alternating with its own W.) no_overlap_alternating, there for rlpyt
-    parity, is never faster than gpu and is not modelled.
+    (B/W rounded up to whole vector envs; alternating with its own W.)
+    no_overlap_alternating, there for rlpyt parity, is never faster than gpu and is not
+    modelled.
     """
     B, W, C, a, h = m.batch_B, m.n_workers, m.usable_cpus, m.agent_call_s, HANDOFF_S
-    e = m.env_step_s + COLLECT_S
-    per_w = -(-B // W)
+    e = m.env_step_s + COLLECT_S / m.width
+    per_w = per_worker(B, W, m.width)
     pred = {"serial": B * e + a[B]}
     if "cpu" not in m.ruled_out:
         pred["cpu"] = max(per_w * e + a[per_w], (B * e + W * a[per_w]) / C)
     if "gpu" not in m.ruled_out:
         pred["gpu"] = max(per_w * e + a[B] + h, (B * e + a[B] + h) / C)
     if m.alternating_workers is not None and "alternating" not in m.ruled_out:
-        pw, ah = -(-B // m.alternating_workers), a[B // 2]
+        pw, ah = per_worker(B, m.alternating_workers, m.width), a[B // 2]
         pred["alternating"] = max(max(2 * ah, pw * e + ah) + h, (B * e + 2 * ah + 2 * h) / C)
     return pred
 
@@ -136,8 +141,8 @@ def ruled_out(*, alternating_workers: int | None, agent_on_gpu: bool,
 def explain(kind: str, m: Measurements, predicted: dict, probe_s: float) -> str:
     """The reason ``auto`` gives for ``kind`` (``sampler.auto_reason``)."""
     B, W, a = m.batch_B, m.n_workers, m.agent_call_s
-    e = m.env_step_s + COLLECT_S
-    per_w = -(-B // W)
+    e = m.env_step_s + COLLECT_S / m.width
+    per_w = per_worker(B, W, m.width)
     speedup = predicted["serial"] / predicted[kind]
     why = (f"env {e * 1e6:.3g} us/step, agent {a[B] * 1e6:.3g} us on {B} envs"
            + (f" / {a[per_w] * 1e6:.3g} us on {per_w}" if per_w != B else "")
@@ -173,6 +178,9 @@ def choose_kind(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) 
         return _picked("serial", why)
     t0 = time.perf_counter()
     m = measure(env_fn, agent, opts, n_workers)
+    if m.n_workers == 1:  # one vector env holds the whole batch
+        return _picked("serial", f"batch_B={m.batch_B} is one vector env of {m.width}: "
+                                 f"worker processes cannot run in parallel")
     predicted = predict(m)
     kind = pick(predicted)
     return _picked(kind, explain(kind, m, predicted, time.perf_counter() - t0))
@@ -191,25 +199,34 @@ def measure(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) -> M
     ``make_sampler`` restores the random states around both, so they consume none.
     """
     B = opts.batch_B
-    W, W_alt = worker_counts(B, n_workers)
-    e, spaces, first_obs = probe_env(env_fn, opts.seed)
+    e, spaces, first_obs, width = probe_env(env_fn, opts.seed)
+    W, W_alt = worker_counts(B, n_workers, width)
     on_gpu = uses_cuda(agent)
     ships = on_gpu or cpu_can_ship(agent, opts.start_method)  # on a GPU: no need to pickle
     out = ruled_out(alternating_workers=W_alt, agent_on_gpu=on_gpu, agent_ships=ships)
-    sizes = {B, -(-B // W)} | ({B // 2} if "alternating" not in out else set())
+    sizes = {B, per_worker(B, W, width)} | ({B // 2} if "alternating" not in out else set())
     a = agent_call_s(agent, *spaces, sizes, PROBE_AGENT_S, sample_obs=first_obs)
     return Measurements(env_step_s=e, agent_call_s=a, batch_B=B, n_workers=W,
-                        alternating_workers=W_alt, usable_cpus=usable_cpus(), ruled_out=out)
+                        alternating_workers=W_alt, usable_cpus=usable_cpus(), ruled_out=out,
+                        width=width)
 
 
-def worker_counts(batch_B: int, n_workers: int | None) -> tuple:
+def per_worker(batch_B: int, workers: int, width: int = 1) -> int:
+    """Envs (columns) of the busiest of ``workers``: whole vector envs of ``width``."""
+    return -(-(batch_B // width) // workers) * width
+
+
+def worker_counts(batch_B: int, n_workers: int | None, width: int = 1) -> tuple:
     """(workers of cpu and gpu, workers of alternating or None where it cannot split the
     batch), as :func:`~sampling.kinds.worker_count` gives them."""
     with warnings.catch_warnings():  # make_sampler warns about n_workers > batch_B itself
         warnings.simplefilter("ignore")
-        W = worker_count("cpu", batch_B, n_workers)
         try:
-            return W, worker_count("alternating", batch_B, n_workers)
+            W = worker_count("cpu", batch_B, n_workers, width=width)
+        except ValueError:  # batch_B not whole vector envs: the sampler says so
+            W = 1
+        try:
+            return W, worker_count("alternating", batch_B, n_workers, width=width)
         except ValueError:
             return W, None
 
@@ -255,9 +272,12 @@ def action_pool(space: Any, n: int, seed: int) -> list:
 
 
 def probe_env(env_fn: Callable, seed: int) -> tuple:
-    """Seconds per step of a separate env (random actions), its spaces, its first obs."""
+    """Seconds per env step of a separate env (random actions), its spaces, its first obs,
+    and the batch columns it fills (``num_envs`` for a vector env, else 1)."""
     env = env_fn()
     try:
+        if is_vector(env):
+            return _probe_vector_env(env, seed)
         obs, _ = env.reset(seed=seed)
         pool = action_pool(env.action_space, PROBE_ACTIONS, seed)
         step = env.step
@@ -278,9 +298,27 @@ def probe_env(env_fn: Callable, seed: int) -> tuple:
                     env.reset()
             times.append((time.perf_counter() - t0) / block)
             n += block
-        return statistics.median(times), (env.observation_space, env.action_space), obs
+        return statistics.median(times), (env.observation_space, env.action_space), obs, 1
     finally:
         close_quietly(env)
+
+
+def _probe_vector_env(env: Any, seed: int) -> tuple:
+    """:func:`probe_env` for a vector env: seconds per sub-env step (a step of all of
+    them over ``num_envs``), the single spaces, sub-env 0's first observation."""
+    width = vector_width(env)
+    step = random_stepper(env, seed, PROBE_ACTIONS)
+    obs = tree_map(lambda x: np.asarray(x)[0], env.reset(seed=seed)[0])
+    times, n = [], 0
+    end = time.perf_counter() + PROBE_ENV_S
+    step()  # the first step can be slow (lazy init)
+    while not times or (time.perf_counter() < end and n < PROBE_MAX_STEPS):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) / width)
+        n += width
+    spaces = (getattr(env, "single_observation_space", None), env.single_action_space)
+    return statistics.median(times), spaces, obs, width
 
 
 def agent_call_s(agent: Any, obs_space: Any, act_space: Any, sizes: Iterable[int],

@@ -46,7 +46,17 @@ _DIRECT = {"<f8": (float, int), "<f4": (float, int), "<i8": (int,), "|b1": (bool
 # -- the gymnasium API, checked where the sampler first meets an env --------------------
 def make_env(env_fn: Callable[[], Any], label: str, fn_name: str = "env_fn") -> Any:
     """``env_fn()``, checked to look like a gymnasium env; errors name ``label``."""
-    env = tagged(env_fn, f"{fn_name}() for {label}")
+    try:
+        env = tagged(env_fn, f"{fn_name}() for {label}")
+    except AssertionError as e:
+        if "daemonic processes are not allowed to have children" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{fn_name}() for {label} starts processes of its own (e.g. gymnasium's "
+            f"AsyncVectorEnv), which a worker cannot: the parallel kinds' workers are "
+            f"daemonic processes, and those cannot have children. Use the 'serial' kind (the "
+            f"env already steps in parallel), or a vector env that steps in this process "
+            f"(vectorization_mode='sync')") from e
     missing = [m for m in ("reset", "step", "action_space") if not hasattr(env, m)]
     if missing:
         raise TypeError(f"{fn_name}() returned {type(env).__name__} for {label}, which has no "
@@ -390,15 +400,17 @@ class Collector:
         reward[...] = rews  # each one checked to be a real number
         self._finish_step(t)
 
-    def _finish_step(self, t: int) -> None:
-        """Rows t+1 of prev_action/prev_reward, and the episodes that ended at step t."""
+    def _finish_step(self, t: int, flags: bool = True) -> None:
+        """Rows t+1 of prev_action/prev_reward, and the episodes that ended at step t (and,
+        with ``flags``, their terminated, truncated and done)."""
         action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
         prev_action[...] = action
         prev_reward[...] = reward
         for j, final, te, tr in self.ended:
-            term[j] = te
-            trunc[j] = tr
-            done[j] = True
+            if flags:
+                term[j] = te
+                trunc[j] = tr
+                done[j] = True
             prev_action[j] = 0
             prev_reward[j] = 0
             traj = self.trajs[j]

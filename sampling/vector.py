@@ -35,7 +35,7 @@ from .spaces import random_action_fn
 from .tree import get, is_tree, path_text, tree_leaves, tree_map
 
 __all__ = ["is_vector", "vector_width", "autoreset_mode", "seeded_reset", "check_vector_step",
-           "vector_infos", "VectorCollector", "collector", "env_label"]
+           "vector_infos", "VectorCollector", "collector", "env_label", "random_stepper"]
 
 MODES = ("SameStep", "Disabled")  # the autoreset modes the sampler can honour
 MAKE_WITH = ("make it with gymnasium.make_vec(..., vectorization_mode='sync', "
@@ -92,9 +92,18 @@ def seeded_reset(env: Any, seeds: list) -> tuple:
             raise first from None
 
 
-def check_vector_step(out: Any, width: int, what: str, when: str) -> tuple:
+def check_vector_step(out: Any, width: int, what: str, when: str | int) -> tuple:
     """A vector env's ``step()`` result, checked: a 5-tuple whose rewards, terminated and
-    truncated are ``[width]`` numpy arrays of real numbers and bools (never converted)."""
+    truncated are ``[width]`` numpy arrays of real numbers and bools (never converted).
+    ``when`` is a step of the batch (an int) or says when (for messages)."""
+    if out.__class__ is tuple and len(out) == 5:
+        _, r, te, tr, _ = out
+        if r.__class__ is te.__class__ is tr.__class__ is np.ndarray and (
+                r.shape == te.shape == tr.shape == (width,) and r.dtype.kind in "iuf"
+                and te.dtype.kind == "b" and tr.dtype.kind == "b"):
+            return out
+    if isinstance(when, int):
+        when = f"step {when} of the batch"
     if not (isinstance(out, tuple) and len(out) == 5):
         raise TypeError(f"{what} returned {type(out).__name__} from step() at {when}; a "
                         f"vector env returns (observations, rewards, terminated, truncated, "
@@ -162,8 +171,15 @@ class VectorCollector(Collector):
                                  f"have the same num_envs")
         obs = self.cols["observation_full"]
         # Array observations (the usual case) are written with one type test and one copy.
-        self.obs_array = None if self.obs_tree else (obs.shape[2:], obs.dtype)
+        self.obs_array = None if self.obs_tree else ((width,) + obs.shape[2:], obs.dtype)
         self.keep_final = "final_observation" in self.cols
+        # Per step and vector env, its views (made once: slicing costs as much as a write):
+        # first column, action, reward, terminated, truncated, done, next observation.
+        c = self.cols
+        self.vrows = [[(a, c["action"][t, a:b], c["reward"][t, a:b], c["terminated"][t, a:b],
+                        c["truncated"][t, a:b], c["done"][t, a:b],
+                        None if self.obs_tree else obs[t + 1, a:b])
+                       for a, b in self.spans] for t in range(batch_T)]
 
     def _name(self, v: int) -> str:
         a = self.lo + v * self.width
@@ -226,66 +242,62 @@ class VectorCollector(Collector):
     def step_envs(self, t: int) -> None:
         """Step every vector env with its columns of ``action[t]``; write rows t and t+1
         with one numpy assignment per field; per-episode work for ended sub-envs only."""
-        action, reward, term, trunc, done, _, _ = self.rows[t]
         self.ended.clear()
-        obs_next = self.cols["observation_full"][t + 1] if self.obs_array else None
-        w, names, when = self.width, self.names, f"step {t} of the batch"
+        w, names, beat, obs_form = self.width, self.names, self.beat, self.obs_array
         v = 0
         try:
-            for v, env in enumerate(self.envs):
-                a, b = self.spans[v]
-                if self.beat is not None:
-                    self.beat[3] = a
+            for v, (env, (a, act, rew, term, trunc, done, obs)) in enumerate(
+                    zip(self.envs, self.vrows[t])):
+                if beat is not None:
+                    beat[3] = a
                 # a copy: an env may keep the actions it gets (the row is overwritten later)
-                o, r, te, tr, info = check_vector_step(env.step(action[a:b].copy()), w,
-                                                       names[v], when)
-                reward[a:b] = r
-                term[a:b] = te
-                trunc[a:b] = tr
-                d = done[a:b]
-                np.logical_or(te, tr, out=d)
-                if self.obs_array is not None and o.__class__ is np.ndarray and (
-                        o.shape[1:] == self.obs_array[0] and o.dtype == self.obs_array[1]
-                        and o.shape[0] == w):
-                    obs_next[a:b] = o
+                o, r, te, tr, info = check_vector_step(env.step(act.copy()), w, names[v], t)
+                rew[...] = r
+                term[...] = te
+                trunc[...] = tr
+                d = te | tr
+                done[...] = d
+                if obs is not None and o.__class__ is np.ndarray and (
+                        o.shape == obs_form[0] and o.dtype == obs_form[1]):
+                    obs[...] = o
                 else:
                     self.write_block(t + 1, v, o, f"step {t} of the batch")
                 if self.info_leaves:
                     self._write_infos(t, v, info)
-                if d.any():
-                    self._ends(t, v, o, te, tr, info)
+                if np.count_nonzero(d):
+                    self._ends(t, v, o, te, tr, d, info)
         except Exception as e:
             tag(e, f"{self._name(v)}, step {t} of the batch")
             raise
-        self._finish_step(t)
+        self._finish_step(t, flags=False)  # this loop wrote terminated, truncated and done
 
     def _checked_step(self, v: int, actions: np.ndarray, when: str) -> tuple:
         return check_vector_step(self.envs[v].step(actions), self.width, self.names[v], when)
 
-    def _ends(self, t: int, v: int, o: Any, te: np.ndarray, tr: np.ndarray, info: Any) -> None:
+    def _ends(self, t: int, v: int, o: Any, te: np.ndarray, tr: np.ndarray, done: np.ndarray,
+              info: Any) -> None:
         """Per sub-env whose episode ended at step t: its final observation and stats (by
         :meth:`_finish_step`); in Disabled mode, a masked reset of those sub-envs."""
-        a, b = self.spans[v]
-        done = self.cols["done"][t, a:b].copy()
-        ended = np.flatnonzero(done)
-        if self.modes[v] == "SameStep":
+        a = self.spans[v][0]
+        ended = done.nonzero()[0].tolist()
+        same_step = self.modes[v] == "SameStep"
+        if same_step:
             finals = info.get("final_obs") if isinstance(info, dict) else None
-            has = info.get("_final_obs") if isinstance(info, dict) else None
-            if finals is None or has is None or not all(has[i] for i in ended):
+            final = [None if finals is None else finals[i] for i in ended]
+            if any(f is None for f in final):
                 raise ValueError(
-                    f"{self._name(v)} ended the episodes of sub-envs {ended.tolist()} at step "
-                    f"{t} but its infos have no 'final_obs' for them: in autoreset mode "
-                    f"SameStep a vector env returns each final observation in "
-                    f"infos['final_obs'] (where infos['_final_obs'] is True)")
-            final = [finals[i] for i in ended]
+                    f"{self._name(v)} ended the episodes of sub-envs {ended} at step {t} but "
+                    f"its infos have no 'final_obs' for them: in autoreset mode SameStep a "
+                    f"vector env returns each final observation in infos['final_obs'] (where "
+                    f"infos['_final_obs'] is True)")
         else:
             final = [tree_map(lambda x, i=i: np.array(x[i]), o) for i in ended]
         for i, f in zip(ended, final):
-            j = a + int(i)
+            j = a + i
             if self.keep_final:
                 self.write_obs(t, j, f, field="final_observation")
-            self.ended.append((j, f, bool(te[i]), bool(tr[i])))
-        if self.modes[v] == "Disabled":
+            self.ended.append((j, f, te[i], tr[i]))
+        if not same_step:
             self._reset_ended(t + 1, v, done, f"the reset after step {t}")
 
     def _reset_ended(self, row: int, v: int, done: np.ndarray, when: str) -> None:
@@ -348,6 +360,29 @@ class VectorCollector(Collector):
                                 f"{'/'.join(map(str, path))!r} at step {t}: {problem}; "
                                 f"expected {arr.dtype} of shape {want} as on the probe step")
             arr[t, a:b] = x
+
+
+def random_stepper(env: Any, seed: int, n_actions: int) -> Callable[[], None]:
+    """For timing a vector env alone (``auto``'s probe, the benchmark): ``step()`` steps it
+    once with random actions drawn beforehand (``n_actions`` rows, cycled), resetting ended
+    sub-envs in Disabled mode as the sampler does. The env is reset (seeded) here."""
+    width, mode = vector_width(env), autoreset_mode(env, "the env")
+    seeded_reset(env, [seed + i for i in range(width)])
+    space = env.single_action_space
+    rows = random_action_fn(space, np.random.default_rng(seed))(n_actions * width)
+    rows = rows.reshape((n_actions, width) + tuple(getattr(space, "shape", None) or ()))
+    state = [0]
+
+    def step() -> None:
+        i = state[0]
+        _, _, te, tr, _ = env.step(rows[i])
+        state[0] = i + 1 if i + 1 < n_actions else 0
+        if mode == "Disabled":
+            done = te | tr
+            if done.any():
+                env.reset(options={"reset_mask": done})
+
+    return step
 
 
 def env_label(v: int, form: tuple, label: str = "env") -> str:

@@ -217,3 +217,241 @@ def test_vector_envs_give_the_batches_of_their_single_envs(kind, start_method, c
     if config == "counting":  # infos and agent_info per sub-env, final observations
         assert batches[0]["env_info"]["t"].any() and batches[0]["agent_info"]
         assert batches[0]["final_observation"].any()
+
+
+# -- bad input: each refused before any batch, naming the env, the field and the fix -------
+VCART = sampling.envs.make_vector_cartpole
+VCART4 = functools.partial(VCART, 4)
+
+
+def _make(kind="serial", env_fn=VCART4, agent=cartpole_policy, **kw):
+    kw = {"batch_T": 8, "batch_B": 8, **kw}
+    if kind != "serial":
+        kw.setdefault("n_workers", 2)
+        kw.setdefault("start_method", "fork")
+    return sampling.make_sampler(kind, env_fn, agent, **kw)
+
+
+@pytest.mark.parametrize("kind", ["serial", "cpu"])
+def test_batch_B_must_be_whole_vector_envs(kind):
+    with pytest.raises(ValueError, match=r"batch_B=6 is not a multiple of num_envs=4: "
+                                         r"env_fn\(\) returns vector envs.*Use batch_B=4 or 8"):
+        _make(kind, batch_B=6)
+    with pytest.raises(ValueError, match=r"eval_n_envs=2 is not a multiple of num_envs=4.*"
+                                         r"Use eval_n_envs=4"):
+        _make(kind, eval_n_envs=2, eval_max_steps=10)
+
+
+def test_wait_mode_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="reset_mode='wait' cannot be honoured with vector "
+                                         "envs.*steps all its sub-envs together"):
+        _make(reset_mode="wait")
+
+
+@pytest.mark.parametrize("mode, match", [
+    ("NextStep", "autoreset mode NextStep.*transition that never happened.*AutoresetMode"
+                 r"\.SAME_STEP"),
+    (None, r"metadata\['autoreset_mode'\] is None: the sampler must know how it restarts"),
+    ("Sometimes", r"metadata\['autoreset_mode'\] is 'Sometimes'"),
+])
+def test_autoreset_modes_that_cannot_be_honoured_are_refused(mode, match):
+    with pytest.raises(ValueError, match="the probe env .* is a vector env .*" + match):
+        _make(env_fn=vectorized(CountingEnv, 2, mode), batch_B=4)
+
+
+def test_gymnasium_default_next_step_is_refused_with_the_fix():
+    gym = pytest.importorskip("gymnasium")
+    env_fn = functools.partial(gym.make_vec, "CartPole-v1", num_envs=2)
+    with pytest.raises(ValueError, match="NextStep.*vector_kwargs"):
+        _make(env_fn=env_fn, batch_B=4)
+
+
+def test_separate_eval_envs_are_checked_too():
+    with pytest.raises(ValueError, match="the first eval env is a vector env in autoreset mode "
+                                         "NextStep"):
+        _make(eval_env_fn=functools.partial(VCART, 2, autoreset_mode="NextStep"),
+              eval_n_envs=2, eval_max_steps=10)
+
+
+class BadVector:
+    """A vector env of 2 that goes wrong in one way, from step ``at`` on."""
+
+    def __init__(self, bad, at=0, num_envs=2):
+        self.inner = VCART(2, max_episode_steps=10)
+        self.num_envs = num_envs
+        self.bad, self.at, self.t = bad, at, 0
+        self.metadata = self.inner.metadata
+        self.single_action_space = self.inner.single_action_space
+        self.single_observation_space = self.inner.single_observation_space
+        self.action_space = self.inner.action_space
+
+    def reset(self, *, seed=None, options=None):
+        o, info = self.inner.reset(seed=seed, options=options)
+        if self.bad == "reset_obs":
+            o = o[0]
+        return o, info
+
+    def step(self, actions):
+        o, r, te, tr, info = self.inner.step(actions)
+        self.t += 1
+        if self.t > self.at:
+            if self.bad == "reward_list":
+                r = list(r)
+            elif self.bad == "reward_shape":
+                r = r[:1]
+            elif self.bad == "reward_bool":
+                r = r > 0
+            elif self.bad == "terminated_int":
+                te = te.astype(int)
+            elif self.bad == "obs_dtype":
+                o = o.astype(np.float64)
+            elif self.bad == "obs_rows":
+                o = o[:1]
+            elif self.bad == "no_final_obs":
+                info = {}
+            elif self.bad == "four_tuple":
+                return o, r, te | tr, info
+        return o, r, te, tr, info
+
+
+PROBE_CASES = {
+    "reward_list": r"rewards list .* at the probe step; a vector env returns rewards as a "
+                   r"numpy array of 2 real numbers",
+    "reward_shape": r"rewards shape \(1,\) dtype float64 at the probe step",
+    "reward_bool": r"rewards shape \(2,\) dtype bool",
+    "terminated_int": r"terminated shape \(2,\) dtype int64 .* numpy array of 2 bools",
+    "reset_obs": r"observations of shape \(4,\) from reset\(\); expected \[num_envs, \.\.\.\]",
+    "four_tuple": r"returned tuple from step\(\) at the probe step; a vector env returns "
+                  r"\(observations, rewards, terminated, truncated, infos\)",
+}
+
+
+@pytest.mark.parametrize("bad", list(PROBE_CASES))
+def test_arrays_not_num_envs_long_are_refused_at_the_probe(bad):
+    with pytest.raises((TypeError, ValueError), match=PROBE_CASES[bad]):
+        _make(env_fn=functools.partial(BadVector, bad), batch_B=4)
+
+
+def test_num_envs_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="looks like a vector env .* num_envs is 0"):
+        _make(env_fn=functools.partial(BadVector, None, num_envs=0), batch_B=4)
+
+
+MID_RUN = {
+    "obs_dtype": r"envs 2\.\.3 \(one vector env, worker 1\) returned observations with shape "
+                 r"\(2, 4\) dtype float64 at step 4 of the batch; expected a numpy array of "
+                 r"shape \(2, 4\) dtype float32",
+    "obs_rows": r"envs 2\.\.3 \(one vector env, worker 1\) returned observations with shape "
+                r"\(1, 4\)",
+    "reward_list": r"envs 2\.\.3 \(one vector env, worker 1\) returned rewards list",
+    "no_final_obs": r"envs 2\.\.3 \(one vector env, worker 1\) ended the episodes of sub-envs "
+                    r"\[\d(, \d)?\] at step \d+ but its infos have no 'final_obs'",
+}
+
+
+@pytest.mark.parametrize("bad", list(MID_RUN))
+def test_bad_values_mid_run_name_the_vector_env_its_columns_and_the_step(bad):
+    def env_fn():
+        import multiprocessing as mp
+        w = mp.current_process().name.endswith("worker-1")
+        return BadVector(bad if w else None, at=4)
+
+    with _make("cpu", env_fn=env_fn, batch_B=4, batch_T=16) as s:
+        with pytest.raises(sampling.WorkerError, match=MID_RUN[bad]):
+            s.obtain_samples()
+
+
+# -- decorrelation, evaluation, auto, processes, deadlines ---------------------------------
+def test_decorrelation_is_the_same_in_every_kind_and_counts_per_vector_env():
+    kw = dict(max_decorrelation_steps=12, final_observation=True, traj_info=IdTraj)
+    env_fn = vectorized(COUNTING, 2)
+    ref, _ = _run("serial", env_fn, CountingAgent(), **kw)
+    plain, _ = _run("serial", env_fn, CountingAgent(), traj_info=IdTraj, final_observation=True)
+    assert ref[0]["observation"].tobytes() != plain[0]["observation"].tobytes()
+    # sub-envs of one vector env took the same number of steps: obs[..., 2] is the step
+    # within the episode, and CountingEnv's episodes differ per env, so the first rows show
+    # k steps of decorrelation (episode resets aside) for both columns of a vector env.
+    for kind in PARALLEL:
+        got, _ = _run(kind, env_fn, CountingAgent(), n_workers=2, start_method="fork", **kw)
+        assert_runs_equal(got, ref)
+
+
+def test_eval_envs_may_be_vector_envs_while_training_envs_are_single():
+    kw = dict(eval_n_envs=4, eval_max_steps=60, traj_info=IdTraj)
+    ref = _run("serial", COUNTING, CountingAgent(), eval_env_fn=COUNTING, **kw)
+    for kind in ("serial", "cpu", "gpu"):
+        extra = {} if kind == "serial" else dict(n_workers=2, start_method="fork")
+        got = _run(kind, COUNTING, CountingAgent(), eval_env_fn=vectorized(COUNTING, 2), **kw,
+                   **extra)
+        assert_runs_equal(got[0], ref[0])
+        assert got[1] == ref[1] and ref[1][0]
+
+
+def test_auto_measures_vector_envs_and_picks_a_kind():
+    with sampling.make_sampler("auto", VCART4, cartpole_policy, batch_T=8, batch_B=16,
+                               n_workers=2) as s:
+        assert s.kind in sampling.KINDS
+        assert s.obtain_samples().reward.shape == (8, 16)
+    with sampling.make_sampler("auto", VCART4, cartpole_policy, batch_T=8, batch_B=4,
+                               n_workers=2) as s:
+        assert s.kind == "serial"
+        assert "one vector env" in s.auto_reason
+
+
+def test_auto_cost_model_counts_bookkeeping_per_vector_env():
+    from sampling.auto import COLLECT_S, Measurements, predict
+    a = {n: 1e-6 for n in (4, 8, 16)}
+    m = dict(env_step_s=1e-6, agent_call_s=a, batch_B=16, n_workers=2,
+             alternating_workers=2, usable_cpus=2)
+    single, vector = predict(Measurements(**m)), predict(Measurements(**m, width=8))
+    assert single["serial"] == pytest.approx(16 * (1e-6 + COLLECT_S) + 1e-6)
+    assert vector["serial"] == pytest.approx(16 * (1e-6 + COLLECT_S / 8) + 1e-6)
+    assert vector["cpu"] < single["cpu"]
+
+
+def test_a_vector_env_with_its_own_processes_runs_in_serial_and_is_closed():
+    gym = pytest.importorskip("gymnasium")
+    env_fn = functools.partial(gym.make_vec, "CartPole-v1", num_envs=2,
+                               vectorization_mode="async",
+                               vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    import multiprocessing as mp
+    with sampling.make_sampler("serial", env_fn, cartpole_policy, batch_T=8, batch_B=4) as s:
+        assert s.obtain_samples().reward.shape == (8, 4)
+        assert len(mp.active_children()) == 4  # two vector envs of two processes each
+    assert not mp.active_children()  # no_leaks checks every process too
+    with pytest.raises(sampling.WorkerError, match="starts processes of its own .* Use the "
+                                                   "'serial' kind"):
+        with _make("cpu", env_fn=env_fn, batch_B=4) as s:
+            s.obtain_samples()
+
+
+class HangingVector(BadVector):
+    def step(self, actions):
+        import multiprocessing as mp
+        import time
+        if self.t >= 3 and mp.current_process().name.endswith("worker-1"):
+            time.sleep(60)
+        return super().step(actions)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_a_stuck_vector_env_is_named_by_its_columns(kind):
+    with _make(kind, env_fn=functools.partial(HangingVector, None), batch_B=4, batch_T=16,
+               step_timeout=1.0) as s:
+        with pytest.raises(sampling.WorkerError,
+                           match=r"the vector env of envs 2\.\.3 did not return from its step "
+                                 r"at batch step 3"):
+            s.obtain_samples()
+
+
+def test_sampler_reports_single_spaces_and_worker_counts_in_vector_envs():
+    with pytest.warns(UserWarning, match=r"n_workers=3 > the 2 vector envs \(batch_B=8 / "
+                                         r"num_envs=4\): using 2 workers"):
+        s = _make("cpu", n_workers=3)
+    with s:
+        assert s.n_workers == 2
+        assert s.action_space.n == 2 and s.observation_space.shape == (4,)
+    with pytest.raises(ValueError, match=r"splits the envs into two equal groups: batch_B=12 "
+                                         r"over n_workers=2 .* batch_B divisible by n_workers "
+                                         r"\* num_envs"):
+        _make("alternating", batch_B=12, n_workers=2)

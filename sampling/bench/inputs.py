@@ -11,9 +11,10 @@ from typing import Any, Callable
 
 from ..agents import RandomAgent
 from ..collector import close_quietly
+from ..vector import autoreset_mode, is_vector, vector_width
 from .errors import BenchError
 
-__all__ = ["BenchError", "resolve_env", "check_env", "make_agent", "import_torch"]
+__all__ = ["BenchError", "resolve_env", "check_env", "env_width", "make_agent", "import_torch"]
 
 
 def resolve_env(spec: str, kwargs: dict | None = None) -> Callable[[], Any]:
@@ -75,20 +76,46 @@ def _gymnasium():
 
 
 def check_env(env_fn: Callable[[], Any], name: str) -> Any:
-    """Build one env (closed again) and return its observation and action spaces."""
+    """Build one env (closed again) and return its observation and action spaces (one
+    sub-env's for a vector env)."""
+    env = _make(env_fn, name)
     try:
-        env = env_fn()
-    except Exception as e:
-        raise BenchError(f"--env {name!r}: making the env failed: {type(e).__name__}: {e}") \
-            from None
-    try:
-        for attr in ("reset", "step", "action_space", "observation_space"):
+        if is_vector(env):
+            attrs, prefix = ("reset", "step", "single_action_space",
+                             "single_observation_space"), "single_"
+        else:
+            attrs, prefix = ("reset", "step", "action_space", "observation_space"), ""
+        for attr in attrs:
             if not hasattr(env, attr):
                 raise BenchError(f"--env {name!r} returned a {type(env).__name__}, which has no "
                                  f"{attr!r}: expected a gymnasium-API env")
-        return env.observation_space, env.action_space
+        return getattr(env, prefix + "observation_space"), getattr(env, prefix + "action_space")
     finally:
         close_quietly(env)
+
+
+def env_width(env_fn: Callable[[], Any], name: str) -> int:
+    """Env steps per step of ``env_fn()``'s env: ``num_envs`` for a vector env, else 1
+    (built and closed again; a vector env whose autoreset mode the sampler cannot honour
+    is refused here)."""
+    env = _make(env_fn, name)
+    try:
+        if is_vector(env):
+            try:
+                autoreset_mode(env, f"--env {name!r}")
+            except ValueError as e:
+                raise BenchError(str(e)) from None
+        return vector_width(env)
+    finally:
+        close_quietly(env)
+
+
+def _make(env_fn: Callable[[], Any], name: str) -> Any:
+    try:
+        return env_fn()
+    except Exception as e:
+        raise BenchError(f"--env {name!r}: making the env failed: {type(e).__name__}: {e}") \
+            from None
 
 
 def import_torch():

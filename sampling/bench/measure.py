@@ -20,13 +20,14 @@ import numpy as np
 
 from ..agents import AgentRunner
 from ..api import make_sampler
-from ..auto import action_pool, agent_call_s
+from ..auto import action_pool, agent_call_s, per_worker
 from ..collector import close_quietly
 from ..errors import WorkerError
 from ..kinds import KINDS, usable_cpus, worker_count
 from ..pool import Close, Done, Link, Pool, PoolSpec, Ready
 from ..spaces import Box, Discrete
-from .inputs import BenchError, check_env
+from ..vector import is_vector, random_stepper, vector_width
+from .inputs import BenchError, check_env, env_width
 from .report import ALL_KINDS, ROUNDS, pick_kind, recommendation, spread
 
 __all__ = ["benchmark", "env_alone", "handoff_us", "DEFAULT_SECONDS"]
@@ -59,7 +60,10 @@ def _median_rate(run_chunk: Callable[[float], tuple], seconds: float,
 
 
 def _env_chunks(env: Any, seed: int) -> Callable[[float], tuple]:
-    """A chunk runner stepping ``env`` alone with random actions (reset when done)."""
+    """A chunk runner stepping ``env`` alone with random actions (reset when done); its
+    units are env steps (``num_envs`` per step of a vector env)."""
+    if is_vector(env):
+        return _vector_env_chunks(env, seed)
     env.reset(seed=seed)
     pool = action_pool(env.action_space, ENV_ACTIONS, seed)
     state = {"i": 0}
@@ -78,6 +82,24 @@ def _env_chunks(env: Any, seed: int) -> Callable[[float], tuple]:
             dt = time.perf_counter() - t0
             if dt >= target:
                 state["i"] = i
+                return n, dt
+
+    chunk(WARMUP_S)
+    return chunk
+
+
+def _vector_env_chunks(env: Any, seed: int) -> Callable[[float], tuple]:
+    width = vector_width(env)
+    step = random_stepper(env, seed, max(1, ENV_ACTIONS // width))
+
+    def chunk(target: float) -> tuple:
+        n, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(CLOCK_EVERY):
+                step()
+            n += CLOCK_EVERY * width
+            dt = time.perf_counter() - t0
+            if dt >= target:
                 return n, dt
 
     chunk(WARMUP_S)
@@ -301,7 +323,7 @@ class _LoadMeter:
 
 
 def _breakdown(r: dict, env_step_s: float, agent_est_s: dict, batch_B: int,
-               serial_prof: dict | None) -> dict:
+               serial_prof: dict | None, width: int = 1) -> dict:
     """Fractions of wall time per batch step: envs, agent, the rest (see format_report)."""
     k = KINDS[r["kind"]]
     W = r["workers"]
@@ -311,12 +333,12 @@ def _breakdown(r: dict, env_step_s: float, agent_est_s: dict, batch_B: int,
         agent_f, agent_est = serial_prof["agent_s"] / serial_prof["elapsed_s"], False
     else:
         # The envs on the critical path: all (serial), or one worker's (rounded up).
-        envs_on_path = batch_B if not k.workers else -(-batch_B // W)
+        envs_on_path = batch_B if not k.workers else per_worker(batch_B, W, width)
         env_f, env_est = envs_on_path * env_step_s / wall_step, True
         if r["agent_s"] is not None:
             agent_f, agent_est = r["agent_s"] / r["elapsed_s"], False
         else:
-            agent_f, agent_est = agent_est_s[-(-batch_B // W)] / wall_step, True
+            agent_f, agent_est = agent_est_s[per_worker(batch_B, W, width)] / wall_step, True
     other = 1.0 - env_f - agent_f
     return {"env": env_f, "agent": agent_f, "other": max(0.0, other),
             "overlapped": other < 0 and k.overlap,
@@ -324,12 +346,12 @@ def _breakdown(r: dict, env_step_s: float, agent_est_s: dict, batch_B: int,
             "overhead_us_per_step": max(0.0, other) * wall_step * 1e6}
 
 
-def _worker_counts(kinds: Sequence[str], batch_B: int, W: int) -> dict:
+def _worker_counts(kinds: Sequence[str], batch_B: int, W: int, width: int) -> dict:
     """``{kind: its worker count}``, or the reason it cannot split ``batch_B`` (a str)."""
     out: dict = {}
     for kind in kinds:
         try:
-            out[kind] = worker_count(kind, batch_B, W, exact=False)
+            out[kind] = worker_count(kind, batch_B, W, exact=False, width=width)
         except ValueError as e:
             out[kind] = str(e)
     return out
@@ -439,12 +461,14 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
     the median over the rounds.
     """
     cpus = usable_cpus()
-    W = n_workers if n_workers is not None else min(batch_B, cpus)
     load = _LoadMeter()
     if spaces is None:
         spaces = check_env(env_fn, getattr(env_fn, "__name__", repr(env_fn)))
-    workers = _worker_counts(kinds, batch_B, W)
-    sizes = {batch_B} | {-(-batch_B // w) for w in workers.values() if w and isinstance(w, int)}
+    width = env_width(env_fn, getattr(env_fn, "__name__", repr(env_fn)))
+    W = n_workers if n_workers is not None else min(batch_B // width, cpus)
+    workers = _worker_counts(kinds, batch_B, W, width)
+    sizes = {batch_B} | {per_worker(batch_B, w, width) for w in workers.values()
+                         if w and isinstance(w, int)}
     progress("timing the agent...")
     twin = _twin(agent)
     agent_s = agent_call_s(twin, *spaces, sizes, AGENT_TIMING_S)
@@ -465,7 +489,7 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
     # kind that waits for every worker each batch gets at most W x the slowest process.
     par_slowest = statistics.median(par.slowest) if par else alone
     refs = {"alone": alone, "par_alone": par_alone, "W": W, "cpus": cpus, "batch_B": batch_B,
-            "agent_s": agent_s, "serial_prof": serial_prof}
+            "agent_s": agent_s, "serial_prof": serial_prof, "width": width}
     for kind, r in results.items():
         if "skipped" not in r:
             _summarize(r, rates[kind], elapsed[kind], timed.get(kind), refs)
@@ -476,6 +500,7 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
                                                             seconds / HANDOFF_SHARE)),
                     start_method=start_method)
     return {"batch_T": batch_T, "batch_B": batch_B, "workers": W, "usable_cpus": cpus,
+            "env_num_envs": width,
             "start_method": start_method or mp.get_start_method(allow_none=True)
             or mp.get_context().get_start_method(),
             "seconds_per_kind": seconds, "other_load_cpus": load.other_cpus(),
@@ -510,7 +535,7 @@ def _summarize(r: dict, rates: list, elapsed_s: float, timed: Any, refs: dict) -
         r["share_of_parallel_env_alone"] = r["steps_per_s"] / (refs["par_alone"] if r["workers"]
                                                                else alone)
     r["breakdown"] = _breakdown(r, 1.0 / alone, refs["agent_s"], refs["batch_B"],
-                                refs["serial_prof"])
+                                refs["serial_prof"], refs["width"])
 
 
 def _verdict(results: dict, rates: dict) -> dict:

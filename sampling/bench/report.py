@@ -98,6 +98,7 @@ def format_report(rep: dict) -> str:
 def _header(rep: dict) -> list:
     """The lines above the table: the setup, the references, the agent's cost."""
     alone, W = rep["env_alone_steps_per_s"], rep["workers"]
+    n = rep.get("env_num_envs", 1)  # a vector env: units are env steps, n per step() call
     par = rep.get("parallel_env_alone_steps_per_s")
     lines = [
         f"env {rep.get('env', '?')}"
@@ -106,13 +107,16 @@ def _header(rep: dict) -> list:
         + (f" (torch threads {rep['torch_threads']})" if rep.get("torch_threads") else "")
         + f", T={rep['batch_T']}, B={rep['batch_B']}, {W} workers, {rep['usable_cpus']} "
         f"usable CPUs, start method {rep['start_method']}, {rep['seconds_per_kind']:g} s per kind",
-        f"env alone (one env, one process): {alone:,.0f} steps/s ({1e6 / alone:.3g} us/step)"
+        (f"env alone (one env, one process): {alone:,.0f} steps/s ({1e6 / alone:.3g} us/step)"
+         if n == 1 else
+         f"vector env alone (one vector env of {n}, one process): {alone:,.0f} env steps/s "
+         f"({n * 1e6 / alone:.3g} us per step of all {n})")
         + (f"; env.step in the serial sampler: {rep['env_step_us_in_serial']:.3g} us"
            if rep.get("env_step_us_in_serial") else ""),
     ]
     if W > 1 and par:
-        lines.append(f"{W} envs alone, {W} processes at once: {par:,.0f} steps/s "
-                     f"({par / alone:.2f}x one)")
+        lines.append(f"{W} {'envs' if n == 1 else 'vector envs'} alone, {W} processes at once: "
+                     f"{par:,.0f} steps/s ({par / alone:.2f}x one)")
         slow = rep.get("parallel_env_alone_slowest_steps_per_s")
         if slow:
             lines.append(f"  the slowest of them: {slow:,.0f} steps/s; {W} x that = "
