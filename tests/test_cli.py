@@ -424,3 +424,28 @@ def test_an_env_failing_during_the_run_exits_1_with_the_error(workers, match):
                 "--env-kwargs", '{"where": "step", "after": 30}')
     assert p.returncode == 1 and p.stdout == ""
     assert match in p.stderr, p.stderr
+
+
+# -- vector envs -------------------------------------------------------------------------------
+def test_a_vector_env_is_benchmarked_against_the_vector_env_alone():
+    rep = run_json("--env", "sampling.envs:make_vector_cartpole", "--env-kwargs",
+                   '{"num_envs": 2}')
+    assert rep["env_num_envs"] == 2 and rep["workers"] == 2
+    ran = [r for r in rep["results"] if "skipped" not in r]
+    assert {r["kind"] for r in ran} == set(sampling.KINDS)
+    assert all(r["workers"] in (0, 2) for r in ran)  # one vector env per worker
+    table = run_cli(*TINY, "-q", "--kinds", "serial", "--env",
+                    "sampling.envs:make_vector_cartpole", "--env-kwargs", '{"num_envs": 2}')
+    assert table.returncode == 0, table.stderr
+    assert "vector env alone (one vector env of 2, one process):" in table.stdout
+    assert "2 vector envs alone, 2 processes at once" in table.stdout
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ('{"num_envs": 3}', r"-B 4 is not a multiple of the vector env's num_envs=3.*-B 6"),
+    ('{"num_envs": 2, "autoreset_mode": "NextStep"}', "autoreset mode NextStep"),
+])
+def test_a_vector_env_the_sampler_cannot_take_exits_2(kwargs, match):
+    import re
+    p = run_cli(*TINY, "--env", "sampling.envs:make_vector_cartpole", "--env-kwargs", kwargs)
+    assert p.returncode == 2 and re.search(match, p.stderr), p.stderr

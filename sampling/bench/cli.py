@@ -12,7 +12,7 @@ import multiprocessing as mp
 import sys
 
 from ..errors import SamplerError
-from .inputs import BenchError, check_env, make_agent, resolve_env
+from .inputs import BenchError, check_env, env_width, make_agent, resolve_env
 from .measure import DEFAULT_SECONDS, benchmark
 from .report import ALL_KINDS, format_report
 
@@ -96,16 +96,21 @@ def main(argv: list | None = None) -> int:
     try:
         env_fn = resolve_env(args.env, env_kwargs)
         spaces = check_env(env_fn, args.env)
+        width = env_width(env_fn, args.env)
         agent = make_agent(args.agent, spaces)
     except BenchError as e:
         parser.error(str(e))
+    if args.batch_B % width:
+        parser.error(f"-B {args.batch_B} is not a multiple of the vector env's num_envs="
+                     f"{width}: each fills {width} columns of the batch (e.g. -B {2 * width})")
     if args.agent == "mlp":
         import torch
         torch.set_num_threads(args.torch_threads)
     try:
         rep = benchmark(env_fn, agent, batch_T=args.batch_T, batch_B=args.batch_B,
                         n_workers=args.workers, kinds=kinds, seconds=args.seconds,
-                        start_method=args.start_method, progress=progress, spaces=spaces)
+                        start_method=args.start_method, progress=progress, spaces=spaces,
+                        width=width)
     except (SamplerError, BenchError) as e:
         print(f"python -m sampling: error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -452,19 +452,21 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
               n_workers: int | None = None, kinds: Sequence[str] = ALL_KINDS,
               seconds: float = DEFAULT_SECONDS, start_method: str | None = None,
               progress: Callable[[str], None] = lambda msg: None,
-              spaces: tuple | None = None) -> dict:
+              spaces: tuple | None = None, width: int | None = None) -> dict:
     """Measure the env alone and each of ``kinds`` for ``seconds`` each; return a report.
 
     All samplers are started (and warmed up with one batch) first; then ``ROUNDS``
     rounds each time one chunk of whole batches per kind and one of the env alone, in a
     rotating order, so that load from other processes hits every figure alike. A rate is
-    the median over the rounds.
+    the median over the rounds. With a vector env (``width`` = its num_envs, found by
+    building one if not given) rates count env steps, and the unit is the vector env alone.
     """
     cpus = usable_cpus()
     load = _LoadMeter()
     if spaces is None:
         spaces = check_env(env_fn, getattr(env_fn, "__name__", repr(env_fn)))
-    width = env_width(env_fn, getattr(env_fn, "__name__", repr(env_fn)))
+    if width is None:  # env steps per env.step(): num_envs of a vector env
+        width = env_width(env_fn, getattr(env_fn, "__name__", repr(env_fn)))
     W = n_workers if n_workers is not None else min(batch_B // width, cpus)
     workers = _worker_counts(kinds, batch_B, W, width)
     sizes = {batch_B} | {per_worker(batch_B, w, width) for w in workers.values()
