@@ -7,7 +7,7 @@ Importing the package has no side effects and imports neither torch nor gymnasiu
 from .agents import RandomAgent
 from .api import make_sampler
 from .collector import Segment, TrajInfo
-from .envs import CartPole
+from .envs import CartPole, VectorCartPole
 from .errors import (
     RemoteTraceback,
     SamplerClosedError,
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "make_sampler", "Sampler", "Batch", "KINDS", "TrajInfo", "Segment", "RandomAgent",
-    "CartPole", "SamplerError", "WorkerError", "SamplerClosedError", "SharedMemoryFullError",
-    "RemoteTraceback",
+    "CartPole", "VectorCartPole", "SamplerError", "WorkerError", "SamplerClosedError",
+    "SharedMemoryFullError", "RemoteTraceback",
     "usable_cpus", "__version__",
 ]

@@ -103,12 +103,14 @@ def make_sampler(
     kind: ``"serial"``, ``"cpu"``, ``"gpu"``, ``"alternating"``,
       ``"no_overlap_alternating"``, or ``"auto"`` (probe and pick; see ``sampler.kind``).
     env_fn: zero-argument callable returning a gymnasium-API env (sent to workers with
-      cloudpickle, so lambdas and closures work).
+      cloudpickle, so lambdas and closures work), or a vector env of ``num_envs``
+      sub-envs filling as many columns (see :mod:`sampling.vector`).
     agent: a callable ``policy(observation) -> action`` or an rlpyt-style agent.
     batch_T, batch_B: time steps and envs per batch.
     n_workers: worker processes (default: ``min(batch_B, usable CPUs)``, even for the
       alternating kinds).
-    seed: env with global index b is first reset with ``seed + b``.
+    seed: env with global index b (a vector env's sub-env too) is first reset with
+      ``seed + b``.
     reset_mode: ``"mid_batch"`` (reset as soon as an episode ends) or ``"wait"``.
     max_decorrelation_steps: each env first takes a random number (0..this) of random
       steps, reproducibly under ``seed``.

@@ -349,14 +349,15 @@ MID_RUN = {
 }
 
 
-@pytest.mark.parametrize("bad", list(MID_RUN))
-def test_bad_values_mid_run_name_the_vector_env_its_columns_and_the_step(bad):
+@pytest.mark.parametrize("bad, start_method", [(b, "fork") for b in MID_RUN]
+                         + [("obs_dtype", m) for m in METHODS if m != "fork"])
+def test_bad_values_mid_run_name_the_vector_env_its_columns_and_the_step(bad, start_method):
     def env_fn():
         import multiprocessing as mp
         w = mp.current_process().name.endswith("worker-1")
         return BadVector(bad if w else None, at=4)
 
-    with _make("cpu", env_fn=env_fn, batch_B=4, batch_T=16) as s:
+    with _make("cpu", env_fn=env_fn, batch_B=4, batch_T=16, start_method=start_method) as s:
         with pytest.raises(sampling.WorkerError, match=MID_RUN[bad]):
             s.obtain_samples()
 
