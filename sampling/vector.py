@@ -262,9 +262,10 @@ class VectorCollector(Collector):
                     obs[...] = o
                 else:
                     self.write_block(t + 1, v, o, f"step {t} of the batch")
+                ended = np.count_nonzero(d)
                 if self.info_leaves:
-                    self._write_infos(t, v, info)
-                if np.count_nonzero(d):
+                    self._write_infos(t, v, info, d if ended else None)
+                if ended:
                     self._ends(t, v, o, te, tr, d, info)
         except Exception as e:
             tag(e, f"{self._name(v)}, step {t} of the batch")
@@ -337,29 +338,55 @@ class VectorCollector(Collector):
             out.append((path, x))
         return out
 
-    def _write_infos(self, t: int, v: int, info: Any) -> None:
-        """The numeric ``[width]`` info entries the probe saw, into env_info[t]."""
+    def _write_infos(self, t: int, v: int, info: Any, ended: np.ndarray | None) -> None:
+        """The numeric ``[width]`` info entries the probe saw, into env_info[t]. In SameStep
+        mode a sub-env that ended reports its step's info in ``infos["final_info"]`` (the
+        top level holds its reset's): that is what single envs record at that step."""
         a, b = self.spans[v]
         if not isinstance(info, dict):
             raise TypeError(f"{self._name(v)} returned infos of type {type(info).__name__} "
                             f"at step {t}; a vector env's infos is a dict")
-        for path, arr, _ in self.info_leaves:
-            try:
-                x = get(info, path, strict=True)
-            except LookupError:
+        final = None
+        if ended is not None and self.modes[v] == "SameStep":
+            final = info.get("final_info")
+            if not isinstance(final, dict):
                 raise ValueError(
-                    f"{self._name(v)} returned no infos {'/'.join(map(str, path))!r} at step "
-                    f"{t}; it had it on the probe step, and a batch cannot tell a missing "
-                    f"entry from 0. Report the entry at every step") from None
+                    f"{self._name(v)} ended episodes at step {t} but its infos have no "
+                    f"'final_info' dict: in autoreset mode SameStep a vector env returns the "
+                    f"ended sub-envs' step infos there (and their reset infos at the top "
+                    f"level)")
+        for path, arr, _ in self.info_leaves:
             want = (self.width,) + arr.shape[2:]
-            problem = (f"{type(x).__name__}, not a numpy array" if not isinstance(x, np.ndarray)
-                       else f"shape {x.shape}, not {want}" if x.shape != want
-                       else cast_problem(x, arr.dtype))
-            if problem:
-                raise TypeError(f"{self._name(v)} returned infos "
-                                f"{'/'.join(map(str, path))!r} at step {t}: {problem}; "
-                                f"expected {arr.dtype} of shape {want} as on the probe step")
+            x = self._info_entry(info, path, t, v, want, arr.dtype, "infos",
+                                 missing_ok=final is not None and bool(ended.all()))
+            if final is not None:
+                f = self._info_entry(final, path, t, v, want, arr.dtype, "infos['final_info']")
+                x = f if x is None else np.where(
+                    ended.reshape((-1,) + (1,) * (len(want) - 1)), f, x)
             arr[t, a:b] = x
+
+    def _info_entry(self, info: dict, path: tuple, t: int, v: int, want: tuple, dtype: Any,
+                    where: str, missing_ok: bool = False) -> Any:
+        """``info`` at ``path``, checked to be a ``want``-shaped array castable to ``dtype``
+        exactly (None if missing and ``missing_ok``)."""
+        key = "/".join(map(str, path))
+        try:
+            x = get(info, path, strict=True)
+        except LookupError:
+            if missing_ok:
+                return None
+            raise ValueError(
+                f"{self._name(v)} returned no {where} {key!r} at step {t}; it had it on the "
+                f"probe step, and a batch cannot tell a missing entry from 0. Report the "
+                f"entry at every step") from None
+        problem = (f"{type(x).__name__}, not a numpy array" if not isinstance(x, np.ndarray)
+                   else f"shape {x.shape}, not {want}" if x.shape != want
+                   else cast_problem(x, dtype))
+        if problem:
+            raise TypeError(f"{self._name(v)} returned {where} {key!r} at step {t}: {problem}; "
+                            f"expected {dtype} of shape {want} as on the probe step")
+        return x
+
 
 
 def random_stepper(env: Any, seed: int, n_actions: int) -> Callable[[], None]:

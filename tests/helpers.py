@@ -439,10 +439,11 @@ class Vectorized:
     """A vector env made of ``env_fns``' single envs, as gymnasium's SyncVectorEnv makes one
     (duck-typed: it works for any single env, sampling's spaces included).
 
-    ``autoreset_mode`` "SameStep" (final observations in ``infos["final_obs"]``) or
-    "Disabled" (``reset(options={"reset_mask": m})``), or any other value to test refusals.
-    Infos: each numeric entry of the single infos as an ``[n]`` array, with its
-    ``_name`` mask, as gymnasium reports them.
+    ``autoreset_mode`` "SameStep" (as gymnasium: the final observations in
+    ``infos["final_obs"]``, the ended envs' step infos in ``infos["final_info"]`` and their
+    reset infos at the top level) or "Disabled" (``reset(options={"reset_mask": m})``), or
+    any other value to test refusals. Infos: each entry of the single infos as an ``[n]``
+    array, with its ``_name`` mask, as gymnasium reports them.
     """
 
     def __init__(self, env_fns, autoreset_mode="SameStep"):
@@ -465,25 +466,25 @@ class Vectorized:
         return _stack(self._last), {}
 
     def step(self, actions):
-        out, finals, ended = [], [None] * self.num_envs, np.zeros(self.num_envs, bool)
-        infos = []
+        n, same_step = self.num_envs, self.metadata["autoreset_mode"] == "SameStep"
+        out, infos, finals, final_infos = [], [], [None] * n, [{}] * n
+        ended = np.zeros(n, bool)
         for i, (env, a) in enumerate(zip(self.envs, actions)):
             o, r, te, tr, info = env.step(a.item() if np.ndim(a) == 0 else a)
-            if (te or tr) and self.metadata["autoreset_mode"] == "SameStep":
-                finals[i], ended[i] = o, True
-                o = env.reset()[0]
+            if (te or tr) and same_step:  # as gymnasium: the reset's info at the top level,
+                finals[i], final_infos[i], ended[i] = o, info, True  # the step's in final_info
+                o, info = env.reset()
             out.append((o, r, te, tr))
             infos.append(info)
         self._last = [x[0] for x in out]
-        info = {}
-        for k in infos[0]:
-            info[k] = np.array([x[k] for x in infos])
-            info["_" + k] = np.ones(self.num_envs, bool)
+        info = _vector_info(infos)
         if ended.any():
-            info["final_obs"] = np.empty(self.num_envs, object)
+            info["final_obs"] = np.empty(n, object)
             for i in np.flatnonzero(ended):
                 info["final_obs"][i] = finals[i]
             info["_final_obs"] = ended
+            info["final_info"] = _vector_info(final_infos)
+            info["_final_info"] = ended
         return (_stack(self._last), np.array([x[1] for x in out]),
                 np.array([x[2] for x in out]), np.array([x[3] for x in out]), info)
 
@@ -491,6 +492,20 @@ class Vectorized:
         self.closed = True
         for env in self.envs:
             env.close()
+
+
+def _vector_info(infos: list) -> dict:
+    """Per-env info dicts in gymnasium's vector form: each key an ``[n]`` array (zeros where
+    an env did not report it) with its ``_key`` mask."""
+    n, out = len(infos), {}
+    for i, info in enumerate(infos):
+        for k, v in info.items():
+            if k not in out:
+                out[k] = np.zeros(n, np.asarray(v).dtype)
+                out["_" + k] = np.zeros(n, bool)
+            out[k][i] = v
+            out["_" + k][i] = True
+    return out
 
 
 def vectorized(env_fn, n, autoreset_mode="SameStep"):

@@ -456,3 +456,22 @@ def test_sampler_reports_single_spaces_and_worker_counts_in_vector_envs():
                                          r"over n_workers=2 .* batch_B divisible by n_workers "
                                          r"\* num_envs"):
         _make("alternating", batch_B=12, n_workers=2)
+
+
+@pytest.mark.parametrize("kind", ["serial", "cpu"])
+def test_same_step_infos_of_ended_episodes_come_from_final_info(kind):
+    """gymnasium moves an ended sub-env's step info to infos["final_info"] (the top level
+    holds its reset's, which may lack the entry): env_info at that step is the step's, as
+    for single envs, also when every sub-env ends at once."""
+    together = functools.partial(CountingEnv, lengths=(3,))
+    kw = dict(batch_T=7, batch_B=4, seed=1, traj_info=IdTraj)
+    ref, _ = _run_plain("serial", together, **kw)
+    extra = {} if kind == "serial" else dict(n_workers=2, start_method="fork")
+    got, _ = _run_plain(kind, vectorized(together, 2), **kw, **extra)
+    assert_runs_equal(got, ref)
+    assert (ref[0]["env_info"]["t"][2] == 3).all() and ref[0]["done"][2].all()
+
+
+def _run_plain(kind, env_fn, **kw):
+    with sampling.make_sampler(kind, env_fn, CountingAgent(), **kw) as s:
+        return [snapshot(b) for b in s.steps(2)], None
