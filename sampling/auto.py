@@ -52,6 +52,8 @@ PROBE_MIN_CALLS = 2    # agent calls per batch size even past the budget (a slow
 RULED_OUT_ALTERNATING = "needs an even worker count and two equal env groups"
 RULED_OUT_ON_GPU = "the agent is on a GPU"
 RULED_OUT_UNPICKLABLE = "the agent cannot be pickled for spawn/forkserver workers"
+RULED_OUT_ENV_PROCESSES = ("the env starts processes of its own (e.g. AsyncVectorEnv), "
+                           "which a worker cannot")
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,11 @@ def serial_only(batch_B: int, n_workers: int, cpus: int) -> str | None:
 
 
 def ruled_out(*, alternating_workers: int | None, agent_on_gpu: bool,
-              agent_ships: bool) -> dict:
-    """``{kind: why}`` for the kinds that cannot run this agent on this batch."""
+              agent_ships: bool, env_processes: bool = False) -> dict:
+    """``{kind: why}`` for the kinds that cannot run this agent on this batch (or this
+    env: one that starts processes of its own cannot run in a daemonic worker)."""
+    if env_processes:
+        return {k: RULED_OUT_ENV_PROCESSES for k, v in KINDS.items() if v.workers}
     out = {}
     if alternating_workers is None:
         out["alternating"] = RULED_OUT_ALTERNATING
@@ -199,11 +204,12 @@ def measure(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) -> M
     ``make_sampler`` restores the random states around both, so they consume none.
     """
     B = opts.batch_B
-    e, spaces, first_obs, width = probe_env(env_fn, opts.seed)
+    e, spaces, first_obs, width, own_processes = probe_env(env_fn, opts.seed)
     W, W_alt = worker_counts(B, n_workers, width)
     on_gpu = uses_cuda(agent)
     ships = on_gpu or cpu_can_ship(agent, opts.start_method)  # on a GPU: no need to pickle
-    out = ruled_out(alternating_workers=W_alt, agent_on_gpu=on_gpu, agent_ships=ships)
+    out = ruled_out(alternating_workers=W_alt, agent_on_gpu=on_gpu, agent_ships=ships,
+                    env_processes=own_processes)
     sizes = {B, per_worker(B, W, width)} | ({B // 2} if "alternating" not in out else set())
     a = agent_call_s(agent, *spaces, sizes, PROBE_AGENT_S, sample_obs=first_obs)
     return Measurements(env_step_s=e, agent_call_s=a, batch_B=B, n_workers=W,
@@ -273,34 +279,40 @@ def action_pool(space: Any, n: int, seed: int) -> list:
 
 def probe_env(env_fn: Callable, seed: int) -> tuple:
     """Seconds per env step of a separate env (random actions), its spaces, its first obs,
-    and the batch columns it fills (``num_envs`` for a vector env, else 1)."""
+    the batch columns it fills (``num_envs`` for a vector env, else 1), and whether it
+    started processes of its own (which a parallel kind's daemonic worker cannot)."""
+    before = {p.pid for p in mp.active_children()}
     env = env_fn()
     try:
-        if is_vector(env):
-            return _probe_vector_env(env, seed)
-        obs, _ = env.reset(seed=seed)
-        pool = action_pool(env.action_space, PROBE_ACTIONS, seed)
-        step = env.step
-        t0 = time.perf_counter()
-        _, _, te, tr, _ = step(pool[0])  # the first step can be slow (lazy init)
-        first = time.perf_counter() - t0
-        if te or tr:
-            env.reset()
-        block = max(1, min(PROBE_MAX_BLOCK, int(PROBE_BLOCK_S / max(first, 1e-9))))
-        times, n, i = [], 0, 1
-        end = time.perf_counter() + PROBE_ENV_S
-        while not times or (time.perf_counter() < end and n < PROBE_MAX_STEPS):
-            t0 = time.perf_counter()
-            for _ in range(block):
-                _, _, te, tr, _ = step(pool[i])
-                i = (i + 1) % len(pool)
-                if te or tr:
-                    env.reset()
-            times.append((time.perf_counter() - t0) / block)
-            n += block
-        return statistics.median(times), (env.observation_space, env.action_space), obs, 1
+        probe_one = _probe_vector_env if is_vector(env) else _probe_single_env
+        out = probe_one(env, seed)
+        return out + (bool({p.pid for p in mp.active_children()} - before),)
     finally:
         close_quietly(env)
+
+
+def _probe_single_env(env: Any, seed: int) -> tuple:
+    obs, _ = env.reset(seed=seed)
+    pool = action_pool(env.action_space, PROBE_ACTIONS, seed)
+    step = env.step
+    t0 = time.perf_counter()
+    _, _, te, tr, _ = step(pool[0])  # the first step can be slow (lazy init)
+    first = time.perf_counter() - t0
+    if te or tr:
+        env.reset()
+    block = max(1, min(PROBE_MAX_BLOCK, int(PROBE_BLOCK_S / max(first, 1e-9))))
+    times, n, i = [], 0, 1
+    end = time.perf_counter() + PROBE_ENV_S
+    while not times or (time.perf_counter() < end and n < PROBE_MAX_STEPS):
+        t0 = time.perf_counter()
+        for _ in range(block):
+            _, _, te, tr, _ = step(pool[i])
+            i = (i + 1) % len(pool)
+            if te or tr:
+                env.reset()
+        times.append((time.perf_counter() - t0) / block)
+        n += block
+    return statistics.median(times), (env.observation_space, env.action_space), obs, 1
 
 
 def _probe_vector_env(env: Any, seed: int) -> tuple:

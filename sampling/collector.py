@@ -57,12 +57,22 @@ def make_env(env_fn: Callable[[], Any], label: str, fn_name: str = "env_fn") -> 
             f"daemonic processes, and those cannot have children. Use the 'serial' kind (the "
             f"env already steps in parallel), or a vector env that steps in this process "
             f"(vectorization_mode='sync')") from e
-    missing = [m for m in ("reset", "step", "action_space") if not hasattr(env, m)]
+    if hasattr(env, "single_action_space"):  # a vector env (see sampling.vector)
+        needed, what = VECTOR_API, ("a gymnasium-API vector env (num_envs, reset, step, "
+                                    "single_observation_space, single_action_space)")
+    else:
+        needed, what = ("reset", "step", "action_space"), (
+            "a gymnasium-API env (reset, step, observation_space, action_space), e.g. "
+            "return gymnasium.make(...)")
+    missing = [m for m in needed if not hasattr(env, m)]
     if missing:
         raise TypeError(f"{fn_name}() returned {type(env).__name__} for {label}, which has no "
-                        f"{', '.join(missing)}; it must return a gymnasium-API env (reset, step, "
-                        f"observation_space, action_space), e.g. return gymnasium.make(...)")
+                        f"{', '.join(missing)}; it must return {what}")
     return env
+
+
+# What the sampler uses of a vector env (it needs no batched action_space).
+VECTOR_API = ("reset", "step", "num_envs", "single_action_space")
 
 
 def close_quietly(env: Any) -> None:
@@ -502,21 +512,22 @@ class Collector:
         for _, arr in tree_leaves(self.cols["observation_full"]):
             arr[row, j] = 0
 
-    def write_obs(self, row: int, j: int, o: Any, field: str = "observation_full") -> None:
-        """Write env j's observation into ``field[row, j]``, checked."""
+    def write_obs(self, row: int, j: int, o: Any, field: str = "observation_full",
+                  name: str = "observation") -> None:
+        """Write env j's observation into ``field[row, j]``, checked (``name``: what the
+        env returned it as, for messages)."""
         dst = self.cols[field]
         for path, arr in tree_leaves(dst):
             try:
                 v = get(o, path, strict=True)
             except LookupError:
-                self._bad(j, "observation" + path_text(path), "no such entry", "an array")
+                self._bad(j, name + path_text(path), "no such entry", "an array")
             if is_tree(v):
-                self._bad(j, "observation" + path_text(path), f"a {type(v).__name__}",
-                          "an array")
+                self._bad(j, name + path_text(path), f"a {type(v).__name__}", "an array")
             a = v if isinstance(v, np.ndarray) else np.asarray(v)
             want = arr[row, j]
             if a.shape != want.shape or a.dtype != want.dtype:
-                self._bad(j, "observation" + path_text(path), f"shape {a.shape} dtype {a.dtype}",
+                self._bad(j, name + path_text(path), f"shape {a.shape} dtype {a.dtype}",
                           f"shape {want.shape} dtype {want.dtype}")
             arr[row, j] = a
 

@@ -92,11 +92,18 @@ def worker_count(kind: str, batch_B: int, n_workers: int | None, exact: bool = T
     envs = (f"batch_B={batch_B}" if width == 1 else
             f"the {units} vector envs (batch_B={batch_B} / num_envs={width})")
     one = "one env each" if width == 1 else "one vector env each"
+    if units < g:
+        have = (f"batch_B={batch_B}" if width == 1 else
+                f"batch_B={batch_B} / num_envs={width} = {units} vector env"
+                f"{'s' if units != 1 else ''}")
+        raise ValueError(f"{kind!r} needs {g} groups of workers, each with at least one env to "
+                         f"step, and {have} cannot make {g}: use batch_B >= {g * width}, or "
+                         f"the 'gpu' kind (one group)")
     n = min(units, usable_cpus()) if n_workers is None else n_workers
     if n_workers is None or not exact:
         n = max(g, n - n % g)
     if n > units:
-        if exact:
+        if exact and n_workers is not None:
             warnings.warn(f"n_workers={n} > {envs}: using {units} workers ({one}); the "
                           f"others would have nothing to step", stacklevel=5)
         n = units - units % g

@@ -82,6 +82,12 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed
             info = check_step(env.step(env_action(a[0])), what)[4]
     finally:
         close_quietly(env)
+    if vector:
+        for path, leaf in tree_leaves(obs):
+            if not isinstance(leaf, np.ndarray):
+                raise TypeError(f"{what}: a vector env returned observations{path_text(path)} "
+                                f"as {type(leaf).__name__} from reset(); a vector env returns "
+                                f"numpy arrays of [num_envs, ...]")
     obs = tree_map(np.asarray, obs)
     if vector:
         for path, leaf in tree_leaves(obs):

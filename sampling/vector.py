@@ -287,7 +287,8 @@ class VectorCollector(Collector):
             final = [None if finals is None else finals[i] for i in ended]
             if any(f is None for f in final):
                 raise ValueError(
-                    f"{self._name(v)} ended the episodes of sub-envs {ended} at step {t} but "
+                    f"{self._name(v)} ended the episodes of envs "
+                    f"{[self.lo + a + i for i in ended]} at step {t} but "
                     f"its infos have no 'final_obs' for them: in autoreset mode SameStep a "
                     f"vector env returns each final observation in infos['final_obs'] (where "
                     f"infos['_final_obs'] is True)")
@@ -296,10 +297,13 @@ class VectorCollector(Collector):
         for i, f in zip(ended, final):
             j = a + i
             if self.keep_final:
-                self.write_obs(t, j, f, field="final_observation")
+                self.write_obs(t, j, f, field="final_observation",
+                               name="infos['final_obs']" if same_step else "observation")
             self.ended.append((j, f, te[i], tr[i]))
         if not same_step:
-            self._reset_ended(t + 1, v, done, f"the reset after step {t}")
+            tagged(self._reset_ended, f"the masked reset (reset(options={{'reset_mask': "
+                   f"...}})) of {self._name(v)} after step {t} of the batch", t + 1, v, done,
+                   f"the masked reset after step {t}")
 
     def _reset_ended(self, row: int, v: int, done: np.ndarray, when: str) -> None:
         """Disabled mode: reset the sub-envs in ``done``; write their new observations."""

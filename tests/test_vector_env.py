@@ -104,6 +104,7 @@ def test_gymnasium_autoreset_enum_is_accepted():
 
 # -- the sampler with vector envs ---------------------------------------------------------
 import functools  # noqa: E402
+import warnings  # noqa: E402
 
 import sampling  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -344,8 +345,8 @@ MID_RUN = {
     "obs_rows": r"envs 2\.\.3 \(one vector env, worker 1\) returned observations with shape "
                 r"\(1, 4\)",
     "reward_list": r"envs 2\.\.3 \(one vector env, worker 1\) returned rewards list",
-    "no_final_obs": r"envs 2\.\.3 \(one vector env, worker 1\) ended the episodes of sub-envs "
-                    r"\[\d(, \d)?\] at step \d+ but its infos have no 'final_obs'",
+    "no_final_obs": r"envs 2\.\.3 \(one vector env, worker 1\) ended the episodes of envs "
+                    r"\[[23](, 3)?\] at step \d+ but its infos have no 'final_obs'",
 }
 
 
@@ -475,3 +476,67 @@ def test_same_step_infos_of_ended_episodes_come_from_final_info(kind):
 def _run_plain(kind, env_fn, **kw):
     with sampling.make_sampler(kind, env_fn, CountingAgent(), **kw) as s:
         return [snapshot(b) for b in s.steps(2)], None
+
+
+class MinimalVector:
+    """Exactly the README's duck type: no batched action_space or observation_space."""
+
+    def __init__(self, n=2, list_obs=False, fail_reset_at=None):
+        self.inner = VCART(n, max_episode_steps=5, autoreset_mode="Disabled")
+        self.num_envs = n
+        self.metadata = self.inner.metadata
+        self.single_action_space = self.inner.single_action_space
+        self.single_observation_space = self.inner.single_observation_space
+        self.list_obs, self.fail_reset_at, self.resets = list_obs, fail_reset_at, 0
+
+    def reset(self, *, seed=None, options=None):
+        self.resets += 1
+        if self.fail_reset_at is not None and self.resets >= self.fail_reset_at:
+            raise RuntimeError("reset failed")
+        o, info = self.inner.reset(seed=seed, options=options)
+        return (list(o) if self.list_obs else o), info
+
+    def step(self, actions):
+        return self.inner.step(actions)
+
+
+def test_the_readme_duck_type_is_enough():
+    with _make(env_fn=MinimalVector, batch_B=4) as s:
+        assert s.obtain_samples().observation.shape == (8, 4, 4)
+
+
+def test_list_observations_are_refused_at_the_probe():
+    with pytest.raises(TypeError, match=r"returned observations as list from reset\(\); a "
+                                        r"vector env returns numpy arrays"):
+        _make("cpu", env_fn=functools.partial(MinimalVector, list_obs=True), batch_B=4)
+
+
+def test_a_failing_masked_reset_is_named():
+    env_fn = functools.partial(MinimalVector, fail_reset_at=2)  # the probe's reset is its own
+    with _make("cpu", env_fn=env_fn, batch_B=4, batch_T=16) as s:
+        with pytest.raises(sampling.WorkerError,
+                           match=r"reset failed \(in the masked reset \(reset\(options="
+                                 r"\{'reset_mask': \.\.\.\}\)\) of envs \d\.\.\d \(one vector "
+                                 r"env, worker \d\) after step \d+ of the batch\)"):
+            s.obtain_samples()
+
+
+def test_alternating_needs_two_vector_envs():
+    with pytest.raises(ValueError, match=r"'alternating' needs 2 groups of workers, each with "
+                                         r"at least one env to step, and batch_B=4 / "
+                                         r"num_envs=4 = 1 vector env cannot make 2: use "
+                                         r"batch_B >= 8"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no warning about an n_workers not given
+            _make("alternating", batch_B=4, n_workers=None)
+
+
+def test_auto_keeps_an_env_with_its_own_processes_in_serial():
+    gym = pytest.importorskip("gymnasium")
+    env_fn = functools.partial(gym.make_vec, "CartPole-v1", num_envs=2,
+                               vectorization_mode="async",
+                               vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    with sampling.make_sampler("auto", env_fn, cartpole_policy, batch_T=8, batch_B=4) as s:
+        assert s.kind == "serial"
+        assert "starts processes of its own" in s.auto_reason
+        assert s.obtain_samples().reward.shape == (8, 4)

@@ -112,7 +112,7 @@ def _header(rep: dict) -> list:
          f"vector env alone (one vector env of {n}, one process): {alone:,.0f} env steps/s "
          f"({n * 1e6 / alone:.3g} us per step of all {n})")
         + (f"; env.step in the serial sampler: {rep['env_step_us_in_serial']:.3g} us"
-           if rep.get("env_step_us_in_serial") else ""),
+           + (" per env step" if n > 1 else "") if rep.get("env_step_us_in_serial") else ""),
     ]
     if W > 1 and par:
         lines.append(f"{W} {'envs' if n == 1 else 'vector envs'} alone, {W} processes at once: "
