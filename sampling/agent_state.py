@@ -25,8 +25,8 @@ import numpy as np
 
 from .tree import get, to_numpy, tree_leaves
 
-__all__ = ["find", "Params", "load_params", "to_numpy", "unmirrored_arrays", "reseed",
-           "RngGuard", "worker_seed"]
+__all__ = ["find", "Params", "load_params", "independent_copy", "to_numpy",
+           "unmirrored_arrays", "reseed", "RngGuard", "worker_seed"]
 
 # How deep the walk goes from the agent: agent.model.net is 2, a closure's object's module
 # 3. Deeper graphs are usually datasets, environments or framework internals, not policy
@@ -172,16 +172,61 @@ class Params:
 
 
 def load_params(own: Any, shared: dict) -> None:
-    """Copy ``shared`` (the segment's arrays) into ``own`` (:meth:`Params.arrays` of a
-    worker's copy), in place, whatever the leaves are (arrays, or tensors on any device)."""
-    for path, arr in tree_leaves(shared):
+    """Copy ``shared`` (the segment's arrays, or another copy's :meth:`Params.arrays`) into
+    ``own`` (:meth:`Params.arrays` of a copy), in place, whatever the leaves are (arrays,
+    or tensors on any device)."""
+    for path, src in tree_leaves(shared):
         dst = get(own, path)
         if hasattr(dst, "detach"):
             torch = _torch()
             with torch.no_grad():
-                dst.copy_(torch.from_numpy(arr))
+                dst.copy_(src if isinstance(src, torch.Tensor) else torch.from_numpy(src))
         else:
-            np.copyto(dst, arr)
+            np.copyto(dst, to_numpy(src))
+
+
+def independent_copy(agent: Any) -> Any:
+    """A copy of ``agent`` whose parameters (:class:`Params`) share no memory with the
+    agent's: ``copy.deepcopy``, or where that shares them (a function's closure or
+    globals), a cloudpickle round trip (what a spawn worker gets). TypeError otherwise."""
+    import copy as copy_module
+    errors = []
+    for make in (copy_module.deepcopy, _pickled_copy):
+        try:
+            made = make(agent)
+        except Exception as e:
+            errors.append(f"{getattr(make, '__name__', make)}: {type(e).__name__}: {e}")
+            continue
+        if not _shares_params(agent, made):
+            return made
+        errors.append(f"{getattr(make, '__name__', make)}: the copy shares the parameters")
+    raise TypeError(f"policy_lag=1 with an action-server kind serves actions with a copy of "
+                    f"the agent while the caller trains, and this agent cannot be copied "
+                    f"apart from its parameters ({'; '.join(errors)}). Make it deep-copyable "
+                    f"or picklable, or use the 'cpu' or 'serial' kind")
+
+
+def _pickled_copy(agent: Any) -> Any:
+    import cloudpickle
+    return cloudpickle.loads(cloudpickle.dumps(agent))
+
+
+def _shares_params(a: Any, b: Any) -> bool:
+    """Whether any parameter of ``b`` shares memory with ``a``'s (same paths)."""
+    pa, pb = Params(a), Params(b)
+    if pa.empty:
+        return False
+    theirs = dict(tree_leaves(pa.arrays()))
+    for path, x in tree_leaves(pb.arrays()):
+        y = theirs.get(path)
+        if y is None:
+            continue
+        if hasattr(x, "data_ptr") and hasattr(y, "data_ptr"):
+            if x.numel() and x.data_ptr() == y.data_ptr():
+                return True
+        elif isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and np.shares_memory(x, y):
+            return True
+    return False
 
 
 def unmirrored_arrays(agent: Any) -> list:

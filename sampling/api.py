@@ -97,6 +97,7 @@ def make_sampler(
     cpu_affinity: Sequence | None = None,
     shutdown_timeout: float = 5.0,
     step_timeout: float | None = None,
+    policy_lag: int = 0,
 ) -> Sampler:
     """Make a sampler of ``kind`` that steps ``batch_B`` copies of ``env_fn()``.
 
@@ -126,6 +127,9 @@ def make_sampler(
     step_timeout: seconds an env's ``step``/``reset`` (and ``env_fn()``,
         ``ENV_FN_TIMEOUT_FACTOR`` times as long) may take in a worker before the parent
         raises WorkerError with the worker's stack and kills it (None: no deadline).
+    policy_lag: 0, or 1 to collect the next batch while the caller trains on this one:
+        each batch is collected with the agent's parameters as they were when the caller
+        asked for the previous batch (exactly one update behind; see the README).
     """
     given = dict(locals())
     _check_callables(kind, env_fn, agent, eval_env_fn)
@@ -172,7 +176,7 @@ def _check_callables(kind: str, env_fn: Any, agent: Any, eval_env_fn: Any) -> No
 _INTS = {"batch_T": (1, False), "batch_B": (1, False), "n_workers": (1, True),
          "seed": (0, False), "max_decorrelation_steps": (0, False), "eval_n_envs": (0, False),
          "eval_max_steps": (1, True), "eval_max_trajectories": (1, True),
-         "torch_threads": (1, True)}
+         "torch_threads": (1, True), "policy_lag": (0, False)}
 
 
 def _options(kind: str, a: dict) -> Options:
@@ -203,6 +207,10 @@ def _options(kind: str, a: dict) -> Options:
     a["step_timeout"] = _step_timeout(a["step_timeout"], "cpu" if kind == "auto" else kind)
     if a["cpu_affinity"] is not None:
         a["cpu_affinity"] = _affinity(a["cpu_affinity"])
+    if a["policy_lag"] > 1:
+        raise ValueError(f"policy_lag must be 0 (collect each batch when asked) or 1 (collect "
+                         f"the next batch while the caller trains on this one, with the "
+                         f"parameters one update behind), got {a['policy_lag']!r}")
     a["bootstrap_value"], a["final_observation"] = (bool(a["bootstrap_value"]),
                                                     bool(a["final_observation"]))
     a["eval_env_fn"] = a["eval_env_fn"] or a["env_fn"]

@@ -243,7 +243,8 @@ class Collector:
     width = 1  # batch columns per env (a vector env has more: see sampling.vector)
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, batch_T: int, wait: bool,
-                 traj_info: Callable[[], TrajInfo], where: str, label: str = "env"):
+                 traj_info: Callable[[], TrajInfo], where: str, label: str = "env",
+                 spare: dict | None = None):
         self.envs = envs
         self.label = label  # "env" or "eval env": how messages name env lo + j
         n = self.n = len(envs) * self.width  # columns: j below is a column of this slice
@@ -252,37 +253,11 @@ class Collector:
         self.wait = wait
         self.new_traj = traj_info
         self.where = where  # "worker 1" or "serial", for error messages
-        sl = slice(self.lo, self.hi)
-        self.bufs = bufs
-        # Column views of this slice, named like the batch fields (Segment reads these).
-        self.cols = {k: tree_map(lambda a: a[:, sl], v) for k, v in bufs.items()
-                     if k not in ("bootstrap_value", "env_ids")}
-        self.cols["observation"] = self.cols["observation_full"]
-        obs = self.cols["observation_full"]
-        self.obs_tree = is_tree(obs)
-        # Views made once, so the per-step loop allocates none: per step, the fields it
-        # writes; per step and env, the observation row (array observations only).
-        c = self.cols
-        self.rows = [(c["action"][t], c["reward"][t], c["terminated"][t], c["truncated"][t],
-                      c["done"][t], c["prev_action_full"][t + 1], c["prev_reward_full"][t + 1])
-                     for t in range(batch_T)]
-        # Per step and env, a memoryview of the observation row (1-D array observations):
-        # assigning an array to it copies without a numpy call and raises unless shape and
-        # dtype (buffer format) match exactly, so the check costs nothing on the usual path.
-        self.obs_rows = [None] * (batch_T + 1)
-        if not self.obs_tree and obs.ndim == 3:
-            try:
-                self.obs_rows = [[memoryview(r) for r in obs[t]] for t in range(batch_T + 1)]
-            except (TypeError, ValueError, BufferError):  # dtypes without a buffer format
-                pass
-        # Per env, its fields as [time, ...] views: what a Segment of its episode slices.
-        self.env_cols = [{k: tree_map(lambda a, j=j: a[:, j], v) for k, v in c.items()}
-                         for j in range(n)]
-        self.obs_leaves = list(tree_leaves(obs))
-        # Per env_info leaf: the Python types stored as they are (others go through
-        # cast_problem), so a float where the probe saw an int is refused, not truncated.
-        self.info_leaves = [(path, arr, _DIRECT.get(arr.dtype.str, ()))
-                            for path, arr in tree_leaves(self.cols["env_info"])]
+        # One set of views per set of batch buffers (a second one, ``spare``, with
+        # policy_lag: batches alternate between them); use() switches.
+        self._sets = [self._bind(b) for b in ([bufs] if spare is None else [bufs, spare])]
+        self._prev = 0  # the set whose row T the next batch starts from
+        self.use(0)
         self.act_discrete = bufs["action"].ndim == 2 and bufs["action"].dtype.kind in "iub"
         self.rews = [0.0] * n
         self.ended: list = []          # (env, final observation, terminated, truncated) per step
@@ -294,6 +269,48 @@ class Collector:
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
         self.beat = None             # a worker's progress marks (see mark), if it has a deadline
+
+    def _bind(self, bufs: dict) -> dict:
+        """The views of this slice into one set of batch buffers, made once so that the
+        per-step loop allocates none (attributes of the collector while it is in use)."""
+        sl, T, n = slice(self.lo, self.hi), self.T, self.n
+        # Column views of this slice, named like the batch fields (Segment reads these).
+        cols = {k: tree_map(lambda a: a[:, sl], v) for k, v in bufs.items()
+                if k not in ("bootstrap_value", "env_ids")}
+        cols["observation"] = cols["observation_full"]
+        obs = cols["observation_full"]
+        c = cols
+        # Per step, the fields it writes.
+        rows = [(c["action"][t], c["reward"][t], c["terminated"][t], c["truncated"][t],
+                 c["done"][t], c["prev_action_full"][t + 1], c["prev_reward_full"][t + 1])
+                for t in range(T)]
+        # Per step and env, a memoryview of the observation row (1-D array observations):
+        # assigning an array to it copies without a numpy call and raises unless shape and
+        # dtype (buffer format) match exactly, so the check costs nothing on the usual path.
+        obs_rows = [None] * (T + 1)
+        if not is_tree(obs) and obs.ndim == 3:
+            try:
+                obs_rows = [[memoryview(r) for r in obs[t]] for t in range(T + 1)]
+            except (TypeError, ValueError, BufferError):  # dtypes without a buffer format
+                pass
+        return {
+            "bufs": bufs, "cols": cols, "rows": rows, "obs_rows": obs_rows,
+            # Per env, its fields as [time, ...] views: what a Segment of its episode slices.
+            "env_cols": [{k: tree_map(lambda a, j=j: a[:, j], v) for k, v in c.items()}
+                         for j in range(n)],
+            "obs_leaves": list(tree_leaves(obs)),
+            # Per env_info leaf: the Python types stored as they are (others go through
+            # cast_problem), so a float where the probe saw an int is refused, not truncated.
+            "info_leaves": [(path, arr, _DIRECT.get(arr.dtype.str, ()))
+                            for path, arr in tree_leaves(c["env_info"])],
+        }
+
+    def use(self, i: int) -> None:
+        """Collect the next batch into buffer set ``i`` (it starts from the last one's row
+        T, see :meth:`begin_batch`)."""
+        self.__dict__.update(self._sets[i])
+        self._cur = i
+        self.obs_tree = is_tree(self.cols["observation_full"])
 
     # -- start -------------------------------------------------------------------------
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
@@ -345,21 +362,25 @@ class Collector:
 
     # -- one batch ---------------------------------------------------------------------
     def begin_batch(self) -> None:
-        """Carry the last row into row 0 (resetting envs that wait, in wait mode)."""
+        """Carry the last batch's row T into row 0 (resetting envs that wait, in wait
+        mode)."""
         c, T = self.cols, self.T
+        last = self._sets[self._prev]["cols"]  # the same set unless batches alternate
+        for (_, src), (_, dst) in zip(tree_leaves(last["observation_full"]),
+                                      tree_leaves(c["observation_full"])):
+            dst[0] = src[T]
+        c["prev_action_full"][0] = last["prev_action_full"][T]
+        c["prev_reward_full"][0] = last["prev_reward_full"][T]
+        self._prev = self._cur
         if self.wait:
             for j, w in enumerate(self.waiting):
                 if w:
                     mark(self.beat, BATCH_RESET, 0, j)
                     o, _ = tagged(self.envs[j].reset, f"the reset of {self.label} {self.lo + j}")
-                    self.write_obs(T, j, o)
-                    c["prev_action_full"][T, j] = 0
-                    c["prev_reward_full"][T, j] = 0
+                    self.write_obs(0, j, o)
+                    c["prev_action_full"][0, j] = 0
+                    c["prev_reward_full"][0, j] = 0
                     self.waiting[j] = False
-        for _, arr in tree_leaves(c["observation_full"]):
-            arr[0] = arr[T]
-        c["prev_action_full"][0] = c["prev_action_full"][T]
-        c["prev_reward_full"][0] = c["prev_reward_full"][T]
         if "final_observation" in c:
             for _, arr in tree_leaves(c["final_observation"]):
                 arr[...] = 0

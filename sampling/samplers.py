@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .agent_state import Params, unmirrored_arrays
+from .agent_state import Params, independent_copy, load_params, unmirrored_arrays
 from .agents import AgentRunner, write_checked
 from .buffers import SharedBuffer, Spec, layout, no_memory_message, spec_of, views
 from .collector import (
@@ -45,7 +45,7 @@ from .collector import (
 )
 from .errors import SamplerClosedError, SamplerError, WorkerError
 from .kinds import KINDS, split, worker_count
-from .pool import BEAT_WORDS, Pool, PoolSpec, sigint_blocked
+from .pool import BEAT_WORDS, POLL_S, Pool, PoolSpec, sigint_blocked
 from .probe import batch_specs, contents, env_form, probe
 from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
 from .vector import collector, env_label
@@ -58,6 +58,12 @@ __all__ = ["Batch", "Options", "Sampler"]
 ENV_FN_TIMEOUT_FACTOR = 10
 # "No limit" for an evaluation's steps and episodes: more than any run takes, within int64.
 UNLIMITED = 2**62
+# Waiting for the action server's thread (policy_lag) in slices this long, so that a
+# Ctrl-C in the waiting thread is handled within one.
+THREAD_JOIN_SLICE_S = 0.1
+# How long closing waits for that thread to notice: it checks whether the sampler is
+# closed between its waits, which last up to pool.POLL_S.
+THREAD_STOP_S = 2 * POLL_S
 
 
 class Batch(dict):
@@ -95,6 +101,7 @@ class Options:
     cpu_affinity: list | None
     shutdown_timeout: float
     step_timeout: float | None = None
+    policy_lag: int = 0
 
 
 
@@ -210,6 +217,8 @@ class Sampler:
         self.n_workers = worker_count(self.kind, B, o.n_workers, width=p.width)
         specs = {"main": batch_specs(T, B, p, o.final_observation, o.bootstrap_value),
                  "ctrl": Spec((1,), "<i8")}  # ctrl[0]: the parent's "stop evaluating" flag
+        if o.policy_lag:  # a second set of batch buffers: one is collected, one is held
+            specs["main1"] = specs["main"]
         if E:
             specs["eval"] = batch_specs(1, E, p, False, False)
         # Workers with their own copy of the agent: its parameters travel through the
@@ -225,19 +234,32 @@ class Sampler:
             specs["beats"] = Spec((self.n_workers, BEAT_WORDS), "<i8")
         nbytes, placed = layout(specs)
         arrays = self._allocate(nbytes, placed, contents(specs, T, B, E))
-        self._bufs = arrays["main"]
-        self._bufs["env_ids"] = np.arange(B)
+        # Batch buffer sets: one, or two with policy_lag (batch k in set k % 2).
+        self._sets = [arrays[key] for key in ("main", "main1") if key in arrays]
+        for bufs in self._sets:
+            bufs["env_ids"] = np.arange(B)
+        self._flight: tuple | None = None  # the batch being collected (see _launch)
         self._ebufs = arrays.get("eval")
         if E:
             self._ebufs["env_ids"] = np.arange(B, B + E)
         self._ctrl = arrays["ctrl"]
         self._params = arrays.get("params")
-        self._batch = self._make_batch()
+        self._batches = [self._make_batch(bufs) for bufs in self._sets]
+        # Who computes actions and values while batches are collected in this process:
+        # the agent itself, or, where the caller trains meanwhile (policy_lag with an
+        # action server), a copy whose parameters are set at each snapshot.
+        self._collecting_runner = self._runner
+        self._snapshot = None
+        if o.policy_lag and k.served:
+            copy = independent_copy(agent)
+            self._collecting_runner = AgentRunner(copy)
+            self._snapshot = (Params(agent), Params(copy))
+            _warn_unmirrored(agent, self._snapshot[0])
         if not k.workers:
             self._setup_in_process(env_fn)
             return
         if k.served:
-            self._runner.call("reset")
+            self._collecting_runner.call("reset")
         self._slices = _slices(B, self.n_workers, p.width)
         self._eslices = _slices(E, self.n_workers, self._eform[1])
         self._start_pool(env_fn, agent, placed, arrays.get("beats"))
@@ -258,9 +280,9 @@ class Sampler:
         for b in range(self.batch_B // self._form[1]):
             built.append(make_env(env_fn, env_label(b, self._form)))
             self._res.envs.append(built[-1])
-        self._coll = collector(built, 0, self._bufs, *self._form, batch_T=self.batch_T,
+        self._coll = collector(built, 0, self._sets[0], *self._form, batch_T=self.batch_T,
                                wait=o.reset_mode == "wait", traj_info=self._new_traj(),
-                               where="serial sampler")
+                               where="serial sampler", spare=self._spare())
         self._runner.call("reset")
         self._coll.reset_all(o.seed, o.max_decorrelation_steps)
         self._ecoll = None
@@ -311,24 +333,81 @@ class Sampler:
 
     def obtain_samples(self, itr: int = 0) -> Batch:
         """Collect and return one batch (rlpyt's name); ``itr`` reaches the agent's
-        ``sample_mode``."""
+        ``sample_mode``. With ``policy_lag=1``: return the batch collected since the last
+        call, and start the next one (``sample_mode(itr + 1)``) with the agent's parameters
+        as they are now."""
         with self._collecting("obtain_samples"):
-            self._runner.call("sample_mode", itr)
-            # Looked up per batch: a bound method kept on self would make a reference
-            # cycle, and a dropped sampler would then wait for the cyclic GC to close.
-            done = getattr(self, f"_drive_{self._k.driver}")(itr)
-            bufs = self._bufs
-            if "bootstrap_value" in bufs and self._k.driver != "worker_agents":
-                T = self.batch_T
-                v = self._runner.value(_row(bufs["observation_full"], T),
-                                       bufs["prev_action_full"][T],
-                                       bufs["prev_reward_full"][T], bufs["env_ids"])
-                write_checked(bufs["bootstrap_value"], v, "bootstrap value",
-                              "agent.value returned")
-            batch = Batch(self._batch)
+            if self._o.policy_lag:
+                if self._flight is None:  # the first batch: collected now, as the next one
+                    self._launch(itr, 0)
+                s, done = self._land()
+                self._launch(itr + 1, 1 - s)  # the snapshot: the parameters as they are now
+            else:
+                self._launch(itr, 0)
+                s, done = self._land()
+            batch = Batch(self._batches[s])
             batch["traj_infos"] = [traj for _, _, traj in done]
         self._itr = itr + 1
         return batch
+
+    def _launch(self, itr: int, s: int) -> None:
+        """Start collecting a batch into buffer set ``s``, with the agent's parameters as
+        they are now; :meth:`_land` waits for it. ``in_process`` collects it here and now;
+        ``worker_agents`` sends the workers their command; ``served`` serves the workers
+        in this thread at :meth:`_land`, or, while the caller trains (policy_lag), in a
+        thread of its own with a copy of the agent."""
+        driver, runner = self._k.driver, self._collecting_runner
+        if self._snapshot is not None:
+            load_params(self._snapshot[1].arrays(), self._snapshot[0].arrays())
+        runner.call("sample_mode", itr)
+        if driver == "in_process":
+            self._flight = ("done", s, self._drive_in_process(s))
+        elif driver == "worker_agents":
+            if self._params is not None:
+                _copy_params(self._params, self._mirror.arrays())
+            self._res.pool.send(Collect(itr, s))
+            self._flight = ("pool", s, None)
+        elif self._o.policy_lag:
+            box: dict = {}
+            thread = threading.Thread(target=_serve_in_thread, daemon=True,
+                                      args=(weakref.ref(self), itr, s, box),
+                                      name=f"sampling-{self.kind}-server")
+            self._flight = ("thread", s, (thread, box))
+            thread.start()
+        else:
+            self._flight = ("serve", s, itr)
+
+    def _land(self) -> tuple:
+        """Wait for the batch :meth:`_launch` started; ``(its buffer set, finished
+        episodes)``. Its failure raises here (WorkerError with the remote traceback)."""
+        how, s, x = self._flight
+        if how == "pool":
+            pool = self._res.pool
+            done = _merge(pool.gather(range(pool.size)))
+        elif how == "serve":
+            done = self._drive_served(x, s)
+        elif how == "thread":
+            thread, box = x
+            while thread.is_alive():  # in slices: Ctrl-C reaches this thread meanwhile
+                thread.join(THREAD_JOIN_SLICE_S)
+            if "error" in box:
+                raise box["error"]
+            done = box["done"]
+        else:
+            done = x
+        self._flight = None  # only now: on an error, closing still finds the thread
+        return s, done
+
+    def _bootstrap(self, s: int) -> None:
+        """``bootstrap_value`` of buffer set ``s``, by the collecting agent (workers with
+        their own copy compute theirs)."""
+        bufs = self._sets[s]
+        if "bootstrap_value" in bufs:
+            T = self.batch_T
+            v = self._collecting_runner.value(_row(bufs["observation_full"], T),
+                                              bufs["prev_action_full"][T],
+                                              bufs["prev_reward_full"][T], bufs["env_ids"])
+            write_checked(bufs["bootstrap_value"], v, "bootstrap value", "agent.value returned")
 
     @contextmanager
     def _collecting(self, what: str) -> Iterator[None]:
@@ -355,21 +434,17 @@ class Sampler:
         finally:
             self._busy.release()
 
-    def _drive_in_process(self, itr: int) -> list:
-        return run_batch(self._coll, self._runner, self._guard, self._bufs)
+    def _drive_in_process(self, s: int) -> list:
+        self._coll.use(s)
+        done = run_batch(self._coll, self._runner, self._guard, self._sets[s])
+        self._bootstrap(s)
+        return done
 
-    def _drive_worker_agents(self, itr: int) -> list:
-        if self._params is not None:
-            _copy_params(self._params, self._mirror.arrays())
-        pool = self._res.pool
-        pool.send(Collect(itr))
-        return _merge(pool.gather(range(pool.size)))
-
-    def _drive_served(self, itr: int) -> list:
+    def _drive_served(self, itr: int, s: int) -> list:
         """The action server: per step, per group, wait for observations, act, release."""
-        pool, bufs, runner = self._res.pool, self._bufs, self._runner
+        pool, bufs, runner = self._res.pool, self._sets[s], self._collecting_runner
         wait, overlap = self._o.reset_mode == "wait", self._k.overlap
-        pool.send(Collect(itr))
+        pool.send(Collect(itr, s))
         pending = None
         for t in range(self.batch_T):
             for workers, (lo, hi) in zip(self._groups, self._group_envs):
@@ -384,7 +459,9 @@ class Sampler:
                     pending = workers
         if pending is not None:
             pool.release(pending)
-        return _merge(pool.gather(range(pool.size)))
+        done = _merge(pool.gather(range(pool.size)))
+        self._bootstrap(s)
+        return done
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate_agent(self, itr: int = 0) -> list:
@@ -398,6 +475,10 @@ class Sampler:
             raise ValueError("evaluate_agent needs eval envs: pass eval_n_envs > 0 (and "
                              "eval_env_fn, which defaults to env_fn) to make_sampler")
         with self._collecting("evaluate_agent"):
+            if self._flight is not None and self._flight[0] in ("pool", "thread"):
+                # policy_lag: the next batch is being collected; let it finish (it is kept
+                # for the next call) so that the workers are free to evaluate.
+                self._flight = ("done",) + self._land()
             o = self._o
             max_T = o.eval_max_steps // o.eval_n_envs if o.eval_max_steps else UNLIMITED
             max_traj = o.eval_max_trajectories or UNLIMITED
@@ -461,6 +542,12 @@ class Sampler:
     def _close(self, graceful: bool, reason: str) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
+        flight = getattr(self, "_flight", None)
+        if flight is not None and flight[0] == "thread":
+            # The action server's thread sees the closed sampler and stops; its workers,
+            # waiting for actions, cannot read a Close: stop them at once.
+            flight[2][0].join(THREAD_STOP_S)
+            graceful = False
         try:
             self._res.close(graceful)  # complete even when a Ctrl-C interrupts it
         finally:
@@ -496,8 +583,12 @@ class Sampler:
         return (f"<Sampler kind={self.kind!r} batch_T={self.batch_T} batch_B={self.batch_B} "
                 f"n_workers={self.n_workers} {state}>")
 
-    def _make_batch(self) -> Batch:
-        b, T = self._bufs, self.batch_T
+    def _spare(self) -> dict | None:
+        """The second set of batch buffers (policy_lag), if any."""
+        return self._sets[1] if len(self._sets) > 1 else None
+
+    def _make_batch(self, b: dict) -> Batch:
+        T = self.batch_T
         obs = tree_map(lambda a: a[:T], b["observation_full"])
         batch = Batch(observation=obs, prev_action=b["prev_action_full"][:T],
                       prev_reward=b["prev_reward_full"][:T], action=b["action"],
@@ -508,6 +599,20 @@ class Sampler:
             if k in b:
                 batch[k] = b[k]
         return batch
+
+
+def _serve_in_thread(ref: weakref.ref, itr: int, s: int, box: dict) -> None:
+    """The action server for one batch, beside the caller's training (policy_lag): the
+    result or the error goes into ``box`` for :meth:`Sampler._land`."""
+    sampler = ref()
+    if sampler is None:
+        return
+    try:
+        box["done"] = sampler._drive_served(itr, s)
+    except BaseException as e:  # noqa: B036 - everything must reach the caller's thread
+        box["error"] = e
+    finally:
+        del sampler
 
 
 # -- the step deadline (the pool asks; module functions, so that the pool holds no

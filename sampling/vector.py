@@ -154,14 +154,14 @@ class VectorCollector(Collector):
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, width: int, batch_T: int,
                  wait: bool, traj_info: Callable[[], TrajInfo], where: str,
-                 label: str = "env"):
+                 label: str = "env", spare: dict | None = None):
         self.width = width
+        self.spans = [(v * width, (v + 1) * width) for v in range(len(envs))]
         super().__init__(envs, lo, bufs, batch_T=batch_T, wait=wait, traj_info=traj_info,
-                         where=where, label=label)
+                         where=where, label=label, spare=spare)
         if wait:
             raise ValueError("reset_mode='wait' cannot be honoured with vector envs (a bug: "
                              "the sampler refuses it first)")
-        self.spans = [(v * width, (v + 1) * width) for v in range(len(envs))]
         self.names = [self._name(v) for v in range(len(envs))]  # for messages
         self.modes = [autoreset_mode(env, self._name(v)) for v, env in enumerate(envs)]
         for v, env in enumerate(envs):
@@ -173,13 +173,18 @@ class VectorCollector(Collector):
         # Array observations (the usual case) are written with one type test and one copy.
         self.obs_array = None if self.obs_tree else ((width,) + obs.shape[2:], obs.dtype)
         self.keep_final = "final_observation" in self.cols
+
+    def _bind(self, bufs: dict) -> dict:
+        views = super()._bind(bufs)
         # Per step and vector env, its views (made once: slicing costs as much as a write):
         # first column, action, reward, terminated, truncated, done, next observation.
-        c = self.cols
-        self.vrows = [[(a, c["action"][t, a:b], c["reward"][t, a:b], c["terminated"][t, a:b],
-                        c["truncated"][t, a:b], c["done"][t, a:b],
-                        None if self.obs_tree else obs[t + 1, a:b])
-                       for a, b in self.spans] for t in range(batch_T)]
+        c = views["cols"]
+        obs = c["observation_full"]
+        views["vrows"] = [[(a, c["action"][t, a:b], c["reward"][t, a:b], c["terminated"][t, a:b],
+                            c["truncated"][t, a:b], c["done"][t, a:b],
+                            None if is_tree(obs) else obs[t + 1, a:b])
+                           for a, b in self.spans] for t in range(self.T)]
+        return views
 
     def _name(self, v: int) -> str:
         a = self.lo + v * self.width

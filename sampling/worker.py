@@ -62,9 +62,11 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class Collect:
-    """P -> w: collect one batch; ``itr`` reaches the agent's ``sample_mode``."""
+    """P -> w: collect one batch into buffer set ``buf`` (two with policy_lag); ``itr``
+    reaches the agent's ``sample_mode``."""
 
     itr: int
+    buf: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,8 @@ class _Worker:
 
     def __init__(self, link: Link, arrays: dict, cfg: WorkerConfig):
         self.link, self.cfg, self.arrays = link, cfg, arrays
-        self.bufs, self.ctrl = arrays["main"], arrays["ctrl"]
+        self.sets = [arrays[key] for key in ("main", "main1") if key in arrays]
+        self.bufs, self.ctrl = self.sets[0], arrays["ctrl"]
         lo, hi = cfg.envs
         self.where = f"worker {cfg.index}"
         _limit_threads(cfg.torch_threads)
@@ -162,9 +165,11 @@ class _Worker:
             link.envs.append(make_env(cfg.env_fn, env_label(v, cfg.form)))
         reseed(cfg.agent, seeds)
         self.runner = AgentRunner(cfg.agent) if cfg.agent is not None else None
-        self.bufs["env_ids"] = np.arange(cfg.batch_B)
+        for bufs in self.sets:
+            bufs["env_ids"] = np.arange(cfg.batch_B)
         self.coll = collector(list(link.envs), lo, self.bufs, *cfg.form, batch_T=cfg.batch_T,
-                              wait=cfg.wait, traj_info=cfg.traj_info, where=self.where)
+                              wait=cfg.wait, traj_info=cfg.traj_info, where=self.where,
+                              spare=self.sets[1] if len(self.sets) > 1 else None)
         self.coll.beat = link.beat
         if self.runner is not None:
             self.runner.call("reset")
@@ -174,9 +179,10 @@ class _Worker:
         self.mirror = _mirror(self.runner, self.params)
         self.ecoll, self.first_eval = None, True
 
-    def collect(self, itr: int) -> list:
-        runner, bufs, beat = self.runner, self.bufs, self.link.beat
+    def collect(self, itr: int, buf: int) -> list:
+        runner, bufs, beat = self.runner, self.sets[buf], self.link.beat
         self._enter_mode("sample_mode", itr)
+        self.coll.use(buf)
         done = run_batch(self.coll, runner, self.link, bufs)
         if runner is not None and "bootstrap_value" in bufs:
             lo, hi = self.cfg.envs
@@ -230,7 +236,7 @@ def run(link: Link, arrays: dict, cfg: WorkerConfig) -> None:
     while True:
         cmd = link.recv()
         if isinstance(cmd, Collect):
-            link.send(Done(worker.collect(cmd.itr)))
+            link.send(Done(worker.collect(cmd.itr, cmd.buf)))
         elif isinstance(cmd, Evaluate):
             link.send(Done(worker.evaluate(cmd.itr, cmd.max_steps)))
         elif isinstance(cmd, Close):

@@ -449,3 +449,18 @@ def test_a_vector_env_the_sampler_cannot_take_exits_2(kwargs, match):
     import re
     p = run_cli(*TINY, "--env", "sampling.envs:make_vector_cartpole", "--env-kwargs", kwargs)
     assert p.returncode == 2 and re.search(match, p.stderr), p.stderr
+
+
+# -- --policy-lag ------------------------------------------------------------------------------
+def test_policy_lag_loop_report():
+    rep = run_json("--policy-lag", "--kinds", "serial,cpu,alternating", "-B", "2")
+    by_kind = {r["kind"]: r for r in rep["policy_lag_results"]}
+    assert set(by_kind) == {"serial", "cpu", "alternating"}
+    for kind in ("serial", "cpu"):
+        r = by_kind[kind]
+        assert r["update_ms"] > 0 and r["sync_steps_per_s"] > 0 and r["lagged_steps_per_s"] > 0
+        assert r["speedup"] == pytest.approx(r["lagged_steps_per_s"] / r["sync_steps_per_s"])
+    assert "skipped" not in by_kind["alternating"]  # 2 workers, one env each
+    table = run_cli(*TINY, "-q", "--policy-lag", "--kinds", "cpu")
+    assert table.returncode == 0, table.stderr
+    assert "policy_lag=1" in table.stdout and "speedup" in table.stdout

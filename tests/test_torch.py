@@ -654,3 +654,81 @@ def test_an_agent_holding_its_spaces_is_still_mirrored():
         with torch.no_grad():
             net.lin.bias.neg_()
         assert (sampler.obtain_samples().action == 1).all()
+
+
+# -- policy_lag: parameters reach the copies at the snapshot point, without pickling --------
+class BiasVersion(nn.Module):
+    """Its bias is the version the test's "training" sets; it acts on nothing else."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.bias.zero_()
+
+    def forward(self, obs):
+        return self.lin(obs).squeeze(-1)
+
+
+class PlainVersionAgent:
+    """A plain object holding a torch module, none of our hooks."""
+
+    def __init__(self):
+        self.net = BiasVersion()
+
+    def __call__(self, observation):
+        with torch.no_grad():
+            v = self.net(torch.as_tensor(observation))
+        return (v.round().long() % 3).numpy()
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_policy_lag_mirrors_torch_parameters_of_a_plain_agent(kind, start_method, no_leaks):
+    agent = PlainVersionAgent()
+    with sampling.make_sampler(kind, CountingEnv, agent, batch_T=4, batch_B=4, n_workers=2,
+                               policy_lag=1, start_method=start_method) as s:
+        for k, batch in enumerate(s.steps(5)):
+            assert (batch.action == max(k - 1, 0) % 3).all(), (k, batch.action)
+            with torch.no_grad():
+                agent.net.lin.bias += 1  # the update on batch k, in place
+
+
+def test_policy_lag_with_a_torch_agent_in_the_action_server_copies_no_pickles(monkeypatch,
+                                                                             no_leaks):
+    """The server's copy is made once; each snapshot copies tensors in place."""
+    import pickle
+    model = ActorCritic(n_out=3)
+    agent = TorchAgent(model, seed=0)
+    with sampling.make_sampler("gpu", CountingEnv, agent, batch_T=4, batch_B=4, n_workers=2,
+                               policy_lag=1, start_method="fork") as s:
+        copy = s._collecting_runner.agent
+        assert copy is not agent and copy.model is not model
+        ptr = copy.model.pi.bias.data_ptr()
+        calls = []
+        import cloudpickle
+        for mod in (pickle, cloudpickle):
+            monkeypatch.setattr(mod, "dumps", lambda *a, **k: calls.append(1) or b"")
+        for _ in s.steps(3):
+            with torch.no_grad():
+                model.pi.bias += 1.0
+        assert not calls and copy.model.pi.bias.data_ptr() == ptr  # copied in place
+        # the copy holds the parameters of the last snapshot: one update behind
+        torch.testing.assert_close(copy.model.pi.bias, model.pi.bias - 1.0)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_readme_example_learns_cartpole_with_policy_lag(kind, capsys):
+    namespace = {"__name__": "readme_example"}
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(_readme_example(), "README.md (example: a2c)", "exec"), namespace)
+        curve = namespace["train"](kind=kind, policy_lag=1)
+    finally:
+        torch.set_num_threads(threads)
+    with capsys.disabled():
+        print(f"\n{kind} policy_lag=1: " + " ".join(
+            f"{i}:{r:.0f}" for i, r in enumerate(curve) if i % 5 == 0 or i == len(curve) - 1))
+    assert curve[0] < 60
+    assert np.mean(curve[-5:]) >= 300, curve

@@ -4,13 +4,15 @@ An optional subpackage: the core never imports it, and a vendored copy of ``samp
 works without it. It imports the public core only; torch and gymnasium only when asked
 for (``--agent mlp``, a gymnasium env id). Modules: :mod:`.inputs` (env and agent from
 command-line strings), :mod:`.mlp` (the torch agent), :mod:`.measure` (the timed rounds),
-:mod:`.report` (the verdict and the table), :mod:`.cli` (argparse and ``main``).
+:mod:`.report` (the verdict and the table), :mod:`.lag` (a training loop with and without
+``policy_lag``), :mod:`.cli` (argparse and ``main``).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from .inputs import BenchError, check_env, make_agent, resolve_env
+from .lag import format_lag_report, lag_benchmark
 from .measure import benchmark, env_alone, handoff_us
 from .report import (
     ALL_KINDS,
@@ -24,7 +26,7 @@ from .report import (
 
 __all__ = ["benchmark", "env_alone", "handoff_us", "format_report", "pick_kind", "spread",
            "recommendation", "ROUNDS", "PREFERENCE", "ALL_KINDS", "MLPAgent", "make_agent",
-           "resolve_env", "check_env", "BenchError"]
+           "resolve_env", "check_env", "BenchError", "lag_benchmark", "format_lag_report"]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,6 +13,7 @@ import sys
 
 from ..errors import SamplerError
 from .inputs import BenchError, check_env, env_width, make_agent, resolve_env
+from .lag import format_lag_report, lag_benchmark
 from .measure import DEFAULT_SECONDS, benchmark
 from .report import ALL_KINDS, format_report
 
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch threads of this (the parent) process with --agent mlp; workers "
                         "always use 1 (default 1: more threads of a small MLP only contend "
                         "with the workers for the CPUs)")
+    p.add_argument("--policy-lag", action="store_true",
+                   help="instead: time a training loop whose update waits as long as one "
+                        "batch's collection (a GPU learner), with and without policy_lag=1, "
+                        "per kind")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return p
@@ -107,10 +112,16 @@ def main(argv: list | None = None) -> int:
         import torch
         torch.set_num_threads(args.torch_threads)
     try:
-        rep = benchmark(env_fn, agent, batch_T=args.batch_T, batch_B=args.batch_B,
-                        n_workers=args.workers, kinds=kinds, seconds=args.seconds,
-                        start_method=args.start_method, progress=progress, spaces=spaces,
-                        width=width)
+        if args.policy_lag:
+            rep = lag_benchmark(env_fn, agent, kinds=kinds, batch_T=args.batch_T,
+                                batch_B=args.batch_B, n_workers=args.workers,
+                                seconds=args.seconds, start_method=args.start_method,
+                                progress=progress)
+        else:
+            rep = benchmark(env_fn, agent, batch_T=args.batch_T, batch_B=args.batch_B,
+                            n_workers=args.workers, kinds=kinds, seconds=args.seconds,
+                            start_method=args.start_method, progress=progress, spaces=spaces,
+                            width=width)
     except (SamplerError, BenchError) as e:
         print(f"python -m sampling: error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -119,5 +130,6 @@ def main(argv: list | None = None) -> int:
         return EXIT_INTERRUPTED
     rep = {"env": args.env, "env_kwargs": env_kwargs, "agent": args.agent,
            "torch_threads": args.torch_threads if args.agent == "mlp" else None, **rep}
-    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+    table = format_lag_report if args.policy_lag else format_report
+    print(json.dumps(rep, indent=1) if args.json else table(rep))
     return 0
