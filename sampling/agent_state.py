@@ -186,24 +186,31 @@ def load_params(own: Any, shared: dict) -> None:
 
 
 def independent_copy(agent: Any) -> Any:
-    """A copy of ``agent`` whose parameters (:class:`Params`) share no memory with the
-    agent's: ``copy.deepcopy``, or where that shares them (a function's closure or
-    globals), a cloudpickle round trip (what a spawn worker gets). TypeError otherwise."""
+    """A copy of ``agent`` that shares none of its state (the torch modules, arrays and
+    generators the walk finds): ``copy.deepcopy``, or where that shares some (a function
+    is "copied" as itself), a cloudpickle round trip (closures and ``__main__`` globals by
+    value, as a spawn worker gets them). An agent without such state is its own copy.
+    TypeError if neither copy is independent."""
     import copy as copy_module
+    if not any(find(agent).values()):
+        return agent
     errors = []
     for make in (copy_module.deepcopy, _pickled_copy):
         try:
             made = make(agent)
         except Exception as e:
-            errors.append(f"{getattr(make, '__name__', make)}: {type(e).__name__}: {e}")
+            errors.append(f"{make.__name__}: {type(e).__name__}: {e}")
             continue
-        if not _shares_params(agent, made):
+        shared = _shared_state(agent, made)
+        if not shared:
             return made
-        errors.append(f"{getattr(make, '__name__', make)}: the copy shares the parameters")
-    raise TypeError(f"policy_lag=1 with an action-server kind serves actions with a copy of "
-                    f"the agent while the caller trains, and this agent cannot be copied "
-                    f"apart from its parameters ({'; '.join(errors)}). Make it deep-copyable "
-                    f"or picklable, or use the 'cpu' or 'serial' kind")
+        errors.append(f"{make.__name__}: the copy shares {', '.join(shared[:3])}")
+    raise TypeError(
+        f"policy_lag=1 with an action-server kind serves actions from a copy of the agent "
+        f"while the caller trains, and this agent cannot be copied apart from its state "
+        f"({'; '.join(errors)}). Hold its model, arrays and generators in an object or a "
+        f"closure (not module globals, which every copy shares) and keep it deep-copyable "
+        f"or picklable, or use the 'cpu' or 'serial' kind")
 
 
 def _pickled_copy(agent: Any) -> Any:
@@ -211,22 +218,22 @@ def _pickled_copy(agent: Any) -> Any:
     return cloudpickle.loads(cloudpickle.dumps(agent))
 
 
-def _shares_params(a: Any, b: Any) -> bool:
-    """Whether any parameter of ``b`` shares memory with ``a``'s (same paths)."""
-    pa, pb = Params(a), Params(b)
-    if pa.empty:
-        return False
-    theirs = dict(tree_leaves(pa.arrays()))
-    for path, x in tree_leaves(pb.arrays()):
-        y = theirs.get(path)
-        if y is None:
-            continue
-        if hasattr(x, "data_ptr") and hasattr(y, "data_ptr"):
-            if x.numel() and x.data_ptr() == y.data_ptr():
-                return True
-        elif isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and np.shares_memory(x, y):
-            return True
-    return False
+def _shared_state(a: Any, b: Any) -> list:
+    """Paths of ``b``'s modules, generators and arrays that are ``a``'s (or share memory)."""
+    fa, fb = find(a), find(b)
+    theirs = {id(o) for key in ("modules", "generators") for _, o in fa[key]}
+    out = [path or "agent" for key in ("modules", "generators") for path, o in fb[key]
+           if id(o) in theirs]
+    arrays = [o for _, o in fa["arrays"]]
+    for path, x in fb["arrays"]:
+        for y in arrays:
+            if x is y or (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
+                          and np.shares_memory(x, y)) or (
+                    hasattr(x, "data_ptr") and hasattr(y, "data_ptr") and x.numel()
+                    and x.data_ptr() == y.data_ptr()):
+                out.append(path or "agent")
+                break
+    return out
 
 
 def unmirrored_arrays(agent: Any) -> list:

@@ -187,8 +187,13 @@ def choose_kind(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) 
         return _picked("serial", f"batch_B={m.batch_B} is one vector env of {m.width}: "
                                  f"worker processes cannot run in parallel")
     predicted = predict(m)
-    kind = pick(predicted)
-    return _picked(kind, explain(kind, m, predicted, time.perf_counter() - t0))
+    # With policy_lag the caller wants batches collected while it trains: serial cannot.
+    lag = getattr(opts, "policy_lag", 0) and len(predicted) > 1
+    kind = pick({k: v for k, v in predicted.items() if k != "serial"} if lag else predicted)
+    reason = explain(kind, m, predicted, time.perf_counter() - t0)
+    if lag:
+        reason += "; serial left out: it cannot collect beside training (policy_lag=1)"
+    return _picked(kind, reason)
 
 
 def _picked(kind: str, reason: str) -> tuple:

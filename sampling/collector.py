@@ -371,6 +371,8 @@ class Collector:
             dst[0] = src[T]
         c["prev_action_full"][0] = last["prev_action_full"][T]
         c["prev_reward_full"][0] = last["prev_reward_full"][T]
+        if last is not c:  # an agent reads done[-1] at step 0: which episodes start now
+            c["done"][T - 1] = last["done"][T - 1]
         self._prev = self._cur
         if self.wait:
             for j, w in enumerate(self.waiting):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import numbers
 import threading
 import warnings
 import weakref
@@ -239,6 +240,7 @@ class Sampler:
         for bufs in self._sets:
             bufs["env_ids"] = np.arange(B)
         self._flight: tuple | None = None  # the batch being collected (see _launch)
+        self._next_set = 0  # the buffer set the next batch goes into (policy_lag)
         self._ebufs = arrays.get("eval")
         if E:
             self._ebufs["env_ids"] = np.arange(B, B + E)
@@ -254,7 +256,7 @@ class Sampler:
             copy = independent_copy(agent)
             self._collecting_runner = AgentRunner(copy)
             self._snapshot = (Params(agent), Params(copy))
-            _warn_unmirrored(agent, self._snapshot[0])
+            _warn_unmirrored(agent, self._snapshot[0], server=True)
         if not k.workers:
             self._setup_in_process(env_fn)
             return
@@ -323,25 +325,35 @@ class Sampler:
 
     # -- batches -------------------------------------------------------------------------
     def steps(self, n: int | None = None) -> Iterator[Batch]:
-        """Yield batches (``n`` of them, or forever); each is valid until the next."""
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        """Yield batches (``n`` of them, or forever); each is valid until the next. With
+        policy_lag, the n-th batch starts no further one."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)):
+            raise TypeError(f"steps(n): n must be a non-negative int or None, got {n!r} "
+                            f"({type(n).__name__})")
+        if n is not None and n < 0:
             raise ValueError(f"steps(n): n must be a non-negative int or None, got {n!r}")
         count = 0
         while n is None or count < n:
-            yield self.obtain_samples(self._itr)
             count += 1
+            yield self._obtain(self._itr, ahead=n is None or count < n)
 
     def obtain_samples(self, itr: int = 0) -> Batch:
         """Collect and return one batch (rlpyt's name); ``itr`` reaches the agent's
         ``sample_mode``. With ``policy_lag=1``: return the batch collected since the last
         call, and start the next one (``sample_mode(itr + 1)``) with the agent's parameters
         as they are now."""
+        return self._obtain(itr, ahead=True)
+
+    def _obtain(self, itr: int, ahead: bool) -> Batch:
+        """:meth:`obtain_samples`; ``ahead``: with policy_lag, start the next batch."""
         with self._collecting("obtain_samples"):
             if self._o.policy_lag:
-                if self._flight is None:  # the first batch: collected now, as the next one
-                    self._launch(itr, 0)
+                if self._flight is None:  # the first batch: collected now (so is the next)
+                    self._launch(itr, self._next_set)
                 s, done = self._land()
-                self._launch(itr + 1, 1 - s)  # the snapshot: the parameters as they are now
+                self._next_set = 1 - s
+                if ahead:  # the snapshot: the parameters as they are now
+                    self._launch(itr + 1, 1 - s)
             else:
                 self._launch(itr, 0)
                 s, done = self._land()
@@ -368,11 +380,13 @@ class Sampler:
             self._res.pool.send(Collect(itr, s))
             self._flight = ("pool", s, None)
         elif self._o.policy_lag:
-            box: dict = {}
+            # The thread gets what it needs, not the sampler: a sampler dropped with a batch
+            # in flight is collected (and closed) at once.
+            box: dict = {"finished": threading.Event()}
             thread = threading.Thread(target=_serve_in_thread, daemon=True,
-                                      args=(weakref.ref(self), itr, s, box),
+                                      args=(self._served_args(itr, s), box),
                                       name=f"sampling-{self.kind}-server")
-            self._flight = ("thread", s, (thread, box))
+            self._flight = ("thread", s, box)
             thread.start()
         else:
             self._flight = ("serve", s, itr)
@@ -385,29 +399,23 @@ class Sampler:
             pool = self._res.pool
             done = _merge(pool.gather(range(pool.size)))
         elif how == "serve":
-            done = self._drive_served(x, s)
+            done = _serve_batch(*self._served_args(x, s))
         elif how == "thread":
-            thread, box = x
-            while thread.is_alive():  # in slices: Ctrl-C reaches this thread meanwhile
-                thread.join(THREAD_JOIN_SLICE_S)
-            if "error" in box:
-                raise box["error"]
-            done = box["done"]
+            while not x["finished"].wait(THREAD_JOIN_SLICE_S):  # Ctrl-C is seen meanwhile
+                pass
+            if "error" in x:
+                raise x["error"]
+            done = x["done"]
         else:
             done = x
         self._flight = None  # only now: on an error, closing still finds the thread
         return s, done
 
-    def _bootstrap(self, s: int) -> None:
-        """``bootstrap_value`` of buffer set ``s``, by the collecting agent (workers with
-        their own copy compute theirs)."""
-        bufs = self._sets[s]
-        if "bootstrap_value" in bufs:
-            T = self.batch_T
-            v = self._collecting_runner.value(_row(bufs["observation_full"], T),
-                                              bufs["prev_action_full"][T],
-                                              bufs["prev_reward_full"][T], bufs["env_ids"])
-            write_checked(bufs["bootstrap_value"], v, "bootstrap value", "agent.value returned")
+    def _served_args(self, itr: int, s: int) -> tuple:
+        """:func:`_serve_batch`'s arguments for a batch into buffer set ``s``."""
+        return (self._res.pool, self._sets[s], self._collecting_runner, self._groups,
+                self._group_envs, self.batch_T, self._o.reset_mode == "wait", self._k.overlap,
+                itr, s)
 
     @contextmanager
     def _collecting(self, what: str) -> Iterator[None]:
@@ -437,30 +445,7 @@ class Sampler:
     def _drive_in_process(self, s: int) -> list:
         self._coll.use(s)
         done = run_batch(self._coll, self._runner, self._guard, self._sets[s])
-        self._bootstrap(s)
-        return done
-
-    def _drive_served(self, itr: int, s: int) -> list:
-        """The action server: per step, per group, wait for observations, act, release."""
-        pool, bufs, runner = self._res.pool, self._sets[s], self._collecting_runner
-        wait, overlap = self._o.reset_mode == "wait", self._k.overlap
-        pool.send(Collect(itr, s))
-        pending = None
-        for t in range(self.batch_T):
-            for workers, (lo, hi) in zip(self._groups, self._group_envs):
-                pool.wait_obs(workers)
-                if pending is not None:
-                    pool.release(pending)
-                    pending = None
-                runner.act(bufs, t, lo, hi, wait, "action server")
-                if overlap:
-                    pool.release(workers)
-                else:
-                    pending = workers
-        if pending is not None:
-            pool.release(pending)
-        done = _merge(pool.gather(range(pool.size)))
-        self._bootstrap(s)
+        _bootstrap(self._sets[s], self._runner, self.batch_T)
         return done
 
     # -- evaluation ----------------------------------------------------------------------
@@ -543,10 +528,12 @@ class Sampler:
         if self._closed_reason is None:
             self._closed_reason = reason
         flight = getattr(self, "_flight", None)
-        if flight is not None and flight[0] == "thread":
-            # The action server's thread sees the closed sampler and stops; its workers,
-            # waiting for actions, cannot read a Close: stop them at once.
-            flight[2][0].join(THREAD_STOP_S)
+        if flight is not None and flight[0] in ("pool", "thread"):
+            # policy_lag: a batch nobody will read is being collected. Its workers would
+            # finish it before reading a Close (or, waiting for actions, never read one):
+            # stop them at once; the action server's thread sees the closed sampler first.
+            if flight[0] == "thread":
+                flight[2]["finished"].wait(THREAD_STOP_S)
             graceful = False
         try:
             self._res.close(graceful)  # complete even when a Ctrl-C interrupts it
@@ -601,18 +588,51 @@ class Sampler:
         return batch
 
 
-def _serve_in_thread(ref: weakref.ref, itr: int, s: int, box: dict) -> None:
-    """The action server for one batch, beside the caller's training (policy_lag): the
-    result or the error goes into ``box`` for :meth:`Sampler._land`."""
-    sampler = ref()
-    if sampler is None:
-        return
+def _serve_batch(pool: Pool, bufs: dict, runner: AgentRunner, groups: list, group_envs: list,
+                 T: int, wait: bool, overlap: bool, itr: int, s: int) -> list:
+    """The action server for one batch into buffer set ``s``: per step, per group of
+    workers, wait for observations, act, release (after the next group's observations
+    are in, without ``overlap``); then the workers' finished episodes and the bootstrap
+    values."""
+    pool.send(Collect(itr, s))
+    pending = None
+    for t in range(T):
+        for workers, (lo, hi) in zip(groups, group_envs):
+            pool.wait_obs(workers)
+            if pending is not None:
+                pool.release(pending)
+                pending = None
+            runner.act(bufs, t, lo, hi, wait, "action server")
+            if overlap:
+                pool.release(workers)
+            else:
+                pending = workers
+    if pending is not None:
+        pool.release(pending)
+    done = _merge(pool.gather(range(pool.size)))
+    _bootstrap(bufs, runner, T)
+    return done
+
+
+def _serve_in_thread(args: tuple, box: dict) -> None:
+    """:func:`_serve_batch` beside the caller's training (policy_lag): the result or the
+    error goes into ``box``, then ``box["finished"]`` is set (Sampler._land waits on it;
+    an Event, as a join interrupted by Ctrl-C can leave a thread looking finished)."""
     try:
-        box["done"] = sampler._drive_served(itr, s)
+        box["done"] = _serve_batch(*args)
     except BaseException as e:  # noqa: B036 - everything must reach the caller's thread
         box["error"] = e
     finally:
-        del sampler
+        box["finished"].set()
+
+
+def _bootstrap(bufs: dict, runner: AgentRunner, T: int) -> None:
+    """``bootstrap_value`` of one buffer set, by the agent that collected it (a worker
+    with its own copy computes its envs' values itself)."""
+    if "bootstrap_value" in bufs:
+        v = runner.value(_row(bufs["observation_full"], T), bufs["prev_action_full"][T],
+                         bufs["prev_reward_full"][T], bufs["env_ids"])
+        write_checked(bufs["bootstrap_value"], v, "bootstrap value", "agent.value returned")
 
 
 # -- the step deadline (the pool asks; module functions, so that the pool holds no
@@ -677,20 +697,24 @@ def _merge(replies: dict) -> list:
     return out
 
 
-def _warn_unmirrored(agent: Any, mirror: Params) -> None:
-    """Say once, at construction, if a cpu worker's copy would keep arrays frozen."""
+def _warn_unmirrored(agent: Any, mirror: Params, server: bool = False) -> None:
+    """Say once, at construction, if a copy of the agent (a cpu worker's, or the action
+    server's with policy_lag) would keep arrays frozen."""
     if mirror.explicit:
         return  # the agent says what to mirror: its shared_arrays() is the rule
     frozen = unmirrored_arrays(agent)
     if frozen:
+        who = ("with policy_lag=1 this kind serves actions from a copy of the agent" if server
+               else "the cpu kind runs a copy of the agent in every worker")
+        fix = ("or use policy_lag=0 or the 'serial' kind" if server else
+               "or use the 'gpu' or 'serial' kind, where this process runs the agent itself")
         warnings.warn(
-            f"the cpu kind runs a copy of the agent in every worker, and this agent holds "
-            f"float arrays outside any torch module ({', '.join(frozen[:5])}"
-            f"{', ...' if len(frozen) > 5 else ''}): the workers' copies would keep them at "
-            f"their initial values, whatever the training loop does to them here. Give the "
-            f"agent a shared_arrays() method returning them (a dict of arrays updated in "
-            f"place; it is copied into every worker before each batch), or use the 'gpu' or "
-            f"'serial' kind, where this process runs the agent itself", stacklevel=4)
+            f"{who}, and this agent holds float arrays outside any torch module "
+            f"({', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}): the copies "
+            f"would keep them at their initial values, whatever the training loop does to "
+            f"them here. Give the agent a shared_arrays() method returning them (a dict of "
+            f"arrays updated in place; it is copied into the copies before each batch), "
+            f"{fix}", stacklevel=4)
 
 
 def _copy_params(dst: dict, src: Any) -> None:

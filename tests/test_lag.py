@@ -254,10 +254,142 @@ class Uncopyable(VersionAgent):
 @pytest.mark.parametrize("kind", SERVED)
 def test_an_agent_that_cannot_be_copied_is_refused_by_the_action_server_kinds(kind):
     with pytest.raises(TypeError, match="policy_lag=1 with an action-server kind serves "
-                                        "actions with a copy of the agent"):
+                                        "actions from a copy of the agent"):
         sampling.make_sampler(kind, ENV, Uncopyable(), policy_lag=1, n_workers=2,
                               start_method="fork", **SIZE)
     # without the lag, or in the cpu kind (fork), the same agent is fine
     with sampling.make_sampler(kind, ENV, Uncopyable(), n_workers=2, start_method="fork",
                                **SIZE) as s:
         s.obtain_samples()
+
+
+# -- state the copies hold: recurrent state, generators, closures, module globals ----------
+class RecurrentCounter:
+    """Counts the steps of each env's episode in its "recurrent state", reset by reset_one:
+    at every step the count must equal CountingEnv's obs[2] (the step in the episode)."""
+
+    def __init__(self):
+        self.count = np.zeros(64, np.int64)
+
+    def reset(self):  # before the first batch (the sampler's probe called step once)
+        self.count[:] = 0
+
+    def reset_one(self, env_id):
+        self.count[env_id] = 0
+
+    def step(self, observation, prev_action, prev_reward, env_ids):
+        c = self.count[env_ids].copy()
+        self.count[env_ids] += 1
+        return np.zeros(len(observation), np.int64), {"count": c}
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.parametrize("kind", ["serial"] + PARALLEL)
+def test_recurrent_state_resets_at_every_episode_start_across_batches(kind, start_method):
+    if kind == "serial" and start_method != "fork":
+        pytest.skip("no workers")
+    extra = {} if kind == "serial" else dict(n_workers=2, start_method=start_method)
+    with sampling.make_sampler(kind, ENV, RecurrentCounter(), policy_lag=1, **SIZE,
+                               **extra) as s:
+        for batch in s.steps(6):  # episodes of 3, 4 and 5 steps end on batch boundaries too
+            np.testing.assert_array_equal(batch.agent_info["count"],
+                                          batch.observation[..., 2].astype(np.int64))
+
+
+class OwnGenerator:
+    """A stochastic agent with its own generator: reproducible with the lag in every kind
+    (the action server's copy draws from its copy of the generator)."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(7)
+
+    def step(self, observation, prev_action, prev_reward):
+        return self.rng.integers(3, size=len(observation)), {}
+
+
+@pytest.mark.parametrize("kind", ["gpu", "alternating"])
+def test_a_stochastic_agent_with_its_own_generator_is_reproducible(kind):
+    runs = []
+    for _ in range(2):
+        with sampling.make_sampler(kind, ENV, OwnGenerator(), policy_lag=1, n_workers=2,
+                                   start_method="fork", **SIZE) as s:
+            runs.append([snapshot(b) for b in s.steps(4)])
+    assert_runs_equal(runs[0], runs[1])
+
+
+def _closure_agent():
+    weights = np.zeros(1)  # a float array the training loop updates, outside any module
+
+    def policy(observation):
+        return np.full(len(observation), int(weights[0]) % 3)
+    return policy, weights
+
+
+def test_a_closure_over_arrays_is_copied_and_the_copy_warned_about():
+    policy, weights = _closure_agent()
+    with pytest.warns(UserWarning, match="with policy_lag=1 this kind serves actions from a "
+                                         "copy of the agent, and this agent holds float arrays"):
+        s = sampling.make_sampler("gpu", ENV, policy, policy_lag=1, n_workers=2,
+                                  start_method="fork", **SIZE)
+    with s:
+        for batch in s.steps(3):
+            weights += 1  # the copy keeps its own (frozen) array, never a half-updated one
+            assert (batch.action == 0).all()
+
+
+NET = np.zeros(1)  # module-level state: every copy of a function reading it shares it
+
+
+def global_policy(observation):
+    return np.full(len(observation), int(NET[0]) % 3)
+
+
+def test_an_agent_reading_module_globals_is_refused_with_the_reason():
+    with pytest.raises(TypeError, match=r"cannot be copied apart from its state .* the copy "
+                                        r"shares NET.*not module globals"):
+        sampling.make_sampler("gpu", ENV, global_policy, policy_lag=1, n_workers=2,
+                              start_method="fork", **SIZE)
+
+
+# -- steps(n) and closing: no batch left collecting for nobody ----------------------------
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_steps_n_leaves_no_batch_in_flight_and_closing_is_prompt(kind):
+    env = functools.partial(SlowEnv, delay=0.3)  # a batch takes >= 1.8 s
+    with sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
+                               start_method="fork", **SIZE) as s:
+        t0 = time.monotonic()
+        for _ in s.steps(1):
+            pass
+        took = time.monotonic() - t0
+        assert s._flight is None
+        assert took < 2 * 1.8 + BOUND_S  # the first call collects one batch, not two
+        s.obtain_samples()  # now the next one is in flight: closing does not wait for it
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 1.5
+    assert sampling_children() == []
+
+
+def test_a_sampler_dropped_with_a_batch_in_flight_is_closed_at_once():
+    import gc
+    s = sampling.make_sampler("gpu", functools.partial(SlowEnv, delay=0.3), CountingAgent(),
+                              policy_lag=1, n_workers=2, start_method="fork", **SIZE)
+    s.obtain_samples()
+    del s
+    gc.collect()
+    from tests.fault_helpers import wait_until
+    assert wait_until(lambda: sampling_children() == [], BOUND_S)
+
+
+@pytest.mark.parametrize("n, error", [(2.0, TypeError), (True, TypeError), (-1, ValueError)])
+def test_steps_n_is_checked(n, error):
+    with sampling.make_sampler("serial", ENV, CountingAgent(), **SIZE) as s:
+        with pytest.raises(error, match="steps\\(n\\): n must be a non-negative int"):
+            next(s.steps(n))
+        assert len(list(s.steps(np.int64(2)))) == 2
+
+
+def test_auto_with_policy_lag_picks_a_kind_that_can_overlap():
+    with sampling.make_sampler("auto", ENV, CountingAgent(), policy_lag=1, n_workers=2,
+                               **SIZE) as s:
+        assert s.kind != "serial"
+        assert "policy_lag=1" in s.auto_reason

@@ -710,7 +710,8 @@ def test_policy_lag_with_a_torch_agent_in_the_action_server_copies_no_pickles(mo
         import cloudpickle
         for mod in (pickle, cloudpickle):
             monkeypatch.setattr(mod, "dumps", lambda *a, **k: calls.append(1) or b"")
-        for _ in s.steps(3):
+        for _ in range(3):
+            s.obtain_samples()  # each call starts the next batch with a snapshot
             with torch.no_grad():
                 model.pi.bias += 1.0
         assert not calls and copy.model.pi.bias.data_ptr() == ptr  # copied in place
