@@ -1,8 +1,9 @@
 """``make_sampler("auto", ...)``: a short probe of the env and the agent, and a pure cost model.
 
-Imports agents, kinds, spaces and tree; never api (which calls in here) nor the benchmark
-subpackage (which reuses the probes). :func:`predict` and :func:`pick` are pure: they can be
-read and tested on figures made up by hand. Non-goal: timing inside worker processes.
+Imports agents, collector, kinds, spaces, tree and vector; never api (which calls in here)
+nor the benchmark subpackage (which reuses the probes). :func:`predict` and :func:`pick` are
+pure: they can be read and tested on figures made up by hand. Non-goal: timing inside
+worker processes.
 """
 from __future__ import annotations
 

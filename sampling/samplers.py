@@ -1,6 +1,6 @@
 """One sampler class for every kind: batch semantics, and the driver each kind names.
 
-Imports kinds, probe, pool, worker, collector, agents, agent_state and buffers. The
+Imports kinds, probe, pool, worker, collector, vector, agents, agent_state and buffers. The
 sampler owns what it must release in :class:`_Resources` (the worker pool, the shared
 segment, the in-process envs), whose ``close`` runs on shutdown, on every error path,
 from a finalizer and at exit. Drivers (see :data:`sampling.kinds.DRIVERS`):
@@ -11,6 +11,11 @@ from a finalizer and at exit. Drivers (see :data:`sampling.kinds.DRIVERS`):
 * ``served``: workers step their slices; per step and per group of workers this process
   waits for their observations, computes the actions and releases them (overlapping the
   next group's wait if the kind says so).
+
+Each batch is started (``_launch``: the parameters' snapshot, the command) and waited for
+(``_land``). Without policy_lag one follows the other; with it, the next batch is launched
+before the caller gets this one, into the other set of batch buffers, and a served kind's
+action server runs in a thread with a copy of the agent meanwhile.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The benchmark's inputs from command-line strings: an env factory, an agent.
 
-Imports the core's public agents; gymnasium and torch only when asked for (a gymnasium
-id, ``--agent mlp``).
+Imports the core's public agents and its vector-env checks; gymnasium and torch only when
+asked for (a gymnasium id, ``--agent mlp``).
 """
 from __future__ import annotations
 
