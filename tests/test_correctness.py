@@ -485,3 +485,41 @@ def test_spaces_and_envs_the_agent_holds_are_not_taken_for_parameters():
         with sampling.make_sampler("cpu", BoxActionEnv, ClippingAgent(), batch_T=2,
                                    batch_B=2, n_workers=2):
             pass
+
+
+class RewardEnv(CountingEnv):
+    """CountingEnv whose env 1 returns ``value`` as its reward at its 3rd step."""
+
+    def __init__(self, value=1.0, **kw):
+        super().__init__(**kw)
+        self.value, self.n_steps = value, 0
+
+    def step(self, action):
+        o, r, te, tr, info = super().step(action)
+        self.n_steps += 1
+        return o, (self.value if self.env_id == 1 and self.n_steps == 3 else r), te, tr, info
+
+
+@pytest.mark.parametrize("value", [1e40, float("nan"), float("inf"), np.float64(-np.inf)])
+@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+def test_rewards_that_are_not_finite_float32_are_refused(kind, value):
+    import functools
+    extra = {} if kind == "serial" else dict(n_workers=2, start_method="fork")
+    with sampling.make_sampler(kind, functools.partial(RewardEnv, value), CountingAgent(),
+                               batch_T=5, batch_B=2, **extra) as s:
+        error = ValueError if kind == "serial" else sampling.WorkerError
+        with pytest.raises(error, match=r"env 1 \((serial sampler|worker 1)\) returned a reward "
+                                        r"at step 2 of the batch that is stored as -?(inf|nan) "
+                                        r"in float32"):
+            s.obtain_samples()
+
+
+def test_vector_env_rewards_that_are_not_finite_are_refused():
+    import functools
+
+    from tests.helpers import vectorized
+    env_fn = vectorized(functools.partial(RewardEnv, float("nan")), 2)
+    with sampling.make_sampler("serial", env_fn, CountingAgent(), batch_T=5, batch_B=2) as s:
+        with pytest.raises(ValueError, match=r"env 1 \(serial sampler\) returned a reward at "
+                                             r"step 2 of the batch that is stored as nan"):
+            s.obtain_samples()
