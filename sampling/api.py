@@ -10,6 +10,8 @@ import dataclasses
 import multiprocessing as mp
 import numbers
 import os
+import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -98,6 +100,8 @@ def make_sampler(
     shutdown_timeout: float = 5.0,
     step_timeout: float | None = None,
     policy_lag: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Sampler:
     """Make a sampler of ``kind`` that steps ``batch_B`` copies of ``env_fn()``.
 
@@ -130,6 +134,12 @@ def make_sampler(
     policy_lag: 0, or 1 to collect the next batch while the caller trains on this one:
         each batch is collected with the agent's parameters as they were when the caller
         asked for the previous batch (exactly one update behind; see the README).
+    rank, world_size: this sampler is rank ``rank`` of ``world_size`` copies of the
+        training script (``sampling.distributed.launch()`` reads them from torchrun,
+        Slurm or MPI). Env b is global env ``rank * batch_B + b`` (its seed, its
+        ``env_ids``), eval envs come after every rank's training envs, so the ranks'
+        batches side by side are those of one sampler with ``world_size * batch_B``
+        envs (same seed, deterministic agent).
     """
     given = dict(locals())
     _check_callables(kind, env_fn, agent, eval_env_fn)
@@ -176,7 +186,8 @@ def _check_callables(kind: str, env_fn: Any, agent: Any, eval_env_fn: Any) -> No
 _INTS = {"batch_T": (1, False), "batch_B": (1, False), "n_workers": (1, True),
          "seed": (0, False), "max_decorrelation_steps": (0, False), "eval_n_envs": (0, False),
          "eval_max_steps": (1, True), "eval_max_trajectories": (1, True),
-         "torch_threads": (1, True), "policy_lag": (0, False)}
+         "torch_threads": (1, True), "policy_lag": (0, False), "rank": (0, False),
+         "world_size": (1, False)}
 
 
 def _options(kind: str, a: dict) -> Options:
@@ -211,10 +222,35 @@ def _options(kind: str, a: dict) -> Options:
         raise ValueError(f"policy_lag must be 0 (collect each batch when asked) or 1 (collect "
                          f"the next batch while the caller trains on this one, with the "
                          f"parameters one update behind), got {a['policy_lag']!r}")
+    _check_rank(a["rank"], a["world_size"])
     a["bootstrap_value"], a["final_observation"] = (bool(a["bootstrap_value"]),
                                                     bool(a["final_observation"]))
     a["eval_env_fn"] = a["eval_env_fn"] or a["env_fn"]
     return Options(**{f.name: a[f.name] for f in dataclasses.fields(Options)})
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    """``rank`` must be one of ``world_size`` ranks and, where torch.distributed has a
+    process group, agree with it: a mismatch would give two ranks the same envs."""
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, world_size): got rank={rank} with "
+                         f"world_size={world_size}; pass the rank and world size your "
+                         f"launcher gives (sampling.distributed.launch() reads them)")
+    dist = sys.modules.get("torch.distributed")  # never imported here: no torch, no group
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    group_rank, group_size = dist.get_rank(), dist.get_world_size()
+    if world_size == 1 and group_size > 1:
+        warnings.warn(f"torch.distributed has a process group of {group_size} ranks, but "
+                      f"this sampler has world_size=1: ranks that pass the same seed sample "
+                      f"the same episodes. Pass rank=torch.distributed.get_rank(), "
+                      f"world_size=torch.distributed.get_world_size() (or a seed per rank, "
+                      f"if independent samplers are what you mean)", stacklevel=4)
+    elif (rank, world_size) != (group_rank, group_size):
+        raise ValueError(f"rank={rank}, world_size={world_size} disagree with torch.distributed's "
+                         f"process group (rank {group_rank} of {group_size}); pass "
+                         f"rank=torch.distributed.get_rank(), "
+                         f"world_size=torch.distributed.get_world_size()")
 
 
 def _default_method() -> str:

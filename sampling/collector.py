@@ -7,6 +7,7 @@ calls, never in how envs step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -16,7 +17,7 @@ from .errors import tag, tagged
 from .spaces import random_action_fn
 from .tree import get, is_tree, path_text, stack, tree_leaves, tree_map
 
-__all__ = ["TrajInfo", "Segment", "Collector", "make_env", "close_quietly"]
+__all__ = ["TrajInfo", "Segment", "Collector", "make_env", "close_quietly", "Numbering"]
 
 
 # Where a worker is, for the step deadline: a worker that has one writes its progress as
@@ -26,6 +27,41 @@ PHASES = ("idle", "env_fn", "reset", "decorrelation", "agent", "step", "eval ste
           "batch reset", "eval_env_fn", "eval reset")
 (IDLE, MAKE, RESET, DECORRELATE, AGENT, STEP, EVAL, BATCH_RESET, EVAL_MAKE,
  EVAL_RESET) = range(len(PHASES))
+
+
+@dataclass(frozen=True)
+class Numbering:
+    """Global env indices of one rank's sampler, as if the envs of all ``world_size`` ranks
+    were one sampler's: training envs first (rank r's are ``r * batch_B`` on), then the eval
+    envs (rank r's are ``r * eval_n`` on among them; ``env_ids`` and seeds put them after
+    every rank's training envs). One rank (the default) numbers from 0."""
+
+    rank: int
+    world_size: int
+    batch_B: int
+    eval_n: int
+
+    @property
+    def first(self) -> int:
+        """The global index of this rank's first training env."""
+        return self.rank * self.batch_B
+
+    @property
+    def eval_first(self) -> int:
+        """The index of this rank's first eval env among all ranks' eval envs."""
+        return self.rank * self.eval_n
+
+    @property
+    def eval_base(self) -> int:
+        """Eval env e is global env ``eval_base + e`` (its ``env_ids``, its seed offset)."""
+        return self.world_size * self.batch_B
+
+    def env_ids(self) -> np.ndarray:
+        return np.arange(self.first, self.first + self.batch_B)
+
+    def eval_ids(self) -> np.ndarray:
+        start = self.eval_base + self.eval_first
+        return np.arange(start, start + self.eval_n)
 
 
 def mark(beat: Any, phase: int, t: int = 0, j: int = -1) -> None:
@@ -232,7 +268,8 @@ class TrajInfo:
 
 
 class Collector:
-    """Owns envs ``lo .. hi-1`` (global indices) and writes their columns of the batch.
+    """Owns the envs of columns ``lo .. hi-1`` and writes their columns of the batch; their
+    global indices start at ``g``.
 
     ``bufs`` holds full-size views: ``observation_full``, ``prev_action_full`` and
     ``prev_reward_full`` are ``[T+1, B]`` (row T carries into the next batch),
@@ -244,11 +281,15 @@ class Collector:
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, batch_T: int, wait: bool,
                  traj_info: Callable[[], TrajInfo], where: str, label: str = "env",
-                 spare: dict | None = None):
+                 spare: dict | None = None, first: int = 0):
         self.envs = envs
-        self.label = label  # "env" or "eval env": how messages name env lo + j
+        self.label = label  # "env" or "eval env": how messages name env g + j
         n = self.n = len(envs) * self.width  # columns: j below is a column of this slice
-        self.lo, self.hi = lo, lo + n
+        self.lo, self.hi = lo, lo + n  # its columns of the buffers
+        # The global index of its first env: ``first`` is that of the buffers' column 0
+        # (rank r's training envs start at r * batch_B). Seeds, decorrelation, episode
+        # order and messages follow global indices, so ranks add up to one sampler.
+        self.g = first + lo
         self.T = batch_T
         self.wait = wait
         self.new_traj = traj_info
@@ -318,18 +359,18 @@ class Collector:
         T = self.T
         for j, env in enumerate(self.envs):
             mark(self.beat, RESET, 0, j)
-            o, _ = tagged(env.reset, f"the first reset of {self.label} {self.lo + j}",
-                          seed=seed + self.lo + j)
+            o, _ = tagged(env.reset, f"the first reset of {self.label} {self.g + j}",
+                          seed=seed + self.g + j)
             self.write_obs(T, j, o)
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for j in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
             mark(self.beat, DECORRELATE, 0, j)
-            tagged(self._decorrelate, f"decorrelation of {self.label} {self.lo + j}",
+            tagged(self._decorrelate, f"decorrelation of {self.label} {self.g + j}",
                    j, seed, max_decorrelation_steps)
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
-        env, b, T = self.envs[j], self.lo + j, self.T
+        env, b, T = self.envs[j], self.g + j, self.T
         rng = np.random.default_rng([seed, b, 0xDEC0])  # independent of kind and worker count
         n_steps = int(rng.integers(0, max_steps + 1))
         random_action = random_action_fn(env.action_space, rng)
@@ -378,7 +419,7 @@ class Collector:
             for j, w in enumerate(self.waiting):
                 if w:
                     mark(self.beat, BATCH_RESET, 0, j)
-                    o, _ = tagged(self.envs[j].reset, f"the reset of {self.label} {self.lo + j}")
+                    o, _ = tagged(self.envs[j].reset, f"the reset of {self.label} {self.g + j}")
                     self.write_obs(0, j, o)
                     c["prev_action_full"][0, j] = 0
                     c["prev_reward_full"][0, j] = 0
@@ -428,7 +469,7 @@ class Collector:
             else:
                 self._step_general(t, acts)  # tags its own errors
         except Exception as e:
-            tag(e, f"{self.label} {self.lo + j}, step {t} of the batch")
+            tag(e, f"{self.label} {self.g + j}, step {t} of the batch")
             raise
         reward[...] = rews  # each one checked to be a real number
         self._finish_step(t)
@@ -448,7 +489,7 @@ class Collector:
             prev_reward[j] = 0
             traj = self.trajs[j]
             traj.update(Segment(self.env_cols[j], self.ep_start[j], t + 1))
-            self.completed.append((t, self.lo + j, traj.terminate(final)))
+            self.completed.append((t, self.g + j, traj.terminate(final)))
             self.trajs[j] = self.new_traj()
             self.ep_start[j] = t + 1
 
@@ -492,7 +533,7 @@ class Collector:
                     except (TypeError, ValueError):  # not an array of this shape and dtype
                         self.write_obs(t + 1, j, o)
         except Exception as e:
-            tag(e, f"{self.label} {self.lo + j}, step {t} of the batch")
+            tag(e, f"{self.label} {self.g + j}, step {t} of the batch")
             raise
 
     def _end_episode(self, t: int, j: int, o: Any, te: Any, tr: Any) -> Any:
@@ -512,7 +553,7 @@ class Collector:
         if not np.isfinite(reward).all():
             t, j = (int(i) for i in np.argwhere(~np.isfinite(reward))[0])
             raise ValueError(
-                f"{self.label} {self.lo + j} ({self.where}) returned a reward at step {t} of "
+                f"{self.label} {self.g + j} ({self.where}) returned a reward at step {t} of "
                 f"the batch that is stored as {reward[t, j]} in float32: inf and nan are not "
                 f"real numbers, and a finite reward beyond float32's range (±3.4e38) would "
                 f"become one. Return finite rewards within that range (scale or clip them in "
@@ -527,7 +568,7 @@ class Collector:
         (begin_batch carries it to row 0)."""
         for j, env in enumerate(self.envs):
             mark(self.beat, EVAL_RESET, 0, j)
-            o, _ = env.reset(seed=seed + self.lo + j) if first else env.reset()
+            o, _ = env.reset(seed=seed + self.g + j) if first else env.reset()
             self.write_obs(1, j, o)
         self._restarted()
 
@@ -566,22 +607,22 @@ class Collector:
 
     def _bad(self, j: int, field: str, got: str, want: str):
         raise ValueError(
-            f"{self.label} {self.lo + j} ({self.where}) returned {field} with {got}, expected "
+            f"{self.label} {self.g + j} ({self.where}) returned {field} with {got}, expected "
             f"{want} as on its first observation; an env must keep the shape and dtype of every "
             f"observation field (cast it in the env or a wrapper)")
 
     def _reward(self, j: int, t: int, r: Any) -> float:
-        return check_reward(r, f"{self.label} {self.lo + j} ({self.where})",
+        return check_reward(r, f"{self.label} {self.g + j} ({self.where})",
                             f"step {t} of the batch")
 
     def _flags(self, j: int, t: int, te: Any, tr: Any) -> tuple:
-        what, when = f"{self.label} {self.lo + j} ({self.where})", f"step {t} of the batch"
+        what, when = f"{self.label} {self.g + j} ({self.where})", f"step {t} of the batch"
         return (check_flag(te, "terminated", what, when),
                 check_flag(tr, "truncated", what, when))
 
     def _write_env_info(self, t: int, j: int, info: Any) -> None:
         if not isinstance(info, dict):
-            raise TypeError(f"{self.label} {self.lo + j} ({self.where}) returned info of type "
+            raise TypeError(f"{self.label} {self.g + j} ({self.where}) returned info of type "
                             f"{type(info).__name__} at step {t}; the gymnasium API's info is "
                             f"a dict")
         for path, arr, direct in self.info_leaves:
@@ -589,7 +630,7 @@ class Collector:
                 v = get(info, path, strict=True)
             except LookupError:
                 raise ValueError(
-                    f"{self.label} {self.lo + j} ({self.where}) returned no env_info "
+                    f"{self.label} {self.g + j} ({self.where}) returned no env_info "
                     f"{'/'.join(map(str, path))!r} at step {t}; it had it on the probe "
                     f"step, and a batch cannot tell a missing entry from 0. Report the "
                     f"entry at every step (e.g. a wrapper that fills in a default)") from None
@@ -604,7 +645,7 @@ class Collector:
                        else cast_problem(a, arr.dtype))
             if problem:
                 raise TypeError(
-                    f"{self.label} {self.lo + j} ({self.where}) returned env_info "
+                    f"{self.label} {self.g + j} ({self.where}) returned env_info "
                     f"{'/'.join(map(str, path))!r}={v!r} at step {t}: {problem}; expected "
                     f"{arr.dtype} of shape {arr.shape[2:]} as on the probe step (keep each "
                     f"entry's type: cast it in the env or a wrapper)")

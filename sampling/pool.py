@@ -77,6 +77,15 @@ STACK_READ_BYTES = 65536  # one read of the stack pipe (a pipe's default capacit
 # int64 words per worker beat: 4 used, padded to a 64-byte cache line so that workers
 # writing their beats at every env step never share one.
 BEAT_WORDS = 8
+# What a worker must not inherit from its parent's environment, lest it believe it is a
+# rank of the parent's launch: torchrun's, Slurm's and MPI's variables that give a
+# process its rank, world size or rendezvous (stripped while workers start).
+LAUNCHER_VARIABLES = frozenset((
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_NTASKS", "SLURM_NPROCS",
+    "SLURM_STEP_NUM_TASKS", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"))
+LAUNCHER_PREFIXES = ("TORCHELASTIC_", "OMPI_", "PMI_", "PMIX_")
 # A worker found dead may have sent its error report just before exiting: how long the
 # parent looks for it on the pipe before reporting the death alone.
 REPORT_WAIT_S = 0.2
@@ -184,7 +193,7 @@ class Pool:
                             args=(w, spec.program, payload, shared and shared.name,
                                   shared and shared.nbytes, spec.placed, child_conn, *sems,
                                   stack_out))
-            with _without_mpi_env(), sigint_blocked():
+            with _without_launcher_env(), sigint_blocked():
                 p.start()
             child_conn.close()
             if stack_out is not None:
@@ -482,10 +491,11 @@ def sigint_blocked():
 
 
 @contextmanager
-def _without_mpi_env():
-    # An MPI launcher's variables make a child believe it is an MPI rank (and hang in init).
+def _without_launcher_env():
+    # A launcher's variables make a child believe it is a rank: it would MPI_Init (and hang)
+    # or join torch.distributed's group as its parent. Workers are not ranks.
     saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if k.startswith(("OMPI_", "PMI_", "PMIX_"))}
+             if k in LAUNCHER_VARIABLES or k.startswith(LAUNCHER_PREFIXES)}
     try:
         yield
     finally:

@@ -45,6 +45,7 @@ from .collector import (
     MAKE,
     RESET,
     STEP,
+    Numbering,
     TrajInfo,
     close_quietly,
     make_env,
@@ -57,7 +58,7 @@ from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
 from .vector import collector, env_label
 from .worker import Collect, Evaluate, WorkerConfig, restart_eval, run, run_batch, run_eval
 
-__all__ = ["Batch", "Options", "Sampler"]
+__all__ = ["Batch", "Episodes", "Options", "Sampler"]
 
 # env_fn() builds a simulator (loads assets, compiles, connects): its deadline is this many
 # times step_timeout.
@@ -84,6 +85,17 @@ class Batch(dict):
             raise AttributeError(name) from None
 
 
+class Episodes(list):
+    """The TrajInfos of finished episodes (``batch.traj_infos``, ``evaluate_agent()``), in
+    the order they ended: by step, then by env. ``ends`` holds each one's (step, global env
+    index); :mod:`sampling.distributed` merges the lists of all ranks in that order."""
+
+    def __init__(self, results: Any = ()):
+        results = list(results)  # (step, global env index, TrajInfo) triples
+        super().__init__(traj for _, _, traj in results)
+        self.ends = [(t, b) for t, b, _ in results]
+
+
 @dataclass
 class Options:
     """Validated options (built by :func:`sampling.make_sampler`)."""
@@ -108,6 +120,8 @@ class Options:
     shutdown_timeout: float
     step_timeout: float | None = None
     policy_lag: int = 0
+    rank: int = 0
+    world_size: int = 1
 
 
 
@@ -173,13 +187,18 @@ class Sampler:
 
     Made by :func:`sampling.make_sampler`; use it as a context manager (or call
     :meth:`shutdown`). Attributes: ``kind``, ``batch_T``, ``batch_B``, ``n_workers``,
-    ``observation_space``, ``action_space``.
+    ``observation_space``, ``action_space``, ``rank``, ``world_size`` and ``env_ids``
+    (the global indices of its envs: ``rank * batch_B`` on).
     """
 
     def __init__(self, kind: str, env_fn: Callable, agent: Any, opts: Options):
         self.kind = kind
         self._k = KINDS[kind]
         self.batch_T, self.batch_B = opts.batch_T, opts.batch_B
+        self.rank, self.world_size = opts.rank, opts.world_size
+        self._num = Numbering(opts.rank, opts.world_size, opts.batch_B, opts.eval_n_envs)
+        self.env_ids = self._num.env_ids()
+        self._where = f"{kind} sampler" + (f" of rank {opts.rank}" * (opts.world_size > 1))
         self.n_workers = 0  # set once the probe tells how many envs env_fn's envs step
         self._o = opts
         self._itr = 0
@@ -243,12 +262,12 @@ class Sampler:
         # Batch buffer sets: one, or two with policy_lag (batch k in set k % 2).
         self._sets = [arrays[key] for key in ("main", "main1") if key in arrays]
         for bufs in self._sets:
-            bufs["env_ids"] = np.arange(B)
+            bufs["env_ids"] = self._num.env_ids()
         self._flight: tuple | None = None  # the batch being collected (see _launch)
         self._next_set = 0  # the buffer set the next batch goes into (policy_lag)
         self._ebufs = arrays.get("eval")
         if E:
-            self._ebufs["env_ids"] = np.arange(B, B + E)
+            self._ebufs["env_ids"] = self._num.eval_ids()
         self._ctrl = arrays["ctrl"]
         self._params = arrays.get("params")
         self._batches = [self._make_batch(bufs) for bufs in self._sets]
@@ -283,13 +302,13 @@ class Sampler:
         return views(memory, placed)
 
     def _setup_in_process(self, env_fn: Callable) -> None:
-        o, built = self._o, []
+        o, built, num = self._o, [], self._num
         for b in range(self.batch_B // self._form[1]):
-            built.append(make_env(env_fn, env_label(b, self._form)))
+            built.append(make_env(env_fn, env_label(b, self._form, first=num.first)))
             self._res.envs.append(built[-1])
         self._coll = collector(built, 0, self._sets[0], *self._form, batch_T=self.batch_T,
                                wait=o.reset_mode == "wait", traj_info=self._new_traj(),
-                               where="serial sampler", spare=self._spare())
+                               where=self._where, spare=self._spare(), first=num.first)
         self._runner.call("reset")
         self._coll.reset_all(o.seed, o.max_decorrelation_steps)
         self._ecoll = None
@@ -304,6 +323,7 @@ class Sampler:
             index=w, env_fn=env_fn, eval_env_fn=o.eval_env_fn or env_fn,
             agent=None if self._k.served else agent, batch_T=o.batch_T, batch_B=o.batch_B,
             eval_n=o.eval_n_envs, wait=o.reset_mode == "wait", seed=o.seed,
+            rank=o.rank, world_size=o.world_size,
             max_decorrelation_steps=o.max_decorrelation_steps, traj_info=self._new_traj(),
             torch_threads=o.torch_threads, envs=self._slices[w], eval_envs=self._eslices[w],
             form=self._form, eval_form=self._eform,
@@ -313,15 +333,19 @@ class Sampler:
         self._groups = [list(range(g * per, (g + 1) * per)) for g in range(self._k.groups)]
         self._group_envs = [(self._slices[ws[0]][0], self._slices[ws[-1]][1])
                             for ws in self._groups]
+        # Messages name envs by their global indices (see collector.Numbering).
+        f, ef = self._num.first, self._num.eval_first
+        named = [(lo + f, hi + f) for lo, hi in self._slices]
+        enamed = [(lo + ef, hi + ef) for lo, hi in self._eslices]
         self._res.pool.start(PoolSpec(
             program=run, configs=configs, shared=self._res.shared, placed=placed,
-            labels=[f"{self.kind} sampler: worker {w} (envs {lo}..{hi - 1})"
-                    for w, (lo, hi) in enumerate(self._slices)],
-            envs=[list(range(lo, hi)) for lo, hi in self._slices],
+            labels=[f"{self._where}: worker {w} (envs {lo}..{hi - 1})"
+                    for w, (lo, hi) in enumerate(named)],
+            envs=[list(range(lo, hi)) for lo, hi in named],
             start_method=o.start_method, name=f"sampling-{self.kind}",
             beats=beats,
             deadline=functools.partial(_deadline, o.step_timeout),
-            stuck=functools.partial(_stuck_text, o.step_timeout, self._slices, self._eslices,
+            stuck=functools.partial(_stuck_text, o.step_timeout, named, enamed,
                                     self._form[1], self._eform[1]),
             close_timeout=o.shutdown_timeout))
         # Every worker has mapped the segment: drop its name, so that nothing can leak it
@@ -363,7 +387,7 @@ class Sampler:
                 self._launch(itr, 0)
                 s, done = self._land()
             batch = Batch(self._batches[s])
-            batch["traj_infos"] = [traj for _, _, traj in done]
+            batch["traj_infos"] = Episodes(done)
         self._itr = itr + 1
         return batch
 
@@ -480,20 +504,21 @@ class Sampler:
             else:
                 results = self._evaluate_in_process(max_T, max_traj, first)
             results.sort(key=lambda r: (r[0], r[1]))
-            return [traj for _, _, traj in results[:max_traj]]
+            return Episodes(results[:max_traj])
 
     def _evaluate_in_process(self, max_T: int, max_traj: int, first: bool) -> list:
         o, envs = self._o, self._res.envs
         if self._ecoll is None:
             built = [self._spare_eval] if self._spare_eval is not None else []
+            ef = self._num.eval_first
             for e in range(len(built), o.eval_n_envs // self._eform[1]):
-                built.append(make_env(o.eval_env_fn, env_label(e, self._eform, "eval env"),
+                built.append(make_env(o.eval_env_fn, env_label(e, self._eform, "eval env", ef),
                                       "eval_env_fn"))
                 envs.append(built[-1])
             self._ecoll = collector(built, 0, self._ebufs, *self._eform, batch_T=1,
                                     wait=False, traj_info=self._new_traj(),
-                                    where="serial sampler", label="eval env")
-        restart_eval(self._ecoll, self._runner, o.seed + self.batch_B, first)
+                                    where=self._where, label="eval env", first=ef)
+        restart_eval(self._ecoll, self._runner, o.seed + self._num.eval_base, first)
         return run_eval(self._ecoll, self._runner, None, self._ebufs, max_T, max_traj,
                         self._ctrl, check=self._guard.check_parent)
 

@@ -154,11 +154,11 @@ class VectorCollector(Collector):
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, width: int, batch_T: int,
                  wait: bool, traj_info: Callable[[], TrajInfo], where: str,
-                 label: str = "env", spare: dict | None = None):
+                 label: str = "env", spare: dict | None = None, first: int = 0):
         self.width = width
         self.spans = [(v * width, (v + 1) * width) for v in range(len(envs))]
         super().__init__(envs, lo, bufs, batch_T=batch_T, wait=wait, traj_info=traj_info,
-                         where=where, label=label, spare=spare)
+                         where=where, label=label, spare=spare, first=first)
         if wait:
             raise ValueError("reset_mode='wait' cannot be honoured with vector envs (a bug: "
                              "the sampler refuses it first)")
@@ -187,7 +187,7 @@ class VectorCollector(Collector):
         return views
 
     def _name(self, v: int) -> str:
-        a = self.lo + v * self.width
+        a = self.g + v * self.width
         return f"{self.label}s {a}..{a + self.width - 1} (one vector env, {self.where})"
 
     # -- start -------------------------------------------------------------------------
@@ -199,7 +199,7 @@ class VectorCollector(Collector):
             a, b = self.spans[v]
             mark(self.beat, RESET, 0, a)
             o, _ = tagged(seeded_reset, f"the first reset of {self._name(v)}", env,
-                          [seed + self.lo + j for j in range(a, b)])
+                          [seed + self.g + j for j in range(a, b)])
             self.write_block(T, v, o, "its first reset")
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
@@ -213,7 +213,7 @@ class VectorCollector(Collector):
         random steps, drawn from ``[seed, first column]``; each draws its own random
         actions. These steps are not in any episode's stats."""
         env, (a, b), T = self.envs[v], self.spans[v], self.T
-        rng = np.random.default_rng([seed, self.lo + a, 0xDEC0])
+        rng = np.random.default_rng([seed, self.g + a, 0xDEC0])
         n_steps = int(rng.integers(0, max_steps + 1))
         random_action = random_action_fn(env.single_action_space, rng)
         prev_a = np.zeros_like(self.cols["prev_action_full"][T, a:b])
@@ -237,7 +237,7 @@ class VectorCollector(Collector):
             a, b = self.spans[v]
             mark(self.beat, EVAL_RESET, 0, a)
             if first:
-                o, _ = seeded_reset(env, [seed + self.lo + j for j in range(a, b)])
+                o, _ = seeded_reset(env, [seed + self.g + j for j in range(a, b)])
             else:
                 o, _ = env.reset()
             self.write_block(1, v, o, "the reset before an evaluation")
@@ -293,7 +293,7 @@ class VectorCollector(Collector):
             if any(f is None for f in final):
                 raise ValueError(
                     f"{self._name(v)} ended the episodes of envs "
-                    f"{[self.lo + a + i for i in ended]} at step {t} but "
+                    f"{[self.g + a + i for i in ended]} at step {t} but "
                     f"its infos have no 'final_obs' for them: in autoreset mode SameStep a "
                     f"vector env returns each final observation in infos['final_obs'] (where "
                     f"infos['_final_obs'] is True)")
@@ -421,13 +421,14 @@ def random_stepper(env: Any, seed: int, n_actions: int) -> Callable[[], None]:
     return step
 
 
-def env_label(v: int, form: tuple, label: str = "env") -> str:
-    """How messages name env ``v`` of a ``(vector, width)`` form: "env 3", or for vector
-    envs "envs 4..7 (vector env 1)"."""
+def env_label(v: int, form: tuple, label: str = "env", first: int = 0) -> str:
+    """How messages name env ``v`` of a ``(vector, width)`` form whose envs' global
+    indices start at ``first``: "env 3", or for vector envs "envs 4..7 (vector env 1)"."""
     vector, width = form
     if not vector:
-        return f"{label} {v}"
-    return f"{label}s {v * width}..{(v + 1) * width - 1} (vector env {v})"
+        return f"{label} {first + v}"
+    a = first + v * width
+    return f"{label}s {a}..{a + width - 1} (vector env {a // width})"
 
 
 def collector(envs: list, lo: int, bufs: dict, vector: bool, width: int,

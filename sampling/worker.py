@@ -26,6 +26,7 @@ from .collector import (
     MAKE,
     STEP,
     Collector,
+    Numbering,
     make_env,
     mark,
 )
@@ -53,11 +54,17 @@ class WorkerConfig:
     max_decorrelation_steps: int
     traj_info: Callable[[], Any]
     torch_threads: int | None
-    envs: tuple                # (lo, hi): the global indices of its envs
-    eval_envs: tuple           # (lo, hi) of its eval envs
+    envs: tuple                # (lo, hi): its columns of the batch
+    eval_envs: tuple           # (lo, hi): its columns of the evaluation buffers
     cpu_affinity: list | None
     form: tuple = (False, 1)       # (vector, width) of env_fn's envs (see sampling.vector)
     eval_form: tuple = (False, 1)  # the same for eval_env_fn's
+    rank: int = 0                  # of world_size ranks (see collector.Numbering)
+    world_size: int = 1
+
+    @property
+    def numbering(self) -> Numbering:
+        return Numbering(self.rank, self.world_size, self.batch_B, self.eval_n)
 
 
 @dataclass(frozen=True)
@@ -151,25 +158,27 @@ class _Worker:
         self.sets = [arrays[key] for key in ("main", "main1") if key in arrays]
         self.bufs, self.ctrl = self.sets[0], arrays["ctrl"]
         lo, hi = cfg.envs
-        self.where = f"worker {cfg.index}"
+        num = self.num = cfg.numbering
+        self.where = f"worker {cfg.index}" + (f" of rank {cfg.rank}" * (cfg.world_size > 1))
         _limit_threads(cfg.torch_threads)
         if cfg.cpu_affinity is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cfg.cpu_affinity)
         # This worker's random streams: global ones (for env_fn and envs that use them)
         # and, once env_fn may have imported torch, torch's and the agent's own generators.
-        seeds = worker_seed(cfg.seed, lo)
+        seeds = worker_seed(cfg.seed, num.first + lo)
         reseed(None, seeds)
         width = cfg.form[1]
         for v in range(lo // width, hi // width):  # one by one: a SIGTERM meanwhile closes
             mark(link.beat, MAKE, 0, v * width - lo)  # those built so far
-            link.envs.append(make_env(cfg.env_fn, env_label(v, cfg.form)))
+            link.envs.append(make_env(cfg.env_fn, env_label(v, cfg.form, first=num.first)))
         reseed(cfg.agent, seeds)
         self.runner = AgentRunner(cfg.agent) if cfg.agent is not None else None
         for bufs in self.sets:
-            bufs["env_ids"] = np.arange(cfg.batch_B)
+            bufs["env_ids"] = num.env_ids()
         self.coll = collector(list(link.envs), lo, self.bufs, *cfg.form, batch_T=cfg.batch_T,
                               wait=cfg.wait, traj_info=cfg.traj_info, where=self.where,
-                              spare=self.sets[1] if len(self.sets) > 1 else None)
+                              spare=self.sets[1] if len(self.sets) > 1 else None,
+                              first=num.first)
         self.coll.beat = link.beat
         if self.runner is not None:
             self.runner.call("reset")
@@ -192,7 +201,8 @@ class _Worker:
                              bufs["prev_action_full"][T, lo:hi],
                              bufs["prev_reward_full"][T, lo:hi], bufs["env_ids"][lo:hi])
             write_checked(bufs["bootstrap_value"][lo:hi], v,
-                          f"bootstrap value for envs {lo}..{hi - 1} ({self.where})",
+                          f"bootstrap value for envs {self.num.first + lo}.."
+                          f"{self.num.first + hi - 1} ({self.where})",
                           "agent.value returned")
         mark(beat, IDLE)
         return done
@@ -204,15 +214,16 @@ class _Worker:
             built = []
             for e in range(elo // width, ehi // width):
                 mark(self.link.beat, EVAL_MAKE, 0, e * width - elo)
-                built.append(make_env(cfg.eval_env_fn, env_label(e, cfg.eval_form, "eval env"),
-                                      "eval_env_fn"))
+                built.append(make_env(cfg.eval_env_fn, env_label(
+                    e, cfg.eval_form, "eval env", self.num.eval_first), "eval_env_fn"))
                 self.link.envs.append(built[-1])
-            ebufs["env_ids"] = np.arange(cfg.batch_B, cfg.batch_B + cfg.eval_n)
+            ebufs["env_ids"] = self.num.eval_ids()
             self.ecoll = collector(built, elo, ebufs, *cfg.eval_form, batch_T=1, wait=False,
-                                   traj_info=cfg.traj_info, where=self.where, label="eval env")
+                                   traj_info=cfg.traj_info, where=self.where, label="eval env",
+                                   first=self.num.eval_first)
             self.ecoll.beat = self.link.beat
         self._enter_mode("eval_mode", itr)
-        restart_eval(self.ecoll, self.runner, cfg.seed + cfg.batch_B, self.first_eval)
+        restart_eval(self.ecoll, self.runner, cfg.seed + self.num.eval_base, self.first_eval)
         self.first_eval = False
         results = run_eval(self.ecoll, self.runner, self.link, ebufs, max_steps, 0, self.ctrl)
         mark(self.link.beat, IDLE)
