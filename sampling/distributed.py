@@ -39,6 +39,7 @@ _SOURCES = (
              "OMPI_COMM_WORLD_LOCAL_SIZE")),
     ("mpi", ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")),  # MPICH, Intel
 )
+_LAUNCHERS = {"torchrun": "torchrun", "slurm": "srun", "mpi": "an MPI launcher"}
 # torchrun sets this in every rank it starts: its variables are then the ranks' own.
 _TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"
 
@@ -56,14 +57,17 @@ class Launch:
         """``rank=`` and ``world_size=`` for :func:`sampling.make_sampler`."""
         return {"rank": self.rank, "world_size": self.world_size}
 
-    def cpus(self, split: bool = True) -> list:
+    def cpus(self, split: bool | None = None) -> list:
         """This rank's share of the CPUs this process may use (``os.sched_getaffinity``):
         with ``split``, the usable CPUs cut into ``local_world_size`` contiguous runs, one
-        per local rank, so that ranks on one node do not fight over cores. Pass
-        ``split=False`` where the launcher already gave each rank its own CPUs (``srun``
-        with ``--cpu-bind``, ``mpirun --bind-to``)."""
+        per local rank, so that ranks on one node do not fight over cores. ``None``: split
+        unless this process is already confined to fewer CPUs than the node has, as when
+        the launcher gave each rank its own (``srun --cpus-per-task``, ``mpirun
+        --bind-to``, ``taskset``)."""
         usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else list(range(os.cpu_count() or 1))
+        if split is None:
+            split = len(usable) >= (os.cpu_count() or 1)
         if not split or self.local_world_size == 1:
             return usable
         n = len(usable)
@@ -75,7 +79,7 @@ class Launch:
         b = (self.local_rank + 1) * n // self.local_world_size
         return usable[a:b]
 
-    def cpu_affinity(self, n_workers: int, split: bool = True) -> list:
+    def cpu_affinity(self, n_workers: int, split: bool | None = None) -> list:
         """``cpu_affinity=`` for a sampler of ``n_workers`` workers on this rank's share of
         the CPUs (:meth:`cpus`): contiguous runs, one per worker, or, with fewer CPUs than
         workers, one CPU each, in turn."""
@@ -120,8 +124,8 @@ def _read(env: Mapping[str, str], name: str, keys: tuple) -> Launch | None:
         return None
     if rank_key not in env or size_key not in env:
         have, lack = (rank_key, size_key) if rank_key in env else (size_key, rank_key)
-        raise ValueError(f"{have} is set but {lack} is not: a {name} launch sets both; set "
-                         f"the missing one or unset {have}")
+        raise ValueError(f"{have} is set but {lack} is not: {_LAUNCHERS[name]} sets both; "
+                         f"set the missing one or unset {have}")
     values = {}
     for key in keys:
         if key is None or key not in env:
