@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -274,6 +276,18 @@ def test_collectives_without_a_process_group_are_this_ranks_own():
         sd.mean_stats(trajs, keys=("Nope",))
     # Lists without episode ends (plain lists) are joined rank after rank.
     assert sd.merge_episodes([[1, 2], [3]]) == [1, 2, 3]
+
+
+def test_launch_needs_no_torch_and_the_core_never_imports_distributed():
+    code = ("import sys, numpy, sampling; "
+            "s = sampling.make_sampler('serial', sampling.CartPole, lambda o: o[:, 0] > 0, "
+            "batch_T=2, batch_B=2, rank=1, world_size=2); s.obtain_samples(); s.shutdown(); "
+            "assert 'sampling.distributed' not in sys.modules; "
+            "import sampling.distributed as sd; assert sd.launch({}).world_size == 1; "
+            "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert out.returncode == 0, out.stderr
 
 
 # -- what workers inherit -----------------------------------------------------------------
