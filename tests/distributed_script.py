@@ -17,7 +17,7 @@ from torch import nn
 
 import sampling
 import sampling.distributed as sd
-from tests.test_ranks import N_BATCHES, EnvRecordingEnv, RecurrentAgent, run
+from tests.test_ranks import N_BATCHES, EnvRecordingEnv, run
 
 B = 4  # envs per rank
 
