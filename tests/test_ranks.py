@@ -126,6 +126,13 @@ def test_three_ranks_with_vector_envs():
     assert_ranks_add_up(one, parts, 2)
 
 
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_ranks_add_up_with_policy_lag(kind):
+    one = run(kind, 4, eval_per_rank=2, policy_lag=1)
+    parts = [run(kind, 2, r, 2, eval_per_rank=1, policy_lag=1) for r in range(2)]
+    assert_ranks_add_up(one, parts, 2)
+
+
 class NumpyRandomPolicy:
     """A stochastic policy on the global numpy generator, as users write one."""
 
