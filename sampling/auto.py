@@ -217,7 +217,8 @@ def measure(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) -> M
     out = ruled_out(alternating_workers=W_alt, agent_on_gpu=on_gpu, agent_ships=ships,
                     env_processes=own_processes)
     sizes = {B, per_worker(B, W, width)} | ({B // 2} if "alternating" not in out else set())
-    a = agent_call_s(agent, *spaces, sizes, PROBE_AGENT_S, sample_obs=first_obs)
+    a = agent_call_s(agent, *spaces, sizes, PROBE_AGENT_S, sample_obs=first_obs,
+                     first_id=getattr(opts, "rank", 0) * B)
     return Measurements(env_step_s=e, agent_call_s=a, batch_B=B, n_workers=W,
                         alternating_workers=W_alt, usable_cpus=usable_cpus(), ruled_out=out,
                         width=width)
@@ -340,7 +341,7 @@ def _probe_vector_env(env: Any, seed: int) -> tuple:
 
 
 def agent_call_s(agent: Any, obs_space: Any, act_space: Any, sizes: Iterable[int],
-                 budget_s: float, sample_obs: Any = None) -> dict:
+                 budget_s: float, sample_obs: Any = None, first_id: int = 0) -> dict:
     """Seconds per agent call on ``n`` envs, for each ``n`` in ``sizes`` (median of calls).
 
     Observations are copies of ``sample_obs`` (or of a draw from ``obs_space``).
@@ -356,7 +357,7 @@ def agent_call_s(agent: Any, obs_space: Any, act_space: Any, sizes: Iterable[int
         obs = tree_map(lambda x, n=n: np.ascontiguousarray(
             np.broadcast_to(np.asarray(x), (n,) + np.shape(x))), sample_obs)
         args[n] = (obs, np.zeros((n,) + act_shape, act_dtype), np.zeros(n, np.float32),
-                   np.arange(n))
+                   np.arange(first_id, first_id + n))  # this rank's env ids
         runner.step(*args[n])  # warm-up (first torch calls are slow)
     # Round robin over the sizes, so that a burst of load elsewhere hits all of them alike.
     times: dict = {n: [] for n in sizes}

@@ -28,20 +28,21 @@ import numpy as np
 __all__ = ["Launch", "launch", "init", "gather_traj_infos", "merge_episodes", "mean_stats",
            "broadcast_parameters"]
 
-# Per launcher, the variables that tell a process its place:
-# (rank, world size, local rank, local world size). torchrun's come first: when it runs
-# under srun or mpirun (one torchrun per node), the outer launcher's describe torchrun
-# itself, not the ranks it starts.
+# Per launcher, the variables that tell a process its place: (rank, world size, local
+# rank, local world size). Slurm's local size comes from SLURM_TASKS_PER_NODE instead.
 _SOURCES = (
     ("torchrun", ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")),
-    ("slurm", ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None)),
     ("mpi", ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
              "OMPI_COMM_WORLD_LOCAL_SIZE")),
     ("mpi", ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")),  # MPICH, Intel
+    ("slurm", ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None)),
 )
 _LAUNCHERS = {"torchrun": "torchrun", "slurm": "srun", "mpi": "an MPI launcher"}
-# torchrun sets this in every rank it starts: its variables are then the ranks' own.
+# torchrun sets this in every rank it starts: its variables are then the ranks' own, and
+# those of an outer launcher (srun or mpirun starting one torchrun per node) describe
+# torchrun itself.
 _TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -94,80 +95,98 @@ class Launch:
 
 def launch(environ: Mapping[str, str] | None = None) -> Launch:
     """This process's rank, world size and node-local place, read from the launcher's
-    variables (torchrun's ``RANK``/``WORLD_SIZE``, Slurm's ``SLURM_PROCID``/
-    ``SLURM_NTASKS``, Open MPI's ``OMPI_COMM_WORLD_*``, MPICH's ``PMI_*``). One process
-    with none of them is rank 0 of 1. ValueError, naming the variables, where they are not
-    ints, are half set, or contradict each other."""
+    variables (torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_*``, Open MPI's
+    ``OMPI_COMM_WORLD_*``, MPICH's ``PMI_*``, Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``/
+    ``SLURM_LOCALID``). One process with none of them is rank 0 of 1.
+
+    The innermost launcher wins: torchrun's variables where torchrun started this process,
+    and an MPI launcher's over Slurm's (``mpirun`` in an ``sbatch`` script inherits the
+    batch step's). Otherwise every launcher's must agree. ValueError, naming the
+    variables, where they are not ints, are half set, out of range, or contradict."""
     env = os.environ if environ is None else environ
-    found = []
-    for name, keys in _SOURCES:
-        got = _read(env, name, keys)
-        if got is not None:
-            found.append(got)
+    found = [got for name, keys in _SOURCES if (got := _read(env, name, keys)) is not None]
     if not found:
         return Launch(0, 1)
-    if _TORCHRUN_MARK in env and found[0].launcher == "torchrun":
-        return found[0]
-    first = found[0]
-    for other in found[1:]:
-        if (other.rank, other.world_size) != (first.rank, first.world_size):
+    if _TORCHRUN_MARK in env and found[0][0].launcher == "torchrun":
+        return found[0][0]
+    if any(g.launcher == "mpi" for g, _ in found):  # Slurm's then describe the allocation
+        found = [(g, k) for g, k in found if g.launcher != "slurm"]
+    first, first_keys = found[0]
+    for got, keys in found[1:]:
+        if (got.rank, got.world_size) != (first.rank, first.world_size):
             raise ValueError(
-                f"the launcher's variables contradict each other: {_describe(env, first)} "
-                f"but {_describe(env, other)}. Unset the stale ones (e.g. a RANK exported by "
-                f"hand), or pass rank= and world_size= to make_sampler yourself")
+                f"the launcher's variables contradict each other: "
+                f"{_describe(first, first_keys)} but {_describe(got, keys)}. Unset the stale "
+                f"ones (e.g. a RANK exported by hand), or pass rank= and world_size= to "
+                f"make_sampler yourself")
     return first
 
 
-def _read(env: Mapping[str, str], name: str, keys: tuple) -> Launch | None:
+def _int_var(env: Mapping[str, str], key: str, what: str) -> int:
+    text = env[key].strip()
+    if not (text.isascii() and text.isdigit()):  # int() would take "1_0", "+1", "١"
+        raise ValueError(f"{key}={env[key]!r} is not a non-negative int in decimal digits "
+                         f"(read as this process's {what})")
+    return int(text)
+
+
+def _read(env: Mapping[str, str], name: str, keys: tuple) -> tuple | None:
+    """(Launch, keys) from one launcher's variables, or None where it set none."""
     rank_key, size_key, local_key, local_size_key = keys
-    if rank_key not in env and size_key not in env:
+    _pair(env, rank_key, size_key, name)
+    if rank_key not in env:
         return None
-    if rank_key not in env or size_key not in env:
-        have, lack = (rank_key, size_key) if rank_key in env else (size_key, rank_key)
-        raise ValueError(f"{have} is set but {lack} is not: {_LAUNCHERS[name]} sets both; "
-                         f"set the missing one or unset {have}")
-    values = {}
-    for key in keys:
-        if key is None or key not in env:
-            continue
-        text = env[key].strip()
-        try:
-            values[key] = int(text)
-        except ValueError:
-            raise ValueError(f"{key}={env[key]!r} is not an int (read as this process's "
-                             f"{name} rank or size)") from None
-    rank, size = values[rank_key], values[size_key]
-    if size < 1 or not 0 <= rank < size:
+    rank = _int_var(env, rank_key, f"{name} rank")
+    size = _int_var(env, size_key, f"{name} world size")
+    if size < 1 or rank >= size:
         raise ValueError(f"{rank_key}={rank} with {size_key}={size}: a rank must be in "
                          f"[0, {size_key}) and {size_key} >= 1")
-    local_rank = values.get(local_key, 0)
-    local_size = values.get(local_size_key) if local_size_key else _slurm_local_size(env)
+    if local_size_key is None:  # Slurm: srun sets all three in every task
+        local_size = None
+        if local_key in env:
+            for key in ("SLURM_TASKS_PER_NODE", "SLURM_NODEID"):
+                _pair(env, local_key, key, name)
+            local_size = _slurm_local_size(env)
+    else:
+        _pair(env, local_key, local_size_key, name)
+        local_size = (_int_var(env, local_size_key, f"{name} ranks on this node")
+                      if local_size_key in env else None)
     if local_size is None:  # the launcher does not say: as if alone on the node
-        local_rank, local_size = 0, 1
-    if not 0 <= local_rank < local_size:
-        raise ValueError(f"{local_key}={local_rank} is not in [0, {local_size}), the number "
-                         f"of {name} ranks on this node")
-    return Launch(rank, size, local_rank, local_size, name)
+        return Launch(rank, size, 0, 1, name), keys
+    local_rank = _int_var(env, local_key, f"{name} rank on this node")
+    if not 0 <= local_rank < local_size <= size:
+        raise ValueError(f"{local_key}={local_rank} with {local_size} {name} ranks on this "
+                         f"node and {size} in all: a local rank must be in [0, ranks on the "
+                         f"node), and a node cannot hold more ranks than there are")
+    return Launch(rank, size, local_rank, local_size, name), keys
 
 
-def _slurm_local_size(env: Mapping[str, str]) -> int | None:
+def _pair(env: Mapping[str, str], a: str, b: str, name: str) -> None:
+    """a and b come together, or not at all."""
+    if (a in env) != (b in env):
+        have, lack = (a, b) if a in env else (b, a)
+        raise ValueError(f"{have} is set but {lack} is not: {_LAUNCHERS[name]} sets both; "
+                         f"set the missing one or unset {have}")
+
+
+def _slurm_local_size(env: Mapping[str, str]) -> int:
     """Tasks on this node: SLURM_TASKS_PER_NODE ("2(x3),1": 2 on each of 3 nodes, then 1)
     at this node's index (SLURM_NODEID)."""
-    spec, node = env.get("SLURM_TASKS_PER_NODE"), env.get("SLURM_NODEID")
-    if not spec or node is None:
-        return None
+    spec, node = env["SLURM_TASKS_PER_NODE"], _int_var(env, "SLURM_NODEID", "Slurm node index")
     counts = []
-    try:
-        for part in spec.split(","):
-            n, _, times = part.partition("(x")
-            counts.extend([int(n)] * (int(times.rstrip(")")) if times else 1))
-        return counts[int(node)]
-    except (ValueError, IndexError):
-        return None
+    for part in spec.split(","):
+        n, sep, times = part.strip().partition("(x")
+        if not n.isdigit() or (sep and not (times.endswith(")") and times[:-1].isdigit())):
+            raise ValueError(f"SLURM_TASKS_PER_NODE={spec!r} is not Slurm's form (e.g. "
+                             f"'2(x3),1': 2 tasks on each of 3 nodes, then 1)")
+        counts.extend([int(n)] * (int(times[:-1]) if sep else 1))
+    if node >= len(counts):
+        raise ValueError(f"SLURM_NODEID={node}, but SLURM_TASKS_PER_NODE={spec!r} describes "
+                         f"{len(counts)} nodes")
+    return counts[node]
 
 
-def _describe(env: Mapping[str, str], got: Launch) -> str:
-    keys = next(k for name, k in _SOURCES if name == got.launcher and k[0] in env)
+def _describe(got: Launch, keys: tuple) -> str:
     return f"{keys[0]}={got.rank}, {keys[1]}={got.world_size} ({got.launcher})"
 
 
@@ -194,8 +213,8 @@ def init(backend: str = "gloo", timeout_s: float | None = None) -> Launch:
         group = (dist.get_rank(), dist.get_world_size())
         if group != (where.rank, where.world_size):
             raise ValueError(f"torch.distributed's process group (rank {group[0]} of "
-                             f"{group[1]}) disagrees with the launcher's variables "
-                             f"({_describe(os.environ, where)})")
+                             f"{group[1]}) disagrees with the launcher's variables (rank "
+                             f"{where.rank} of {where.world_size}, from {where.launcher})")
         return where
     kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     if where.world_size == 1:

@@ -490,12 +490,15 @@ def sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _launcher_variable(name: str) -> bool:
+    return name in LAUNCHER_VARIABLES or name.startswith(LAUNCHER_PREFIXES)
+
+
 @contextmanager
 def _without_launcher_env():
     # A launcher's variables make a child believe it is a rank: it would MPI_Init (and hang)
     # or join torch.distributed's group as its parent. Workers are not ranks.
-    saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if k in LAUNCHER_VARIABLES or k.startswith(LAUNCHER_PREFIXES)}
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if _launcher_variable(k)}
     try:
         yield
     finally:
@@ -652,6 +655,10 @@ def worker_entry(w: int, program: Callable, payload: Any, shm_name: str | None, 
     signal.signal(signal.SIGTERM, _on_sigterm)
     if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    # Again here: a forkserver started earlier (by anything) hands its children the
+    # environment it had then, launcher variables included.
+    for k in [k for k in os.environ if _launcher_variable(k)]:
+        del os.environ[k]
     link = Link(conn, obs_ready, act_ready, None)
     terminated = False
     try:

@@ -46,18 +46,21 @@ class Probed:
     width: int = 1         # batch columns per env: num_envs for a vector env
 
 
-def probe(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed:
+def probe(env_fn: Callable, runner: AgentRunner, seed: int, first_id: int = 0) -> Probed:
     """Build one separate env to learn the layout: observation, action, infos.
 
     Training envs are never stepped before their seeded reset; this env is thrown away.
+    The agent's probe call names env ``first_id`` (this rank's first), so that an agent
+    keeping per-env state sees only ids it will be given.
     Everything runs under :class:`RngGuard`: the user's random streams (global, and the
     agent's own generators) come out as they went in.
     """
     with RngGuard(runner.agent):
-        return _probe_unguarded(env_fn, runner, seed)
+        return _probe_unguarded(env_fn, runner, seed, first_id)
 
 
-def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed:
+def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int,
+                     first_id: int) -> Probed:
     what = "the probe env (the parent builds one to size buffers)"
     env = make_env(env_fn, what)
     try:
@@ -108,7 +111,7 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int) -> Probed
     obs1 = tree_map(lambda x: x[None], obs)
     act_shape, act_dtype = tuple(shape), np.dtype(dtype).str
     action, agent_info = runner.step(obs1, np.zeros((1,) + act_shape, act_dtype),
-                                     np.zeros(1, np.float32), np.arange(1))
+                                     np.zeros(1, np.float32), np.arange(first_id, first_id + 1))
     action = to_numpy(action)
     if action.shape != (1,) + act_shape:
         raise ValueError(f"the agent returned actions of shape {action.shape} for 1 env; "

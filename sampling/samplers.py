@@ -225,7 +225,7 @@ class Sampler:
     def _setup(self, env_fn: Callable, agent: Any) -> None:
         o, k = self._o, self._k
         T, B, E = o.batch_T, o.batch_B, o.eval_n_envs
-        p = probe(env_fn, self._runner, o.seed)
+        p = probe(env_fn, self._runner, o.seed, self._num.first)
         self.observation_space, self.action_space = p.observation_space, p.action_space
         self._form = (p.vector, p.width)
         self._eform, self._spare_eval = self._form, None

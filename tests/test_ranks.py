@@ -133,6 +133,27 @@ def test_ranks_add_up_with_policy_lag(kind):
     assert_ranks_add_up(one, parts, 2)
 
 
+class OwnIdsAgent:
+    """Keeps state for its own rank's envs only: any other env id is a KeyError."""
+
+    def __init__(self, ids):
+        self.state = {int(i): 0 for i in ids}
+
+    def step(self, observation, prev_action, prev_reward, env_ids):
+        for i in env_ids:
+            self.state[int(i)] += 1
+        return np.zeros(len(observation), np.int64), None
+
+
+@pytest.mark.parametrize("kind", ["serial", "gpu", "auto"])
+def test_the_agent_only_ever_sees_its_ranks_env_ids(kind):
+    """Also in the sampler's probe call and auto's timing calls."""
+    agent = OwnIdsAgent(range(4, 8))
+    with sampling.make_sampler(kind, ENV, agent, batch_T=3, batch_B=4, rank=1,
+                               world_size=2) as s:
+        s.obtain_samples()
+
+
 class NumpyRandomPolicy:
     """A stochastic policy on the global numpy generator, as users write one."""
 
@@ -217,6 +238,12 @@ def test_bad_rank_is_refused_before_anything_starts(rank, world_size, error, mat
     # RANK exported by hand from Slurm's: they agree.
     ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"},
      sd.Launch(1, 2, 0, 1, "torchrun")),
+    # mpirun inside an sbatch script: the batch step's Slurm variables are not the ranks'.
+    ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "SLURM_PROCID": "0",
+      "SLURM_NTASKS": "4"}, sd.Launch(2, 4, 0, 1, "mpi")),
+    # Slurm without its local variables (as if alone on the node).
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "2"},
+     sd.Launch(1, 2, 0, 1, "slurm")),
 ])
 def test_launch_reads_the_launchers_variables(environ, want):
     assert sd.launch(environ) == want
@@ -225,14 +252,29 @@ def test_launch_reads_the_launchers_variables(environ, want):
 @pytest.mark.parametrize("environ, match", [
     ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"},
      "contradict each other: RANK=0, WORLD_SIZE=2 .* but SLURM_PROCID=1, SLURM_NTASKS=2"),
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "1",
-      "OMPI_COMM_WORLD_SIZE": "4"}, "contradict each other"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1",
+      "OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_RANK=1, OMPI_COMM_WORLD_SIZE=4 .mpi. "
+                                    "but PMI_RANK=0, PMI_SIZE=4 .mpi."),
     ({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
     ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS is set but SLURM_PROCID is not"),
-    ({"RANK": "one", "WORLD_SIZE": "2"}, r"RANK='one' is not an int"),
+    ({"RANK": "one", "WORLD_SIZE": "2"}, r"RANK='one' is not a non-negative int"),
+    ({"RANK": "1_0", "WORLD_SIZE": "20"}, r"RANK='1_0' is not a non-negative int"),
+    ({"RANK": "+1", "WORLD_SIZE": "2"}, r"RANK='\+1' is not a non-negative int"),
+    ({"RANK": "\u0661", "WORLD_SIZE": "2"}, "is not a non-negative int in decimal digits"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "is not a non-negative int"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+     "LOCAL_RANK is set but LOCAL_WORLD_SIZE is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "3"},
+     "a node cannot hold more ranks than there are"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"},
+     "SLURM_LOCALID is set but SLURM_TASKS_PER_NODE is not"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+      "SLURM_TASKS_PER_NODE": "2(3)", "SLURM_NODEID": "0"}, "is not Slurm's form"),
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+      "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_NODEID": "2"}, "describes 2 nodes"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, r"RANK=2 with WORLD_SIZE=2: a rank must be in"),
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
-     r"LOCAL_RANK=2 is not in \[0, 2\)"),
+     r"LOCAL_RANK=2 with 2 torchrun ranks on this node"),
 ])
 def test_launch_refuses_contradictions(environ, match):
     with pytest.raises(ValueError, match=match):
@@ -298,7 +340,8 @@ def test_launch_needs_no_torch_and_the_core_never_imports_distributed():
 
 
 # -- what workers inherit -----------------------------------------------------------------
-LAUNCHER_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node0",
+LAUNCHER_ENV = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "node0",
                 "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "job", "SLURM_PROCID": "1",
                 "SLURM_NTASKS": "2", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
                 "PMI_RANK": "1", "PMI_SIZE": "2"}
@@ -319,6 +362,12 @@ class EnvRecordingEnv(CountingEnv):
 def test_workers_do_not_inherit_the_launchers_rank_variables(method, tmp_path, monkeypatch):
     for k, v in {**LAUNCHER_ENV, **KEPT_ENV}.items():
         monkeypatch.setenv(k, v)
+    if method == "forkserver":
+        # The worst case: a forkserver started before the sampler (by anything), with the
+        # launcher's variables, hands them to its children.
+        from multiprocessing import forkserver
+        forkserver._forkserver._stop()
+        forkserver.ensure_running()
     env = functools.partial(EnvRecordingEnv, str(tmp_path))
     with sampling.make_sampler("cpu", env, lambda o: np.zeros(len(o), np.int64), batch_T=2,
                                batch_B=2, n_workers=2, start_method=method, **sd.launch(
@@ -328,8 +377,6 @@ def test_workers_do_not_inherit_the_launchers_rank_variables(method, tmp_path, m
     workers = {pid: e for pid, e in seen.items() if pid != os.getpid()}
     assert len(workers) == 2
     for e in workers.values():
-        if method == "forkserver":  # children get the server's environment, which may
-            e = {**KEPT_ENV, **e}   # predate this test's variables
         assert e == KEPT_ENV, e
     assert seen[os.getpid()] == {**LAUNCHER_ENV, **KEPT_ENV}  # the probe env, in the parent
     assert all(os.environ[k] == v for k, v in LAUNCHER_ENV.items())  # the parent's are back
