@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -515,3 +516,15 @@ def vectorized(env_fn, n, autoreset_mode="SameStep"):
 
 def _make_vectorized(env_fn, n, autoreset_mode):
     return Vectorized([env_fn] * n, autoreset_mode)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example(marker: str) -> str:
+    """The ```python block after the ``marker`` line in README.md."""
+    text = (ROOT / "README.md").read_text()
+    assert marker in text, f"README.md has no {marker!r} example"
+    block = text.split(marker, 1)[1].lstrip()
+    assert block.startswith("```python\n"), "the example marker must precede a ```python block"
+    return block[len("```python\n"):].split("\n```", 1)[0]

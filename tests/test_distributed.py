@@ -16,10 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.helpers import assert_batches_equal  # noqa: E402
+from tests.helpers import ROOT, assert_batches_equal, readme_example  # noqa: E402
 from tests.test_ranks import KEPT_ENV, N_BATCHES, columns, run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- example: ddp -->"
 # torchrun's start (two ranks importing torch) and the job itself take seconds; a hang
 # (a rank waiting for the other forever) must fail the test, not the CI run.
@@ -68,16 +67,8 @@ def test_two_torchrun_ranks_sample_as_one_sampler(tmp_path):
         assert len(workers) == 2 and all(set(e) <= set(KEPT_ENV) for e in workers), seen
 
 
-def _example() -> str:
-    text = (ROOT / "README.md").read_text()
-    assert MARKER in text, f"README.md has no {MARKER!r} example"
-    block = text.split(MARKER, 1)[1].lstrip()
-    assert block.startswith("```python\n"), "the example marker must precede a ```python block"
-    return block[len("```python\n"):].split("\n```", 1)[0]
-
-
 def test_readme_ddp_example_learns_with_two_ranks(tmp_path, capsys):
-    (tmp_path / "train_ddp.py").write_text(_example())
+    (tmp_path / "train_ddp.py").write_text(readme_example(MARKER))
     (tmp_path / "short.py").write_text(
         "import json, runpy, sys\n"
         "ns = runpy.run_path('train_ddp.py', run_name='example')\n"

@@ -30,6 +30,7 @@ from tests.helpers import (  # noqa: E402
     CountingEnv,
     DictObsEnv,
     one_per,
+    readme_example,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,12 +371,7 @@ def test_lstm_batch_replays_from_its_recorded_initial_state(kind):
 
 # -- the README example ----------------------------------------------------------------
 def _readme_example() -> str:
-    """The ```python block after the marker line in README.md."""
-    text = (ROOT / "README.md").read_text()
-    assert MARKER in text, f"README.md has no {MARKER!r} example"
-    block = text.split(MARKER, 1)[1].lstrip()
-    assert block.startswith("```python\n"), "the example marker must precede a ```python block"
-    return block[len("```python\n"):].split("\n```", 1)[0]
+    return readme_example(MARKER)
 
 
 @pytest.mark.parametrize("kind", one_per("driver", kinds=PARALLEL))
