@@ -249,10 +249,10 @@ def _is_float_dtype(a: Any) -> bool:
 
 
 # -- random streams ---------------------------------------------------------------------
-def worker_seed(seed: int, first_env: int) -> np.random.SeedSequence:
+def worker_seed(seed: int, first_env: int, restart: int = 0) -> np.random.SeedSequence:
     """The seed sequence of the worker whose first env is ``first_env``: a function of the
     envs it runs, not of the worker count or the start method."""
-    return np.random.SeedSequence([seed, first_env, _GLOBAL_TAG])
+    return np.random.SeedSequence([seed, first_env, _GLOBAL_TAG] + ([restart] if restart else []))
 
 
 def reseed(agent: Any, seq: np.random.SeedSequence) -> None:

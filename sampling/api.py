@@ -102,6 +102,7 @@ def make_sampler(
     policy_lag: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    max_restarts: int = 0,
 ) -> Sampler:
     """Make a sampler of ``kind`` that steps ``batch_B`` copies of ``env_fn()``.
 
@@ -140,6 +141,9 @@ def make_sampler(
         ``env_ids``), eval envs come after every rank's training envs, so the ranks'
         batches side by side are those of one sampler with ``world_size * batch_B``
         envs (same seed, deterministic agent).
+    max_restarts: how many worker failures (an exception, a death, a missed step
+        deadline) the sampler survives in all by replacing the worker; 0: the first
+        failure raises WorkerError. See ``batch.restarts`` and the README for the rule.
     """
     given = dict(locals())
     _check_callables(kind, env_fn, agent, eval_env_fn)
@@ -155,6 +159,10 @@ def make_sampler(
             raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot enforce "
                              f"step_timeout (it steps envs in this process); pass a parallel "
                              f"kind explicitly, or step_timeout=None")
+        if opts.max_restarts and not KINDS[kind].workers:
+            raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot restart "
+                             f"workers (it steps envs in this process); pass a parallel "
+                             f"kind explicitly, or max_restarts=0")
     else:
         reason = None
     if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
@@ -187,7 +195,7 @@ _INTS = {"batch_T": (1, False), "batch_B": (1, False), "n_workers": (1, True),
          "seed": (0, False), "max_decorrelation_steps": (0, False), "eval_n_envs": (0, False),
          "eval_max_steps": (1, True), "eval_max_trajectories": (1, True),
          "torch_threads": (1, True), "policy_lag": (0, False), "rank": (0, False),
-         "world_size": (1, False)}
+         "world_size": (1, False), "max_restarts": (0, False)}
 
 
 def _options(kind: str, a: dict) -> Options:
@@ -218,6 +226,10 @@ def _options(kind: str, a: dict) -> Options:
     a["step_timeout"] = _step_timeout(a["step_timeout"], "cpu" if kind == "auto" else kind)
     if a["cpu_affinity"] is not None:
         a["cpu_affinity"] = _affinity(a["cpu_affinity"])
+    if a["max_restarts"] and kind != "auto" and not KINDS[kind].workers:
+        raise ValueError(f"max_restarts needs worker processes: the {kind} kind steps envs "
+                         f"in this process, where a failure cannot be survived; use a "
+                         f"parallel kind ('cpu', 'gpu', ...) or max_restarts=0")
     if a["policy_lag"] > 1:
         raise ValueError(f"policy_lag must be 0 (collect each batch when asked) or 1 (collect "
                          f"the next batch while the caller trains on this one, with the "

@@ -8,6 +8,7 @@ that crosses processes without copying. Only the creating process unlinks.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -125,9 +126,18 @@ class SharedBuffer:
     its last view is garbage collected, so nothing can leak past that point.
     """
 
-    def __init__(self, nbytes: int, name: str | None = None, what: str = "the segment"):
+    def __init__(self, nbytes: int, name: Any = None, what: str = "the segment",
+                 keep_fd: bool = False):
         self.owner = name is None
         self.reserved = False  # the creator's segment has its pages allocated (see reserve)
+        self.fd: int | None = None
+        if isinstance(name, SegmentFd):  # a worker started after the name was unlinked
+            self.owner, self.name, self.nbytes, self._shm = False, None, nbytes, None
+            try:
+                self.buf = mmap.mmap(name.fd, nbytes)
+            finally:
+                os.close(name.fd)
+            return
         if self.owner:
             shm, self.reserved = _create(nbytes, what)
         else:
@@ -135,6 +145,8 @@ class SharedBuffer:
         self.name = shm.name
         self.nbytes = nbytes
         self._shm = shm
+        if keep_fd:  # to start workers later, once the name is gone (see SegmentFd)
+            self.fd = os.dup(shm._fd)
         # Take the mapping away from the SharedMemory object, whose close() would unmap it
         # under views handed to the user. The views keep the mmap object itself as their
         # base: it is unmapped when the last view dies, and (unlike a memoryview) it is not
@@ -145,6 +157,12 @@ class SharedBuffer:
         shm._mmap = None
         shm.close()  # only closes the file descriptor now
 
+    def close_fd(self) -> None:
+        """Close the descriptor kept for later workers (idempotent)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
     def unlink(self) -> None:
         """Remove the name (creator only; idempotent)."""
         if self.owner and self._shm is not None:
@@ -153,6 +171,23 @@ class SharedBuffer:
                 shm.unlink()
             except FileNotFoundError:
                 pass
+
+
+class SegmentFd:
+    """A segment's file descriptor for a worker started after its name was unlinked (a
+    restarted worker): inherited as is by a forked child, passed by multiprocessing to a
+    spawned or forkserver one (``reduction.DupFd``, as it passes a Connection's)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+        return _rebuild_segment_fd, (reduction.DupFd(self.fd),)
+
+
+def _rebuild_segment_fd(dup: Any) -> SegmentFd:
+    return SegmentFd(dup.detach())
 
 
 def _create(nbytes: int, what: str) -> tuple:

@@ -24,9 +24,9 @@ __all__ = ["TrajInfo", "Segment", "Collector", "make_env", "close_quietly", "Num
 # int64 [sequence, phase, step, env index within the worker] into a shared "beat" (the
 # parent reads it; the env index is written before every env call, the rest per step).
 PHASES = ("idle", "env_fn", "reset", "decorrelation", "agent", "step", "eval step",
-          "batch reset", "eval_env_fn", "eval reset")
+          "batch reset", "eval_env_fn", "eval reset", "waiting for actions")
 (IDLE, MAKE, RESET, DECORRELATE, AGENT, STEP, EVAL, BATCH_RESET, EVAL_MAKE,
- EVAL_RESET) = range(len(PHASES))
+ EVAL_RESET, WAIT) = range(len(PHASES))
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,22 @@ class Numbering:
     def eval_ids(self) -> np.ndarray:
         start = self.eval_base + self.eval_first
         return np.arange(start, start + self.eval_n)
+
+
+def env_seed(seed: int, b: int, restart: int = 0) -> int:
+    """The seed of global env ``b``'s first reset: ``seed + b``; once its worker was
+    restarted ``restart`` times, the first 32-bit word of
+    ``numpy.random.SeedSequence([seed, b, restart])`` (fresh, and the same for the same
+    failures)."""
+    if not restart:
+        return seed + b
+    return int(np.random.SeedSequence([seed, b, restart]).generate_state(1)[0])
+
+
+def stream_key(seed: int, b: int, tag: int, restart: int = 0) -> list:
+    """The entropy of a generator derived from global env ``b`` (decorrelation's, a
+    worker's): ``[seed, b, tag]``, and the restart count once there was one."""
+    return [seed, b, tag] + ([restart] if restart else [])
 
 
 def mark(beat: Any, phase: int, t: int = 0, j: int = -1) -> None:
@@ -281,7 +297,7 @@ class Collector:
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, batch_T: int, wait: bool,
                  traj_info: Callable[[], TrajInfo], where: str, label: str = "env",
-                 spare: dict | None = None, first: int = 0):
+                 spare: dict | None = None, first: int = 0, seed_base: int = 0):
         self.envs = envs
         self.label = label  # "env" or "eval env": how messages name env g + j
         n = self.n = len(envs) * self.width  # columns: j below is a column of this slice
@@ -290,6 +306,10 @@ class Collector:
         # (rank r's training envs start at r * batch_B). Seeds, decorrelation, episode
         # order and messages follow global indices, so ranks add up to one sampler.
         self.g = first + lo
+        # Env g + j is seeded as global env seed_base + g + j (eval envs come after every
+        # rank's training envs), and its worker's restart count picks fresh seeds.
+        self.seed_base = seed_base
+        self.restart_count = 0
         self.T = batch_T
         self.wait = wait
         self.new_traj = traj_info
@@ -346,6 +366,14 @@ class Collector:
                             for path, arr in tree_leaves(c["env_info"])],
         }
 
+    def carry_from(self, i: int) -> None:
+        """The next batch starts from row T of buffer set ``i``."""
+        self._prev = i
+
+    def seed_of(self, seed: int, j: int) -> int:
+        """The first reset's seed of this collector's env (column) j."""
+        return env_seed(seed, self.seed_base + self.g + j, self.restart_count)
+
     def use(self, i: int) -> None:
         """Collect the next batch into buffer set ``i`` (it starts from the last one's row
         T, see :meth:`begin_batch`)."""
@@ -360,7 +388,7 @@ class Collector:
         for j, env in enumerate(self.envs):
             mark(self.beat, RESET, 0, j)
             o, _ = tagged(env.reset, f"the first reset of {self.label} {self.g + j}",
-                          seed=seed + self.g + j)
+                          seed=self.seed_of(seed, j))
             self.write_obs(T, j, o)
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
@@ -371,7 +399,8 @@ class Collector:
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
         env, b, T = self.envs[j], self.g + j, self.T
-        rng = np.random.default_rng([seed, b, 0xDEC0])  # independent of kind and worker count
+        # independent of kind and worker count
+        rng = np.random.default_rng(stream_key(seed, b, 0xDEC0, self.restart_count))
         n_steps = int(rng.integers(0, max_steps + 1))
         random_action = random_action_fn(env.action_space, rng)
         record: dict = {"observation": [], "action": [], "reward": [], "terminated": [],
@@ -568,7 +597,7 @@ class Collector:
         (begin_batch carries it to row 0)."""
         for j, env in enumerate(self.envs):
             mark(self.beat, EVAL_RESET, 0, j)
-            o, _ = env.reset(seed=seed + self.g + j) if first else env.reset()
+            o, _ = env.reset(seed=self.seed_of(seed, j)) if first else env.reset()
             self.write_obs(1, j, o)
         self._restarted()
 

@@ -36,7 +36,7 @@ from multiprocessing import connection as mp_connection
 from time import perf_counter
 from typing import Any, Callable
 
-from .buffers import SharedBuffer, shm_space, size_text, views
+from .buffers import SegmentFd, SharedBuffer, shm_space, size_text, views
 from .errors import RemoteTraceback, SamplerError, WorkerError
 
 try:
@@ -46,7 +46,7 @@ except ImportError:  # not on every platform
         pass
 
 __all__ = ["Started", "Ready", "Done", "Failed", "Close", "PoolSpec", "Pool", "Link",
-           "worker_entry", "acquire", "sigint_blocked", "quietly"]
+           "Failure", "worker_entry", "acquire", "sigint_blocked", "quietly"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,23 @@ class PoolSpec:
     deadline: Callable[[int], float | None] = lambda phase: None  # seconds for a phase
     stuck: Callable[..., str] = field(default=lambda w, phase, t, j, limit: "")
     close_timeout: float = 5.0
+    # Restarts: how many worker failures the pool absorbs in all (0: every failure raises),
+    # and renew(w, k), the config of worker w's k-th replacement. A replacement maps the
+    # segment through its file descriptor (shared.fd): the name is gone by then.
+    max_restarts: int = 0
+    renew: Callable[[int, int], Any] | None = None
+
+
+@dataclass
+class Failure:
+    """A worker failure the pool absorbed (see :meth:`Pool.take_failures`): the error it
+    would have raised, the worker's beat then (``(sequence, phase, step, env)``: where it
+    was), and the restart count of its replacement."""
+
+    worker: int
+    error: WorkerError
+    beat: tuple | None
+    restart: int
 
 
 # -- the parent's side ------------------------------------------------------------------
@@ -168,41 +185,112 @@ class Pool:
         self.spec: PoolSpec | None = None
         self.closed: Callable[[], None] = lambda: None  # raises if the owner was closed
         self._watch: dict = {}  # worker -> (its beat, when the parent first saw it)
+        # Restarts: workers out (failed, absorbed, not yet replaced), absorbed failures not
+        # yet taken, restarts left, each worker's restart count, and the worker a wait is
+        # for (a failure absorbed meanwhile ends that wait: see _Gone).
+        self.out: set = set()
+        self.failures: list = []
+        self.budget = 0
+        self.restarts: list = []
+        self._awaiting: int | None = None
 
     @property
     def size(self) -> int:
         return len(self.procs)
 
     def start(self, spec: PoolSpec) -> None:
-        """Start one process per config and wait until each is Ready."""
+        """Start one process per config and wait until each is Ready (replacing those
+        that fail, within the restart budget)."""
         self.spec = spec
-        ctx = mp.get_context(spec.start_method)
-        self.method = ctx.get_start_method()
+        self.ctx = mp.get_context(spec.start_method)
+        self.method = self.ctx.get_start_method()
         self.poll_s = GATHER_POLL_S if spec.beats is None else DEADLINE_POLL_S
-        shared = spec.shared
+        self.budget = spec.max_restarts
+        self.restarts = [0] * len(spec.configs)
         for w, cfg in enumerate(spec.configs):
-            payload = cfg if self.method == "fork" else _dumps(cfg)
-            parent_conn, child_conn = ctx.Pipe()
-            sems = (ctx.Semaphore(0), ctx.Semaphore(0))  # the per-step handoff
-            self.sems.append(sems)  # named (spawn, forkserver): see drop_names
-            stack_in = stack_out = None
+            self.procs.append(None)
+            self.conns.append(None)
+            self.sems.append(None)
             if spec.beats is not None and STACK_SIGNAL is not None:
-                stack_in, stack_out = ctx.Pipe(duplex=False)
-                self.stack_pipes.append(stack_in)
-            p = ctx.Process(target=worker_entry, name=f"{spec.name}-worker-{w}", daemon=True,
-                            args=(w, spec.program, payload, shared and shared.name,
-                                  shared and shared.nbytes, spec.placed, child_conn, *sems,
-                                  stack_out))
-            with _without_launcher_env(), sigint_blocked():
-                p.start()
-            child_conn.close()
-            if stack_out is not None:
-                stack_out.close()
-            self.procs.append(p)
-            self.conns.append(parent_conn)
+                self.stack_pipes.append(None)
+            self._spawn(w, cfg, spec.shared and spec.shared.name)
         self.gather(range(self.size), Ready)
         self.drop_names()  # every worker has opened them: nothing can leak them now
+        self.replace_out()
         log.debug("%s: %d workers started (%s)", spec.name, self.size, self.method)
+
+    def _spawn(self, w: int, cfg: Any, segment: Any) -> None:
+        """Start worker w's process with ``cfg``; ``segment``: the shared segment's name,
+        or a SegmentFd once the name is gone."""
+        ctx, spec = self.ctx, self.spec
+        payload = cfg if self.method == "fork" else _dumps(cfg)
+        parent_conn, child_conn = ctx.Pipe()
+        sems = (ctx.Semaphore(0), ctx.Semaphore(0))  # the per-step handoff
+        self.sems[w] = sems  # named (spawn, forkserver): see drop_names
+        stack_in = stack_out = None
+        if self.stack_pipes:
+            stack_in, stack_out = ctx.Pipe(duplex=False)
+            self.stack_pipes[w] = stack_in
+        nbytes = spec.shared.nbytes if spec.shared is not None else 0
+        p = ctx.Process(target=worker_entry, name=f"{spec.name}-worker-{w}", daemon=True,
+                        args=(w, spec.program, payload, segment, nbytes, spec.placed,
+                              child_conn, *sems, stack_out))
+        self.conns[w] = parent_conn
+        with _without_launcher_env(), sigint_blocked():
+            p.start()
+        self.procs[w] = p
+        child_conn.close()
+        if stack_out is not None:
+            stack_out.close()
+
+    # -- restarts --------------------------------------------------------------------
+    def replace_out(self) -> list:
+        """Start a new process for every worker that is out (its restart count one more),
+        each with a config from ``spec.renew``, and wait until they are Ready; those that
+        fail to start are replaced in turn, within the budget. Returns the workers
+        replaced."""
+        done = []
+        while self.out:
+            w = min(self.out)
+            self.out.discard(w)
+            self._watch.pop(w, None)
+            self.started.discard(w)
+            quietly(self.conns[w].close)
+            if self.stack_pipes:
+                quietly(self.stack_pipes[w].close)
+            shared = self.spec.shared
+            self._spawn(w, self.spec.renew(w, self.restarts[w]),
+                        SegmentFd(shared.fd) if shared is not None else None)
+            self.gather([w], Ready)  # a failure here puts it out again (or raises)
+            _drop_semaphore_name(self.sems[w][0])
+            _drop_semaphore_name(self.sems[w][1])
+            done.append(w)
+        return done
+
+    def take_failures(self) -> list:
+        """The failures absorbed since the last call (:class:`Failure`)."""
+        out, self.failures = self.failures, []
+        return out
+
+    def _fail(self, w: int, msg: Any = None, error: BaseException | None = None) -> None:
+        """Worker w failed: absorb it (the worker is stopped and put out, to be replaced
+        by :meth:`replace_out`) while the budget lasts; else raise its error."""
+        if error is None:
+            error = self._error(w, msg)
+        if not isinstance(error, WorkerError) or self.budget <= 0:
+            raise error
+        self.budget -= 1
+        self.restarts[w] += 1
+        beats = self.spec.beats
+        beat = tuple(beats[w, :4].tolist()) if beats is not None else None
+        tb = error.remote_traceback or ""
+        log.warning("sampling: restarting worker %d (%d restart%s left) after this failure:\n"
+                    "%s%s", w, self.budget, "" if self.budget == 1 else "s", tb, error)
+        _stop([self.procs[w]])  # a raising worker is exiting anyway: this bounds it
+        self.out.add(w)
+        self.failures.append(Failure(w, error, beat, self.restarts[w]))
+        if self._awaiting == w:
+            raise _Gone
 
     # -- commands --------------------------------------------------------------------
     def send(self, command: Any) -> None:
@@ -210,20 +298,23 @@ class Pool:
         # A Ctrl-C in the middle of a send would leave half a message in the pipe (and a
         # pickling buffer that CPython 3.13 complains about): let it land after the sends.
         with sigint_blocked():
-            failed = None
+            failed = []
             for w, c in enumerate(self.conns):
+                if w in self.out:
+                    continue
                 try:
                     c.send(command)
                 except (BrokenPipeError, ConnectionResetError, EOFError):
-                    failed = w
-                    break
-        if failed is not None:
-            self.raise_error(failed)
+                    failed.append(w)
+                    if not self.budget:
+                        break
+        for w in failed:
+            self._fail(w)
 
     def gather(self, workers, expect: type = Done) -> dict:
         """Wait for one ``expect`` message from each of ``workers``; ``{w: result}``.
         Fails fast (WorkerError) on any worker's error report or death."""
-        pending = {self.conns[w]: w for w in workers}
+        pending = {self.conns[w]: w for w in workers if w not in self.out}
         out = {}
         while pending:
             self.closed()  # the owner was closed from another thread: stop waiting
@@ -239,12 +330,17 @@ class Pool:
                         continue  # only Started: still pending
                     del pending[obj]
                     if not isinstance(msg, expect):
-                        self.raise_error(w, msg)
+                        self._fail(w, msg)
+                        continue
                     out[w] = getattr(msg, "result", None)
             for obj in ready:
                 w = sentinels.get(obj)
                 if w is not None and self.conns[w] in pending:
-                    self.raise_error(w)
+                    del pending[self.conns[w]]
+                    self._fail(w)
+            for conn, w in list(pending.items()):
+                if w in self.out:  # absorbed meanwhile (a deadline)
+                    del pending[conn]
         return out
 
     def _recv(self, w: int) -> Any:
@@ -260,29 +356,42 @@ class Pool:
                     return None
                 msg = conn.recv()
         except Exception as e:  # a closed pipe, or a message that won't unpickle
-            self.raise_error(w, _unreadable(e))
+            return _unreadable(e) or _DEAD
         return msg
 
     # -- the per-step handoff --------------------------------------------------------
     def wait_obs(self, workers) -> None:
         """Wait until each of ``workers`` has written this step's observations."""
         sems, check = self.sems, self.check
+        if not self.budget and not self.out:  # the usual case: no restarts
+            for w in workers:
+                acquire(sems[w][0], check, PARENT_SPIN_S)
+            return
         for w in workers:
-            acquire(sems[w][0], check, PARENT_SPIN_S)
+            if w in self.out:
+                continue
+            self._awaiting = w
+            try:
+                acquire(sems[w][0], check, PARENT_SPIN_S)
+            except _Gone:  # it failed and is out: its columns wait for the sampler
+                pass
+            finally:
+                self._awaiting = None
 
     def release(self, workers) -> None:
         """Let ``workers`` step with the actions written."""
-        sems = self.sems
+        sems, out = self.sems, self.out
         for w in workers:
-            sems[w][1].release()
+            if w not in out:
+                sems[w][1].release()
 
     def check(self) -> None:
         """Raise if a worker reported an error or died (or the owner was closed)."""
         self.closed()
         self.check_deadlines()
         for w, (p, c) in enumerate(zip(self.procs, self.conns)):
-            if c.poll() or p.exitcode is not None:
-                self.raise_error(w)
+            if w not in self.out and (c.poll() or p.exitcode is not None):
+                self._fail(w)
 
     # -- deadlines -------------------------------------------------------------------
     def check_deadlines(self) -> None:
@@ -293,6 +402,8 @@ class Pool:
             return
         now = time.monotonic()
         for w in range(self.size):
+            if w in self.out:
+                continue
             seq, phase, t, j = beats[w, :4].tolist()
             limit = self.spec.deadline(phase)
             if limit is None:
@@ -302,9 +413,9 @@ class Pool:
             if seen is None or seen[0] != (seq, j):
                 self._watch[w] = ((seq, j), now)
             elif now - seen[1] > limit:
-                self._raise_stuck(w, phase, t, j, limit)
+                self._fail(w, error=self._stuck_error(w, phase, t, j, limit))
 
-    def _raise_stuck(self, w: int, phase: int, t: int, j: int, limit: float):
+    def _stuck_error(self, w: int, phase: int, t: int, j: int, limit: float) -> WorkerError:
         proc = self.procs[w]
         stack = _stack_of(proc, self.stack_pipes[w]) if self.stack_pipes else None
         quietly(proc.kill)
@@ -314,15 +425,22 @@ class Pool:
                  f"there is no stack: the process is stopped (SIGSTOP, a debugger) or blocked "
                  f"in the kernel")
         what = self.spec.stuck(w, phase, t, j, limit)
-        raise WorkerError(f"{self.spec.labels[w]}: {what}; the worker was killed. {where}",
-                          w, self.spec.envs[w], None, stack)
+        return WorkerError(f"{self.spec.labels[w]}: {what}; the worker was killed. {where}",
+                           w, self.spec.envs[w], None, stack)
 
     # -- errors ----------------------------------------------------------------------
     def raise_error(self, w: int, msg: Any = None):
         """Raise the WorkerError for worker w: its error report (``msg`` or one on its
         pipe), or else its death."""
+        raise self._error(w, msg)
+
+    def _error(self, w: int, msg: Any = None) -> BaseException:
+        """The error for worker w's failure: a WorkerError from its error report (``msg``
+        or one on its pipe), or else from its death."""
         self.closed()  # workers stopped by a close from another thread are no failure
         conn, proc = self.conns[w], self.procs[w]
+        if msg is _DEAD:
+            msg = None
         if msg is None:
             try:
                 if conn.poll(REPORT_WAIT_S):  # an error report may be just behind the exit
@@ -342,15 +460,17 @@ class Pool:
             cause = msg.error
             where = getattr(cause, "sampling_where", None)
             cause.__cause__ = RemoteTraceback(msg.traceback)
-            raise WorkerError(f"{head} raised {type(cause).__name__}: {cause}"
+            err = WorkerError(f"{head} raised {type(cause).__name__}: {cause}"
                               + (f" (in {where})" if where else "")
                               + "; its traceback is shown above and in .remote_traceback",
-                              w, envs, None, msg.traceback) from cause
+                              w, envs, None, msg.traceback)
+            err.__cause__ = cause
+            return err
         if msg is not None:
-            raise SamplerError(f"{head} sent {msg!r} out of turn (a bug in the sampler)")
+            return SamplerError(f"{head} sent {msg!r} out of turn (a bug in the sampler)")
         proc.join(EXIT_CODE_WAIT_S)
-        raise WorkerError(self._death_text(w, head, proc.exitcode), w, envs, proc.exitcode,
-                          None)
+        return WorkerError(self._death_text(w, head, proc.exitcode), w, envs, proc.exitcode,
+                           None)
 
     def _death_text(self, w: int, head: str, code: int | None) -> str:
         if code is None:
@@ -373,16 +493,17 @@ class Pool:
         """Stop every worker (asking first if ``graceful``) and close the pipes. Each step
         drops what it released only once it is released, so an interrupted stop (Ctrl-C)
         can simply be run again."""
-        procs = self.procs
+        procs = [p for p in self.procs if p is not None]
         if graceful and procs:
             # The one part a Ctrl-C may cut short: the rest is forced, with SIGINT held back
             # (in this thread; one delivered to another thread is caught by the caller).
             _ask_to_close(self.conns, procs, self.spec.close_timeout)
         with sigint_blocked():
-            _stop(procs)
+            _stop([p for p in procs if p is not None])
             self.procs = []
             for c in self.conns + self.stack_pipes:
-                quietly(c.close)
+                if c is not None:
+                    quietly(c.close)
             self.conns, self.stack_pipes = [], []
             self.drop_names()
             self.sems = []
@@ -391,8 +512,16 @@ class Pool:
         """Unlink the semaphores' names: every process that uses them has opened them, and a
         name is the one thing that outlives every process."""
         for pair in self.sems:
-            for sem in pair:
+            for sem in pair or ():
                 _drop_semaphore_name(sem)
+
+
+class _Gone(Exception):
+    """Ends a wait for a worker whose failure was absorbed meanwhile (see Pool._fail)."""
+
+
+# What _recv returns for a pipe that closed under it: the worker died.
+_DEAD = object()
 
 
 def _ask_to_close(conns: list, procs: list, timeout: float) -> None:

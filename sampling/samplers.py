@@ -20,6 +20,7 @@ action server runs in a thread with a copy of the agent meanwhile.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import numbers
 import threading
@@ -45,6 +46,7 @@ from .collector import (
     MAKE,
     RESET,
     STEP,
+    WAIT,
     Numbering,
     TrajInfo,
     close_quietly,
@@ -58,7 +60,7 @@ from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
 from .vector import collector, env_label
 from .worker import Collect, Evaluate, WorkerConfig, restart_eval, run, run_batch, run_eval
 
-__all__ = ["Batch", "Episodes", "Options", "Sampler"]
+__all__ = ["Batch", "Episodes", "Options", "Restart", "Sampler"]
 
 # env_fn() builds a simulator (loads assets, compiles, connects): its deadline is this many
 # times step_timeout.
@@ -85,6 +87,25 @@ class Batch(dict):
             raise AttributeError(name) from None
 
 
+@dataclass(frozen=True)
+class Restart:
+    """A worker that failed and was replaced (``max_restarts``): where, why, and what its
+    columns of the batch hold. See the README's failure section for the rule."""
+
+    worker: int
+    envs: list          # the global indices of its training envs (all rebuilt)
+    during: str         # "batch", "evaluation" or "start" (a worker starting, or restarting)
+    step: int | None    # during a batch: the row from which its columns are padding
+    error: WorkerError  # what it would have raised: message, __cause__, .remote_traceback
+    restart: int        # how many times this worker has now been restarted
+
+    def __str__(self) -> str:
+        at = f" at step {self.step} of the batch" if self.step is not None else ""
+        return (f"worker {self.worker} (envs {self.envs[0]}..{self.envs[-1]}) restarted "
+                f"(restart {self.restart}) after a failure during {self.during}{at}: "
+                f"{self.error}")
+
+
 class Episodes(list):
     """The TrajInfos of finished episodes (``batch.traj_infos``, ``evaluate_agent()``), in
     the order they ended: by step, then by env. ``ends`` holds each one's (step, global env
@@ -94,6 +115,7 @@ class Episodes(list):
         results = list(results)  # (step, global env index, TrajInfo) triples
         super().__init__(traj for _, _, traj in results)
         self.ends = [(t, b) for t, b, _ in results]
+        self.restarts: list = []  # evaluate_agent(): workers restarted during it
 
 
 @dataclass
@@ -122,6 +144,7 @@ class Options:
     policy_lag: int = 0
     rank: int = 0
     world_size: int = 1
+    max_restarts: int = 0
 
 
 
@@ -160,6 +183,7 @@ class _Resources:
         self.pool.stop(graceful)
         with sigint_blocked():
             if self.shared is not None:
+                self.shared.close_fd()
                 self.shared.unlink()
                 self.shared = None
         envs = self.envs
@@ -203,6 +227,8 @@ class Sampler:
         self._o = opts
         self._itr = 0
         self._eval_count = 0
+        self.restarts: list = []     # every Restart so far (max_restarts)
+        self._unreported: list = []  # those not yet in a batch's restarts
         self._closed_reason: str | None = None
         self._busy = threading.Lock()  # held while a batch or an evaluation runs
         self._interrupted = False      # shutdown() came while another thread collected
@@ -255,7 +281,9 @@ class Sampler:
                 self._mirror = None
             else:
                 specs["params"] = spec_of(tree_map(to_numpy, self._mirror.arrays()))
-        if o.step_timeout is not None:  # each worker's beat: a cache line each
+        if o.step_timeout is not None or o.max_restarts:
+            # Each worker's beat (a cache line each): where it is, for the step deadline
+            # and for the row a failure cuts the batch at.
             specs["beats"] = Spec((self.n_workers, BEAT_WORDS), "<i8")
         nbytes, placed = layout(specs)
         arrays = self._allocate(nbytes, placed, contents(specs, T, B, E))
@@ -293,7 +321,7 @@ class Sampler:
     def _allocate(self, nbytes: int, placed: dict, what: str) -> dict:
         """The batch's arrays: in a shared segment for workers, else in this process."""
         if self._k.workers:
-            self._res.shared = SharedBuffer(nbytes, what=what)
+            self._res.shared = SharedBuffer(nbytes, what=what, keep_fd=self._o.max_restarts > 0)
             return views(self._res.shared.buf, placed)
         try:
             memory = bytearray(nbytes)
@@ -329,6 +357,8 @@ class Sampler:
             form=self._form, eval_form=self._eform,
             cpu_affinity=o.cpu_affinity[w % len(o.cpu_affinity)] if o.cpu_affinity else None)
             for w in range(W)]
+        # Replacements (max_restarts) start from the last collected batch's buffer set.
+        self._carry = {"set": 0}
         per = W // self._k.groups
         self._groups = [list(range(g * per, (g + 1) * per)) for g in range(self._k.groups)]
         self._group_envs = [(self._slices[ws[0]][0], self._slices[ws[-1]][1])
@@ -347,7 +377,9 @@ class Sampler:
             deadline=functools.partial(_deadline, o.step_timeout),
             stuck=functools.partial(_stuck_text, o.step_timeout, named, enamed,
                                     self._form[1], self._eform[1]),
-            close_timeout=o.shutdown_timeout))
+            close_timeout=o.shutdown_timeout, max_restarts=o.max_restarts,
+            renew=functools.partial(_renew, configs, self._carry)))
+        self._recover(None, "start")
         # Every worker has mapped the segment: drop its name, so that nothing can leak it
         # whatever happens next (even a SIGKILL of everyone).
         self._res.shared.unlink()
@@ -388,6 +420,8 @@ class Sampler:
                 s, done = self._land()
             batch = Batch(self._batches[s])
             batch["traj_infos"] = Episodes(done)
+            if self._o.max_restarts:
+                batch["restarts"], self._unreported = self._unreported, []
         self._itr = itr + 1
         return batch
 
@@ -438,7 +472,37 @@ class Sampler:
         else:
             done = x
         self._flight = None  # only now: on an error, closing still finds the thread
+        if how != "done" and self._o.max_restarts:
+            self._carry["set"] = s
+            self._recover(s, "batch")
         return s, done
+
+    def _recover(self, s: int | None, during: str) -> list:
+        """After a batch (into buffer set ``s``), an evaluation or the start: pad the
+        columns of the workers that failed in it, replace them, record the restarts."""
+        pool, made = self._res.pool, []
+        failures = pool.take_failures()
+        if not failures:
+            return made
+        for f in failures:
+            step = None
+            if s is not None:
+                step = _cut_row(f.beat, self.batch_T)
+                _pad(self._sets[s], *self._slices[f.worker], step)
+            made.append(Restart(f.worker, list(f.error.envs), during, step, f.error,
+                                f.restart))
+        pool.replace_out()
+        for f in pool.take_failures():  # replacements that failed to start, replaced too
+            made.append(Restart(f.worker, list(f.error.envs), "start", None, f.error,
+                                f.restart))
+        if self._k.served:  # the restarted envs' episodes start afresh (recurrent state)
+            for w in sorted({r.worker for r in made}):
+                lo, hi = self._slices[w]
+                self._collecting_runner.reset_started(np.ones(hi - lo, bool),
+                                                      self._sets[0]["env_ids"][lo:hi])
+        self.restarts.extend(made)
+        self._unreported.extend(made)
+        return made
 
     def _served_args(self, itr: int, s: int) -> tuple:
         """:func:`_serve_batch`'s arguments for a batch into buffer set ``s``."""
@@ -504,7 +568,10 @@ class Sampler:
             else:
                 results = self._evaluate_in_process(max_T, max_traj, first)
             results.sort(key=lambda r: (r[0], r[1]))
-            return Episodes(results[:max_traj])
+            episodes = Episodes(results[:max_traj])
+            if self._o.max_restarts:
+                episodes.restarts = self._recover(None, "evaluation")
+            return episodes
 
     def _evaluate_in_process(self, max_T: int, max_traj: int, first: bool) -> list:
         o, envs = self._o, self._res.envs
@@ -517,8 +584,9 @@ class Sampler:
                 envs.append(built[-1])
             self._ecoll = collector(built, 0, self._ebufs, *self._eform, batch_T=1,
                                     wait=False, traj_info=self._new_traj(),
-                                    where=self._where, label="eval env", first=ef)
-        restart_eval(self._ecoll, self._runner, o.seed + self._num.eval_base, first)
+                                    where=self._where, label="eval env", first=ef,
+                                    seed_base=self._num.eval_base)
+        restart_eval(self._ecoll, self._runner, o.seed, first)
         return run_eval(self._ecoll, self._runner, None, self._ebufs, max_T, max_traj,
                         self._ctrl, check=self._guard.check_parent)
 
@@ -537,6 +605,8 @@ class Sampler:
         finished = 0
         for step in range(max_T + 1):
             pool.wait_obs(everyone)
+            for w in pool.out:  # failed (max_restarts): its stale columns finish nothing
+                ebufs["done"][0, self._eslices[w][0]:self._eslices[w][1]] = False
             if step:
                 finished += int(ebufs["done"][0].sum())
             if step == max_T or finished >= max_traj:
@@ -667,11 +737,55 @@ def _bootstrap(bufs: dict, runner: AgentRunner, T: int) -> None:
 
 # -- the step deadline (the pool asks; module functions, so that the pool holds no
 # reference to the sampler, which a finalizer must be able to collect) -----------------
-def _deadline(step_timeout: float, phase: int) -> float | None:
-    """Seconds a worker may stay in ``phase`` (None: it waits for this process)."""
-    if phase == IDLE:
+def _deadline(step_timeout: float | None, phase: int) -> float | None:
+    """Seconds a worker may stay in ``phase`` (None: it waits for this process, or there
+    is no deadline: beats only tell where workers are, for max_restarts)."""
+    if step_timeout is None or phase in (IDLE, WAIT):
         return None
     return step_timeout * (ENV_FN_TIMEOUT_FACTOR if phase in (MAKE, EVAL_MAKE) else 1)
+
+
+# -- restarts (max_restarts) -------------------------------------------------------------
+def _renew(configs: list, carry: dict, w: int, restart: int) -> WorkerConfig:
+    """Worker w's config for its ``restart``-th replacement: fresh seeds, and the buffer
+    set the next batch carries from."""
+    return dataclasses.replace(configs[w], restart=restart, start_set=carry["set"])
+
+
+def _cut_row(beat: tuple | None, T: int) -> int:
+    """The batch row a failed worker's columns are cut at: the step it was in (acting,
+    stepping, waiting for actions), T for its bootstrap value; 0 if it failed before it
+    started the batch (idle, or resetting waiting envs)."""
+    if beat is None:
+        return 0
+    _, phase, t, _ = beat
+    return min(t, T) if phase in (AGENT, STEP, WAIT) else 0
+
+
+def _pad(bufs: dict, lo: int, hi: int, t: int) -> None:
+    """The restart rule for columns ``lo:hi`` of a batch cut at row ``t``: the episodes
+    still running after row t-1 end there, truncated (their final observation: row t's);
+    rows t.. are padding as in wait mode: zeros, done and truncated; no bootstrap value."""
+    cols = slice(lo, hi)
+    T = len(bufs["done"])
+    if t >= 1:
+        going = lo + np.flatnonzero(~bufs["done"][t - 1, cols])
+        bufs["truncated"][t - 1, going] = True
+        bufs["done"][t - 1, going] = True
+        if "final_observation" in bufs:
+            for (_, fin), (_, obs) in zip(tree_leaves(bufs["final_observation"]),
+                                          tree_leaves(bufs["observation_full"])):
+                fin[t - 1, going] = obs[t, going]
+    if t < T:
+        for key in ("observation_full", "prev_action_full", "prev_reward_full", "action",
+                    "agent_info", "reward", "env_info", "final_observation"):
+            for _, a in tree_leaves(bufs.get(key, {})):
+                a[t:T, cols] = 0
+        bufs["terminated"][t:T, cols] = False
+        bufs["truncated"][t:T, cols] = True
+        bufs["done"][t:T, cols] = True
+    if "bootstrap_value" in bufs:
+        bufs["bootstrap_value"][cols] = 0
 
 
 def _stuck_text(step_timeout: float, slices: list, eslices: list, width: int,

@@ -29,6 +29,7 @@ from .collector import (
     Collector,
     TrajInfo,
     mark,
+    stream_key,
 )
 from .errors import tag, tagged
 from .spaces import random_action_fn
@@ -154,11 +155,13 @@ class VectorCollector(Collector):
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, width: int, batch_T: int,
                  wait: bool, traj_info: Callable[[], TrajInfo], where: str,
-                 label: str = "env", spare: dict | None = None, first: int = 0):
+                 label: str = "env", spare: dict | None = None, first: int = 0,
+                 seed_base: int = 0):
         self.width = width
         self.spans = [(v * width, (v + 1) * width) for v in range(len(envs))]
         super().__init__(envs, lo, bufs, batch_T=batch_T, wait=wait, traj_info=traj_info,
-                         where=where, label=label, spare=spare, first=first)
+                         where=where, label=label, spare=spare, first=first,
+                         seed_base=seed_base)
         if wait:
             raise ValueError("reset_mode='wait' cannot be honoured with vector envs (a bug: "
                              "the sampler refuses it first)")
@@ -199,7 +202,7 @@ class VectorCollector(Collector):
             a, b = self.spans[v]
             mark(self.beat, RESET, 0, a)
             o, _ = tagged(seeded_reset, f"the first reset of {self._name(v)}", env,
-                          [seed + self.g + j for j in range(a, b)])
+                          [self.seed_of(seed, j) for j in range(a, b)])
             self.write_block(T, v, o, "its first reset")
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
@@ -213,7 +216,7 @@ class VectorCollector(Collector):
         random steps, drawn from ``[seed, first column]``; each draws its own random
         actions. These steps are not in any episode's stats."""
         env, (a, b), T = self.envs[v], self.spans[v], self.T
-        rng = np.random.default_rng([seed, self.g + a, 0xDEC0])
+        rng = np.random.default_rng(stream_key(seed, self.g + a, 0xDEC0, self.restart_count))
         n_steps = int(rng.integers(0, max_steps + 1))
         random_action = random_action_fn(env.single_action_space, rng)
         prev_a = np.zeros_like(self.cols["prev_action_full"][T, a:b])
@@ -237,7 +240,7 @@ class VectorCollector(Collector):
             a, b = self.spans[v]
             mark(self.beat, EVAL_RESET, 0, a)
             if first:
-                o, _ = seeded_reset(env, [seed + self.g + j for j in range(a, b)])
+                o, _ = seeded_reset(env, [self.seed_of(seed, j) for j in range(a, b)])
             else:
                 o, _ = env.reset()
             self.write_block(1, v, o, "the reset before an evaluation")

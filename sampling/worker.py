@@ -25,6 +25,7 @@ from .collector import (
     IDLE,
     MAKE,
     STEP,
+    WAIT,
     Collector,
     Numbering,
     make_env,
@@ -61,6 +62,8 @@ class WorkerConfig:
     eval_form: tuple = (False, 1)  # the same for eval_env_fn's
     rank: int = 0                  # of world_size ranks (see collector.Numbering)
     world_size: int = 1
+    restart: int = 0               # how many times this worker was restarted (fresh seeds)
+    start_set: int = 0             # the buffer set the next batch carries row T from
 
     @property
     def numbering(self) -> Numbering:
@@ -93,7 +96,7 @@ def run_batch(coll: Collector, runner, link, bufs: dict) -> list:
     for t in range(coll.T):
         if runner is None:
             if beat is not None:
-                mark(beat, IDLE)  # the parent computes actions: no deadline runs
+                mark(beat, WAIT, t)  # the parent computes actions: no deadline runs
             link.exchange()
         else:
             if beat is not None:
@@ -165,7 +168,7 @@ class _Worker:
             os.sched_setaffinity(0, cfg.cpu_affinity)
         # This worker's random streams: global ones (for env_fn and envs that use them)
         # and, once env_fn may have imported torch, torch's and the agent's own generators.
-        seeds = worker_seed(cfg.seed, num.first + lo)
+        seeds = worker_seed(cfg.seed, num.first + lo, cfg.restart)
         reseed(None, seeds)
         width = cfg.form[1]
         for v in range(lo // width, hi // width):  # one by one: a SIGTERM meanwhile closes
@@ -180,6 +183,9 @@ class _Worker:
                               spare=self.sets[1] if len(self.sets) > 1 else None,
                               first=num.first)
         self.coll.beat = link.beat
+        self.coll.restart_count = cfg.restart
+        self.coll.use(cfg.start_set)  # a replacement writes where the next batch looks
+        self.coll.carry_from(cfg.start_set)
         if self.runner is not None:
             self.runner.call("reset")
         self.coll.reset_all(cfg.seed, cfg.max_decorrelation_steps)
@@ -220,10 +226,11 @@ class _Worker:
             ebufs["env_ids"] = self.num.eval_ids()
             self.ecoll = collector(built, elo, ebufs, *cfg.eval_form, batch_T=1, wait=False,
                                    traj_info=cfg.traj_info, where=self.where, label="eval env",
-                                   first=self.num.eval_first)
+                                   first=self.num.eval_first, seed_base=self.num.eval_base)
             self.ecoll.beat = self.link.beat
+            self.ecoll.restart_count = cfg.restart
         self._enter_mode("eval_mode", itr)
-        restart_eval(self.ecoll, self.runner, cfg.seed + self.num.eval_base, self.first_eval)
+        restart_eval(self.ecoll, self.runner, cfg.seed, self.first_eval)
         self.first_eval = False
         results = run_eval(self.ecoll, self.runner, self.link, ebufs, max_steps, 0, self.ctrl)
         mark(self.link.beat, IDLE)

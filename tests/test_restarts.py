@@ -1,0 +1,270 @@
+"""max_restarts: a worker that raises, dies or misses its step deadline is replaced and the
+batch goes on, by one rule (the cut episodes end truncated at the last complete step; the
+rest of the worker's columns is padding), in every parallel kind and start method, during
+batches, start-up (decorrelation) and evaluation; the same failures give the same
+batches; the budget runs out into the usual WorkerError.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import sampling
+from sampling import WorkerError
+from sampling.samplers import Batch
+from tests.fault_helpers import worker_pid
+from tests.helpers import (
+    PARALLEL,
+    CountingAgent,
+    CountingEnv,
+    FaultEnv,
+    HangingEnv,
+    IdTraj,
+    SlowEnv,
+    assert_runs_equal,
+    in_worker,
+    snapshot,
+)
+
+pytestmark = pytest.mark.usefixtures("no_leaks")
+
+T, B, W = 8, 4, 2
+# Env 3 (worker 1's second env) fails at its 11th step: row 2 of batch 1. Its replacement
+# is seeded afresh, so (FaultEnv arms itself by its seed) it never fails again.
+FAIL_ROW = 2
+
+
+def faulty(how="raise", where="step", after=10, fail_env=3, **kw):
+    return functools.partial(FaultEnv, where=where, after=after, fail_env=fail_env, how=how,
+                             lengths=(20, 30), **kw)
+
+
+def sampler(kind, env_fn, agent=None, **kw):
+    opts = dict(batch_T=T, batch_B=B, n_workers=W, max_restarts=2, final_observation=True,
+                bootstrap_value=True, traj_info=IdTraj)
+    opts.update(kw)
+    return sampling.make_sampler(kind, env_fn, agent or CountingAgent(), **opts)
+
+
+def snap(batch) -> dict:
+    """A copy of the batch, its restarts as (worker, during, step, restart) tuples."""
+    out = snapshot(Batch({k: v for k, v in batch.items() if k != "restarts"}))
+    out["restarts"] = np.array([(r.worker, r.during == "batch", -1 if r.step is None else r.step,
+                                 r.restart) for r in batch.restarts], np.int64)
+    return out
+
+
+def assert_cut(batch, cols, t):
+    """The restart rule for columns ``cols`` of a batch cut at row ``t``."""
+    lo, hi = cols
+    if t >= 1:
+        assert batch.truncated[t - 1, lo:hi].all() or batch.done[t - 1, lo:hi].all()
+        assert batch.done[t - 1, lo:hi].all()
+    for name in ("observation", "action", "reward", "prev_action", "prev_reward"):
+        assert not np.any(batch[name][t:, lo:hi]), name
+    assert not batch.terminated[t:, lo:hi].any()
+    assert batch.truncated[t:, lo:hi].all() and batch.done[t:, lo:hi].all()
+    assert not batch.bootstrap_value[lo:hi].any()
+
+
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_a_failing_env_is_restarted_and_the_batch_goes_on(kind, caplog):
+    with sampler(kind, faulty()) as s:
+        batches = []
+        for b in s.steps(4):
+            batches.append(snapshot(Batch({k: v for k, v in b.items() if k != "restarts"})))
+            batches[-1]["restarts"] = list(b.restarts)
+    assert [len(b["restarts"]) for b in batches] == [0, 1, 0, 0]
+    r = batches[1]["restarts"][0]
+    assert (r.worker, r.envs, r.during, r.step, r.restart) == (1, [2, 3], "batch", FAIL_ROW, 1)
+    assert "boom in step of env 3" in str(r.error) and r.error.remote_traceback
+    assert "restarting worker 1 (1 restart left)" in caplog.text
+    b1 = Batch({k: v for k, v in batches[1].items()})
+    assert_cut(b1, (2, 4), FAIL_ROW)
+    # The episodes cut after row 1 end there, truncated; their final observation is row 2's.
+    assert b1.truncated[FAIL_ROW - 1, 2:4].all()
+    assert b1.final_observation[FAIL_ROW - 1, 3, 2] == 10  # obs t of env 3 after 10 steps
+    # The other worker's columns are untouched; the replaced envs start afresh next batch.
+    assert not b1.done[:, 0:2].any()
+    nxt = batches[2]["observation"]
+    assert (nxt[0, 2:4, 2] == 0).all() and (nxt[0, 2:4, 0] != [2, 3]).all()  # fresh seeds
+    assert not batches[2]["prev_reward"][0, 2:4].any()
+    # No episode stats are invented: the cut episodes are not in traj_infos.
+    assert all(t["EnvId"] not in (2, 3) for t in batches[1]["traj_infos"])
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_restarts_under_every_start_method(kind, method):
+    """A replacement maps the segment through its descriptor: the name is long gone."""
+    with sampler(kind, faulty(), start_method=method) as s:
+        restarts = [list(b.restarts) for b in s.steps(3)]
+    assert [len(r) for r in restarts] == [0, 1, 0]
+
+
+def test_the_same_failures_give_the_same_batches_in_every_kind():
+    runs = {}
+    for kind in PARALLEL:
+        with sampler(kind, faulty()) as s:
+            runs[kind] = [snap(b) for b in s.steps(4)]
+    ref = runs.pop("cpu")
+    assert ref[1]["restarts"].tolist() == [[1, 1, FAIL_ROW, 1]]
+    for run in runs.values():
+        assert_runs_equal(run, ref)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_a_worker_sigkilled_mid_batch_then_20_more_batches(kind):
+    """Killed from outside, at whatever step it was: the rule holds from that step."""
+    env = functools.partial(SlowEnv, delay=0.002, lengths=(5, 7))
+    with sampler(kind, env, batch_T=50, max_restarts=1) as s:
+        s.obtain_samples()
+        killer = threading.Timer(0.04, os.kill, (worker_pid(kind, 1), signal.SIGKILL))
+        killer.start()  # mid-batch: the batch takes 50 steps of 2 ms at least
+        b = s.obtain_samples()
+        killer.join()
+        (r,) = b.restarts
+        assert r.worker == 1 and r.during == "batch" and 0 < r.step < 50
+        assert "killed by signal SIGKILL" in str(r.error)
+        assert_cut(b, (2, 4), r.step)
+        assert not b.done[:, :2].all()
+        more = [list(b.restarts) for b in s.steps(20)]
+    assert more == [[]] * 20
+
+
+def test_the_budget_runs_out_into_the_usual_error():
+    """An env that raises at every 100th step of its life (every other batch): 3
+    restarts, then the error."""
+    env = functools.partial(EveryNthStep, n=100)
+    with sampler("cpu", env, batch_T=50, max_restarts=3) as s:
+        with pytest.raises(WorkerError, match="step 100 of its life") as info:
+            for _ in s.steps(20):
+                pass
+    assert [(r.worker, r.step, r.restart) for r in s.restarts] == [(0, 49, k) for k in (1, 2, 3)]
+    assert info.value.worker == 0
+    with pytest.raises(sampling.SamplerClosedError):
+        s.obtain_samples()
+
+
+class EveryNthStep(CountingEnv):
+    """Raises at every ``n``-th step of its life (replacements too), in worker 0."""
+
+    def __init__(self, n=100, **kw):
+        super().__init__(lengths=(1000,), **kw)
+        self.n, self.life = n, 0
+
+    def step(self, action):
+        self.life += 1
+        if self.life % self.n == 0 and in_worker(0):
+            raise RuntimeError(f"step {self.life} of its life")
+        return super().step(action)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_a_stuck_env_is_restarted(kind):
+    env = functools.partial(HangingEnv, where="step", how="sleep", stuck_env=3, after=10,
+                            safe_pid=os.getpid(), lengths=(20,))
+    t0 = time.monotonic()
+    with sampler(kind, env, step_timeout=0.5) as s:
+        restarts = [list(b.restarts) for b in s.steps(3)]
+    assert time.monotonic() - t0 < 15
+    assert [len(r) for r in restarts] == [0, 1, 0]
+    r = restarts[1][0]
+    assert "did not return" in str(r.error) and r.step == FAIL_ROW
+
+
+@pytest.mark.parametrize("where, after", [("reset", 0), ("step", 1)])
+def test_failures_at_start_and_in_decorrelation_are_restarted(where, after):
+    """Env 3 fails in its first reset, or in its 2nd of 3 decorrelation steps (seed 0)."""
+    env = faulty(where=where, after=after)
+    with sampler("cpu", env, max_decorrelation_steps=5) as s:
+        b = s.obtain_samples()
+        assert [(r.worker, r.during, r.step) for r in b.restarts] == [(1, "start", None)]
+        assert not b.done[:, 2:4].all()  # nothing to pad: the worker started afresh
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_a_failure_during_evaluation(kind):
+    # Eval env 1 (global env B + 1, seeded seed + B + 1) fails at its 3rd step.
+    env = faulty(fail_env=B + 1, after=2)
+    with sampler(kind, env, eval_n_envs=2, eval_max_steps=2 * 12) as s:
+        s.obtain_samples()
+        episodes = s.evaluate_agent()
+        assert [(r.worker, r.during) for r in episodes.restarts] == [(1, "evaluation")]
+        b = s.obtain_samples()
+        assert [r.during for r in b.restarts] == ["evaluation"]
+        # Worker 1's training envs were rebuilt: new episodes from row 0, fresh seeds.
+        assert (b.observation[0, 2:4, 2] == 0).all() and (b.observation[0, 2:4, 0] > 100).all()
+        assert s.evaluate_agent().restarts == []
+
+
+class Version:
+    """Its parameter is a version the test bumps after every batch; agent_info says which
+    version chose each action."""
+
+    def __init__(self):
+        self.v = np.zeros(1)
+
+    def shared_arrays(self):
+        return {"v": self.v}
+
+    def step(self, observation, prev_action, prev_reward):
+        n = len(observation)
+        return np.zeros(n, np.int64), {"version": np.full(n, self.v[0], np.float32)}
+
+
+def test_a_cpu_replacement_gets_the_current_parameters():
+    agent = Version()
+    with sampler("cpu", faulty(), agent, bootstrap_value=False) as s:
+        for i, b in enumerate(s.steps(4)):
+            if i >= 2:
+                assert (b.agent_info["version"] == i).all()
+            agent.v += 1
+
+
+def test_a_served_agent_resets_the_restarted_envs_state():
+    agent = CountingAgent()
+    with sampler("gpu", faulty(), agent) as s:
+        s.obtain_samples()
+        before = len(agent.calls)
+        s.obtain_samples()  # worker 1 fails in this one
+        resets = [c for c in agent.calls[before:] if c[0] == "reset_one"]
+    assert {("reset_one", 2), ("reset_one", 3)} <= set(resets)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_restarts_with_policy_lag(kind):
+    with sampler(kind, faulty(), policy_lag=1) as s:
+        restarts = [list(b.restarts) for b in s.steps(4)]
+    assert [len(r) for r in restarts] == [0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("value, error, match", [
+    (-1, ValueError, "max_restarts must be >= 0"),
+    (1.5, TypeError, "max_restarts must be an int"),
+    (True, TypeError, "max_restarts must be an int"),
+    ("2", TypeError, "max_restarts must be an int"),
+])
+def test_a_bad_budget_is_refused_before_anything_starts(value, error, match):
+    def env_fn():
+        raise AssertionError("no env may be built")
+    with pytest.raises(error, match=match):
+        sampling.make_sampler("cpu", env_fn, lambda o: o, batch_T=2, batch_B=2,
+                              max_restarts=value)
+
+
+def test_serial_cannot_restart():
+    with pytest.raises(ValueError, match="max_restarts needs worker processes"):
+        sampling.make_sampler("serial", CountingEnv, lambda o: o, batch_T=2, batch_B=2,
+                              max_restarts=1)
+
+
+def test_no_restarts_key_without_a_budget():
+    with sampling.make_sampler("cpu", CountingEnv, CountingAgent(), batch_T=2, batch_B=2) as s:
+        assert "restarts" not in s.obtain_samples()
