@@ -6,7 +6,7 @@ Importing the package has no side effects and imports neither torch nor gymnasiu
 """
 from .agents import RandomAgent
 from .api import make_sampler
-from .collector import Segment, TrajInfo
+from .collector import Segment, TrajInfo, env_seed
 from .envs import CartPole, VectorCartPole
 from .errors import (
     RemoteTraceback,
@@ -16,12 +16,13 @@ from .errors import (
     WorkerError,
 )
 from .kinds import KINDS, usable_cpus
-from .samplers import Batch, Sampler
+from .samplers import Batch, Episodes, Restart, Sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "make_sampler", "Sampler", "Batch", "KINDS", "TrajInfo", "Segment", "RandomAgent",
+    "make_sampler", "Sampler", "Batch", "Episodes", "Restart", "env_seed", "KINDS", "TrajInfo",
+    "Segment", "RandomAgent",
     "CartPole", "VectorCartPole", "SamplerError", "WorkerError", "SamplerClosedError",
     "SharedMemoryFullError", "RemoteTraceback",
     "usable_cpus", "__version__",

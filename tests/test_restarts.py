@@ -30,6 +30,7 @@ from tests.helpers import (
     assert_runs_equal,
     in_worker,
     snapshot,
+    vectorized,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -117,6 +118,22 @@ def test_the_same_failures_give_the_same_batches_in_every_kind():
     assert ref[1]["restarts"].tolist() == [[1, 1, FAIL_ROW, 1]]
     for run in runs.values():
         assert_runs_equal(run, ref)
+
+
+def test_wait_mode_and_vector_envs_follow_the_same_rule():
+    runs = []
+    for kind in ("cpu", "gpu"):
+        with sampler(kind, faulty(), reset_mode="wait") as s:
+            runs.append([snap(b) for b in s.steps(3)])
+    assert_runs_equal(runs[1], runs[0])
+    assert runs[0][1]["restarts"].tolist() == [[1, 1, FAIL_ROW, 1]]
+    assert_cut(Batch(runs[0][1]), (2, 4), FAIL_ROW)
+    env = vectorized(faulty(), 2)  # worker 1 holds one vector env: envs 2 and 3
+    with sampler("cpu", env) as s:
+        b = [snap(b) for b in s.steps(3)]
+    assert b[1]["restarts"].tolist() == [[1, 1, FAIL_ROW, 1]]
+    assert_cut(Batch(b[1]), (2, 4), FAIL_ROW)
+    assert (b[2]["observation"][0, 2:4, 2] == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
