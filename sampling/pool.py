@@ -14,6 +14,9 @@ sentinel or a semaphore. What crosses, and when (parent P, worker w)::
              P: reads the beats while it waits; a beat that stops moving in a phase with a
                 deadline gets the worker's stack (STACK_SIGNAL) and the worker killed
     close    P -> w: Close(); w closes its envs and exits; then SIGTERM, then SIGKILL
+    restart  (PoolSpec.max_restarts > 0) a failure is absorbed instead of raised: the
+             worker is stopped and put out (waits skip it); replace_out() starts its
+             successor with PoolSpec.renew's config, the segment by file descriptor
 
 Every wait in the parent is bounded and watches the workers' process sentinels; every wait
 in a worker watches its parent. Errors raised here are :class:`WorkerError` naming the

@@ -16,6 +16,9 @@ Each batch is started (``_launch``: the parameters' snapshot, the command) and w
 (``_land``). Without policy_lag one follows the other; with it, the next batch is launched
 before the caller gets this one, into the other set of batch buffers, and a served kind's
 action server runs in a thread with a copy of the agent meanwhile.
+
+With ``max_restarts``, the pool absorbs worker failures; after the batch (or evaluation)
+:meth:`Sampler._recover` pads the failed workers' columns (:func:`_pad`) and replaces them.
 """
 from __future__ import annotations
 
