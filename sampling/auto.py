@@ -179,21 +179,26 @@ def choose_kind(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) 
     the parent beats W small ones), and in particular when it lives on a GPU.
     """
     W, _ = worker_counts(opts.batch_B, n_workers)
+    # max_restarts needs worker processes: a failure in this process cannot be survived.
+    restarts = getattr(opts, "max_restarts", 0)
     why = serial_only(opts.batch_B, W, usable_cpus())
-    if why:
+    if why and not restarts:
         return _picked("serial", why)
     t0 = time.perf_counter()
     m = measure(env_fn, agent, opts, n_workers)
-    if m.n_workers == 1:  # one vector env holds the whole batch
+    if m.n_workers == 1 and not restarts:  # one vector env holds the whole batch
         return _picked("serial", f"batch_B={m.batch_B} is one vector env of {m.width}: "
                                  f"worker processes cannot run in parallel")
     predicted = predict(m)
     # With policy_lag the caller wants batches collected while it trains: serial cannot.
     lag = getattr(opts, "policy_lag", 0) and len(predicted) > 1
-    kind = pick({k: v for k, v in predicted.items() if k != "serial"} if lag else predicted)
+    drop = (lag or restarts) and len(predicted) > 1
+    kind = pick({k: v for k, v in predicted.items() if k != "serial"} if drop else predicted)
     reason = explain(kind, m, predicted, time.perf_counter() - t0)
-    if lag:
-        reason += "; serial left out: it cannot collect beside training (policy_lag=1)"
+    if drop:
+        reason += ("; serial left out: " + ("it cannot collect beside training (policy_lag=1)"
+                                            if lag else "it cannot restart workers "
+                                            "(max_restarts)"))
     return _picked(kind, reason)
 
 

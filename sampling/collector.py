@@ -581,12 +581,14 @@ class Collector:
         reward = self.cols["reward"]
         if not np.isfinite(reward).all():
             t, j = (int(i) for i in np.argwhere(~np.isfinite(reward))[0])
-            raise ValueError(
+            e = ValueError(
                 f"{self.label} {self.g + j} ({self.where}) returned a reward at step {t} of "
                 f"the batch that is stored as {reward[t, j]} in float32: inf and nan are not "
                 f"real numbers, and a finite reward beyond float32's range (±3.4e38) would "
                 f"become one. Return finite rewards within that range (scale or clip them in "
                 f"the env or a wrapper)")
+            e.sampling_step = t  # the row it happened in (a restart cuts the batch there)
+            raise e
         for j in range(self.n):
             if not self.waiting[j] and self.ep_start[j] < self.T:
                 self.trajs[j].update(Segment(self.env_cols[j], self.ep_start[j], self.T))

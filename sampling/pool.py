@@ -172,6 +172,12 @@ class Failure:
     beat: tuple | None
     restart: int
 
+    @property
+    def step(self) -> int | None:
+        """The batch row the error itself names, where it says (a value found bad after
+        the step it came from: see collector.end_batch)."""
+        return getattr(self.error.__cause__, "sampling_step", None)
+
 
 # -- the parent's side ------------------------------------------------------------------
 class Pool:
@@ -196,6 +202,7 @@ class Pool:
         self.budget = 0
         self.restarts: list = []
         self._awaiting: int | None = None
+        self._early: dict = {}  # worker -> a Done that check() read before gather()
 
     @property
     def size(self) -> int:
@@ -292,8 +299,6 @@ class Pool:
         _stop([self.procs[w]])  # a raising worker is exiting anyway: this bounds it
         self.out.add(w)
         self.failures.append(Failure(w, error, beat, self.restarts[w]))
-        if self._awaiting == w:
-            raise _Gone
 
     # -- commands --------------------------------------------------------------------
     def send(self, command: Any) -> None:
@@ -319,6 +324,10 @@ class Pool:
         Fails fast (WorkerError) on any worker's error report or death."""
         pending = {self.conns[w]: w for w in workers if w not in self.out}
         out = {}
+        for conn, w in list(pending.items()):  # replies check() read early
+            if w in self._early:
+                del pending[conn]
+                out[w] = self._early.pop(w).result
         while pending:
             self.closed()  # the owner was closed from another thread: stop waiting
             sentinels = {self.procs[w].sentinel: w for w in pending.values()}
@@ -391,10 +400,21 @@ class Pool:
     def check(self) -> None:
         """Raise if a worker reported an error or died (or the owner was closed)."""
         self.closed()
-        self.check_deadlines()
+        # Reports and deaths first: a worker that raised is not also a stuck one.
         for w, (p, c) in enumerate(zip(self.procs, self.conns)):
-            if w not in self.out and (c.poll() or p.exitcode is not None):
+            if w in self.out or w in self._early:
+                continue
+            if c.poll():
+                msg = self._recv(w)
+                if isinstance(msg, Done):  # finished its batch before the others (alternating)
+                    self._early[w] = msg
+                elif msg is not None:
+                    self._fail(w, msg)
+            elif p.exitcode is not None:
                 self._fail(w)
+        self.check_deadlines()
+        if self._awaiting is not None and self._awaiting in self.out:
+            raise _Gone  # the worker this wait is for failed (and was absorbed)
 
     # -- deadlines -------------------------------------------------------------------
     def check_deadlines(self) -> None:
@@ -780,13 +800,6 @@ def worker_entry(w: int, program: Callable, payload: Any, shm_name: str | None, 
     global _closing
     _closing = False
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # SIGTERM (how the parent stops a worker on every path but a graceful close, and how
-    # schedulers stop jobs) unwinds to the finally below, which closes the envs. A worker in
-    # a blocking C call gets it when the call returns; one that never returns is SIGKILLed
-    # by the parent after TERMINATE_GRACE_S.
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # Again here: a forkserver started earlier (by anything) hands its children the
     # environment it had then, launcher variables included.
     for k in [k for k in os.environ if _launcher_variable(k)]:
@@ -794,6 +807,13 @@ def worker_entry(w: int, program: Callable, payload: Any, shm_name: str | None, 
     link = Link(conn, obs_ready, act_ready, None)
     terminated = False
     try:
+        # SIGTERM (how the parent stops a worker on every path but a graceful close, and
+        # how schedulers stop jobs) unwinds to the finally below, which closes the envs. A
+        # worker in a blocking C call gets it when the call returns; one that never
+        # returns is SIGKILLed by the parent after TERMINATE_GRACE_S.
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         if isinstance(payload, bytes):
             import cloudpickle
             payload = cloudpickle.loads(payload)

@@ -57,7 +57,7 @@ from .collector import (
 )
 from .errors import SamplerClosedError, SamplerError, WorkerError
 from .kinds import KINDS, split, worker_count
-from .pool import BEAT_WORDS, POLL_S, Pool, PoolSpec, sigint_blocked
+from .pool import BEAT_WORDS, POLL_S, Failure, Pool, PoolSpec, sigint_blocked
 from .probe import batch_specs, contents, env_form, probe
 from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
 from .vector import collector, env_label
@@ -382,10 +382,10 @@ class Sampler:
                                     self._form[1], self._eform[1]),
             close_timeout=o.shutdown_timeout, max_restarts=o.max_restarts,
             renew=functools.partial(_renew, configs, self._carry)))
-        self._recover(None, "start")
         # Every worker has mapped the segment: drop its name, so that nothing can leak it
         # whatever happens next (even a SIGKILL of everyone).
         self._res.shared.unlink()
+        self._recover(None, "start")  # workers replaced while starting (max_restarts)
 
     # -- batches -------------------------------------------------------------------------
     def steps(self, n: int | None = None) -> Iterator[Batch]:
@@ -484,28 +484,34 @@ class Sampler:
         """After a batch (into buffer set ``s``), an evaluation or the start: pad the
         columns of the workers that failed in it, replace them, record the restarts."""
         pool, made = self._res.pool, []
-        failures = pool.take_failures()
+        failures = sorted(pool.take_failures(), key=lambda f: f.worker)  # found in any order
         if not failures:
             return made
         for f in failures:
             step = None
             if s is not None:
-                step = _cut_row(f.beat, self.batch_T)
+                step = _cut_row(f, self.batch_T)
                 _pad(self._sets[s], *self._slices[f.worker], step)
             made.append(Restart(f.worker, list(f.error.envs), during, step, f.error,
                                 f.restart))
-        pool.replace_out()
-        for f in pool.take_failures():  # replacements that failed to start, replaced too
-            made.append(Restart(f.worker, list(f.error.envs), "start", None, f.error,
-                                f.restart))
+        self._note(made)
+        try:
+            pool.replace_out()
+        finally:  # replacements that failed to start (and were replaced in turn)
+            late = [Restart(f.worker, list(f.error.envs), "start", None, f.error, f.restart)
+                    for f in pool.take_failures()]
+            self._note(late)
+            made += late
         if self._k.served:  # the restarted envs' episodes start afresh (recurrent state)
             for w in sorted({r.worker for r in made}):
                 lo, hi = self._slices[w]
                 self._collecting_runner.reset_started(np.ones(hi - lo, bool),
                                                       self._sets[0]["env_ids"][lo:hi])
-        self.restarts.extend(made)
-        self._unreported.extend(made)
         return made
+
+    def _note(self, restarts: list) -> None:
+        self.restarts.extend(restarts)
+        self._unreported.extend(restarts)
 
     def _served_args(self, itr: int, s: int) -> tuple:
         """:func:`_serve_batch`'s arguments for a batch into buffer set ``s``."""
@@ -755,14 +761,16 @@ def _renew(configs: list, carry: dict, w: int, restart: int) -> WorkerConfig:
     return dataclasses.replace(configs[w], restart=restart, start_set=carry["set"])
 
 
-def _cut_row(beat: tuple | None, T: int) -> int:
+def _cut_row(f: Failure, T: int) -> int:
     """The batch row a failed worker's columns are cut at: the step it was in (acting,
     stepping, waiting for actions), T for its bootstrap value; 0 if it failed before it
-    started the batch (idle, or resetting waiting envs)."""
-    if beat is None:
-        return 0
-    _, phase, t, _ = beat
-    return min(t, T) if phase in (AGENT, STEP, WAIT) else 0
+    started the batch (idle, or resetting waiting envs); the row its error names if that
+    comes first (a value found bad at the end of the batch)."""
+    row = 0
+    if f.beat is not None:
+        _, phase, t, _ = f.beat
+        row = min(t, T) if phase in (AGENT, STEP, WAIT) else 0
+    return row if f.step is None else min(row, f.step)
 
 
 def _pad(bufs: dict, lo: int, hi: int, t: int) -> None:

@@ -221,6 +221,89 @@ def test_a_failure_during_evaluation(kind):
         assert s.evaluate_agent().restarts == []
 
 
+class NanOnce(CountingEnv):
+    """Env 3 returns a nan reward at its 13th step (row 4 of batch 1), in its first life."""
+
+    def step(self, action):
+        obs, r, te, tr, info = super().step(action)
+        self.n = getattr(self, "n", 0) + 1
+        return obs, (float("nan") if self.env_id == 3 and self.n == 13 else r), te, tr, info
+
+
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_a_bad_value_found_after_its_step_cuts_the_batch_at_its_row(kind):
+    """Rewards are checked once per batch, after the steps: the cut is the bad row's."""
+    with sampler(kind, functools.partial(NanOnce, lengths=(40,))) as s:
+        b = [snap(b) for b in s.steps(3)]
+    assert b[1]["restarts"].tolist() == [[1, 1, 4, 1]]
+    assert np.isfinite(b[1]["reward"]).all()
+    assert_cut(Batch(b[1]), (2, 4), 4)
+
+
+class RaiseAt(CountingEnv):
+    """Every env raises at its 11th step, in its first life."""
+
+    def step(self, action):
+        if self.env_id < 100 and self.t == 10:  # fresh seeds make env_id large
+            raise RuntimeError(f"boom in env {self.env_id}")
+        return super().step(action)
+
+
+@pytest.mark.parametrize("kind", ["gpu", "alternating"])
+def test_workers_that_raise_together_are_reported_as_raising_not_stuck(kind):
+    with sampler(kind, functools.partial(RaiseAt, lengths=(40,)), step_timeout=0.2) as s:
+        b = [list(b.restarts) for b in s.steps(3)]
+    assert [r.worker for r in b[1]] == [0, 1]
+    for r in b[1]:
+        assert "raised RuntimeError: boom in env" in str(r.error), r.error
+        assert r.step == FAIL_ROW
+
+
+class PoisonedAfterFirst(CountingEnv):
+    """Env 3 fails at its 11th step and leaves a mark; worker 1 then fails in env_fn."""
+
+    def __init__(self, mark, **kw):
+        if in_worker(1) and os.path.exists(mark):
+            raise RuntimeError("env_fn fails after the first failure")
+        super().__init__(lengths=(40,), **kw)
+        self.mark, self.n = mark, 0
+
+    def step(self, action):
+        self.n += 1
+        if self.env_id == 3 and self.n == 11:
+            open(self.mark, "w").close()
+            raise RuntimeError("the first failure")
+        return super().step(action)
+
+
+def test_replacements_that_fail_to_start_use_up_the_budget_and_are_recorded(tmp_path):
+    env = functools.partial(PoisonedAfterFirst, str(tmp_path / "mark"))
+    with sampler("cpu", env, max_restarts=3) as s:
+        with pytest.raises(WorkerError, match="env_fn fails after the first failure"):
+            for _ in s.steps(4):
+                pass
+    assert [(r.worker, r.during, r.restart) for r in s.restarts] == [
+        (1, "batch", 1), (1, "start", 2), (1, "start", 3)]
+
+
+class SlowInWorker1(CountingEnv):
+    def step(self, action):
+        if in_worker(1):
+            time.sleep(0.7)  # longer than pool.POLL_S
+        return super().step(action)
+
+
+def test_alternating_waits_for_a_slow_group_while_the_other_has_finished():
+    """The first group finishes its batch (and replies) while the parent still waits for
+    the second's observations, longer than one POLL_S: no failure, with or without a
+    budget."""
+    for budget in (0, 1):
+        with sampling.make_sampler("alternating", SlowInWorker1, CountingAgent(), batch_T=2,
+                                   batch_B=2, n_workers=2, max_restarts=budget) as s:
+            b = s.obtain_samples()
+            assert not b.done.all() and b.get("restarts", []) == []
+
+
 class Version:
     """Its parameter is a version the test bumps after every batch; agent_info says which
     version chose each action."""
