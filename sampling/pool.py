@@ -271,9 +271,11 @@ class Pool:
             shared = self.spec.shared
             self._spawn(w, self.spec.renew(w, self.restarts[w]),
                         SegmentFd(shared.fd) if shared is not None else None)
-            self.gather([w], Ready)  # a failure here puts it out again (or raises)
-            _drop_semaphore_name(self.sems[w][0])
-            _drop_semaphore_name(self.sems[w][1])
+            try:
+                self.gather([w], Ready)  # a failure here puts it out again (or raises)
+            finally:  # opened by the worker, or never to be: no name may outlive this
+                for sem in self.sems[w]:
+                    _drop_semaphore_name(sem)
             done.append(w)
         return done
 
@@ -452,11 +454,6 @@ class Pool:
                            w, self.spec.envs[w], None, stack)
 
     # -- errors ----------------------------------------------------------------------
-    def raise_error(self, w: int, msg: Any = None):
-        """Raise the WorkerError for worker w: its error report (``msg`` or one on its
-        pipe), or else its death."""
-        raise self._error(w, msg)
-
     def _error(self, w: int, msg: Any = None) -> BaseException:
         """The error for worker w's failure: a WorkerError from its error report (``msg``
         or one on its pipe), or else from its death."""
@@ -522,7 +519,7 @@ class Pool:
             # (in this thread; one delivered to another thread is caught by the caller).
             _ask_to_close(self.conns, procs, self.spec.close_timeout)
         with sigint_blocked():
-            _stop([p for p in procs if p is not None])
+            _stop(procs)
             self.procs = []
             for c in self.conns + self.stack_pipes:
                 if c is not None:
