@@ -506,7 +506,7 @@ class Sampler:
             for w in sorted({r.worker for r in made}):
                 lo, hi = self._slices[w]
                 self._collecting_runner.reset_started(np.ones(hi - lo, bool),
-                                                      self._sets[0]["env_ids"][lo:hi])
+                                                      self.env_ids[lo:hi])
         return made
 
     def _note(self, restarts: list) -> None:

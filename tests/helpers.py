@@ -528,3 +528,22 @@ def readme_example(marker: str) -> str:
     block = text.split(marker, 1)[1].lstrip()
     assert block.startswith("```python\n"), "the example marker must precede a ```python block"
     return block[len("```python\n"):].split("\n```", 1)[0]
+
+
+class RecurrentCounter:
+    """Counts the steps of each env's episode in its "recurrent state", reset by reset_one:
+    at every step the count must equal CountingEnv's obs[2] (the step in the episode)."""
+
+    def __init__(self):
+        self.count = np.zeros(64, np.int64)
+
+    def reset(self):  # before the first batch (the sampler's probe called step once)
+        self.count[:] = 0
+
+    def reset_one(self, env_id):
+        self.count[env_id] = 0
+
+    def step(self, observation, prev_action, prev_reward, env_ids):
+        c = self.count[env_ids].copy()
+        self.count[env_ids] += 1
+        return np.zeros(len(observation), np.int64), {"count": c}

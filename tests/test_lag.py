@@ -22,6 +22,7 @@ from tests.helpers import (
     EnvFault,
     FaultEnv,
     IdTraj,
+    RecurrentCounter,
     SlowEnv,
     assert_batches_equal,
     assert_runs_equal,
@@ -264,25 +265,6 @@ def test_an_agent_that_cannot_be_copied_is_refused_by_the_action_server_kinds(ki
 
 
 # -- state the copies hold: recurrent state, generators, closures, module globals ----------
-class RecurrentCounter:
-    """Counts the steps of each env's episode in its "recurrent state", reset by reset_one:
-    at every step the count must equal CountingEnv's obs[2] (the step in the episode)."""
-
-    def __init__(self):
-        self.count = np.zeros(64, np.int64)
-
-    def reset(self):  # before the first batch (the sampler's probe called step once)
-        self.count[:] = 0
-
-    def reset_one(self, env_id):
-        self.count[env_id] = 0
-
-    def step(self, observation, prev_action, prev_reward, env_ids):
-        c = self.count[env_ids].copy()
-        self.count[env_ids] += 1
-        return np.zeros(len(observation), np.int64), {"count": c}
-
-
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 @pytest.mark.parametrize("kind", ["serial"] + PARALLEL)
 def test_recurrent_state_resets_at_every_episode_start_across_batches(kind, start_method):

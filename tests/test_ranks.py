@@ -23,6 +23,7 @@ from tests.helpers import (
     CountingEnv,
     FailingEnv,
     IdTraj,
+    RecurrentCounter,
     assert_batches_equal,
     snapshot,
     vectorized,
@@ -34,24 +35,14 @@ ENV = functools.partial(CountingEnv, lengths=(3, 5, 4, 7))
 N_BATCHES = 3
 
 
-class RecurrentAgent:
+class RecurrentAgent(RecurrentCounter):
     """Deterministic, with per-env state indexed by global env id (steps since
     ``reset_one``); agent_info records the ids and the state, ``value`` uses the ids."""
 
-    def __init__(self, n_ids: int = 64):
-        self.count = np.zeros(n_ids, np.int64)
-
-    def reset(self):
-        self.count[:] = 0
-
-    def reset_one(self, env_id):
-        self.count[env_id] = 0
-
     def step(self, observation, prev_action, prev_reward, env_ids):
-        c = self.count[env_ids].copy()
-        self.count[env_ids] += 1
-        action = (observation[:, 0].astype(np.int64) + c) % 3
-        return action, {"id": env_ids.astype(np.int64), "count": c}
+        _, info = super().step(observation, prev_action, prev_reward, env_ids)
+        action = (observation[:, 0].astype(np.int64) + info["count"]) % 3
+        return action, {"id": env_ids.astype(np.int64), "count": info["count"]}
 
     def value(self, observation, prev_action, prev_reward, env_ids):
         return (observation[:, 2] + 1000 * env_ids).astype(np.float32)
