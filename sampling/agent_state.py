@@ -25,8 +25,8 @@ import numpy as np
 
 from .tree import get, to_numpy, tree_leaves
 
-__all__ = ["find", "Params", "load_params", "independent_copy", "to_numpy",
-           "unmirrored_arrays", "reseed", "RngGuard", "worker_seed"]
+__all__ = ["find", "Params", "load_params", "check_same_params", "independent_copy",
+           "unmirrored_arrays", "uses_cuda", "reseed", "RngGuard", "worker_seed"]
 
 # How deep the walk goes from the agent: agent.model.net is 2, a closure's object's module
 # 3. Deeper graphs are usually datasets, environments or framework internals, not policy
@@ -185,6 +185,19 @@ def load_params(own: Any, shared: dict) -> None:
             np.copyto(dst, to_numpy(src))
 
 
+def check_same_params(own: Any, theirs: Any, who: str) -> None:
+    """A copy's parameters (``own``) must have the original's names (``theirs``): else a
+    RuntimeError naming the differences and ``who`` has them."""
+    mine = {path for path, _ in tree_leaves(own)}
+    other = {path for path, _ in tree_leaves(theirs)}
+    if mine != other:
+        raise RuntimeError(
+            f"{who} has parameters {sorted(mine - other)[:3]} that the original agent lacks, "
+            f"or lacks {sorted(other - mine)[:3]}: the copy is built differently from the "
+            f"original (e.g. modules made at random or per process). Give the agent a "
+            f"shared_arrays() method that returns the same arrays in every copy")
+
+
 def independent_copy(agent: Any) -> Any:
     """A copy of ``agent`` that shares none of its state (the torch modules, arrays and
     generators the walk finds): ``copy.deepcopy``, or where that shares some (a function
@@ -234,6 +247,16 @@ def _shared_state(a: Any, b: Any) -> list:
                 out.append(path or "agent")
                 break
     return out
+
+
+def uses_cuda(agent: Any) -> bool:
+    """Whether the agent holds a CUDA tensor or module anywhere the walk reaches (a policy
+    function closing over a model too); False without torch imported."""
+    if _torch() is None:
+        return False
+    found = find(agent)
+    tensors = [t for _, m in found["modules"] for t in m.state_dict(keep_vars=True).values()]
+    return any(getattr(t, "is_cuda", False) for t in tensors + [t for _, t in found["arrays"]])
 
 
 def unmirrored_arrays(agent: Any) -> list:

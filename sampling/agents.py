@@ -12,10 +12,11 @@ from typing import Any, Callable
 import numpy as np
 
 from .buffers import cast_problem
+from .errors import missing_entry, not_a_dict
 from .spaces import random_action_fn
-from .tree import get, to_numpy, tree_leaves, tree_map
+from .tree import get, path_text, to_numpy, tree_leaves, tree_map
 
-__all__ = ["RandomAgent", "AgentRunner"]
+__all__ = ["RandomAgent", "AgentRunner", "check_agent", "write_checked"]
 
 # RandomAgent draws this many actions ahead (a few steps of a large batch): cheap to hold,
 # and one generator call per POOL_STEPS actions instead of one per step.
@@ -72,6 +73,18 @@ def _accepts_env_ids(fn: Callable) -> bool:
     return any(p.name == "env_ids" or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def check_agent(agent: Any) -> bool:
+    """Whether ``agent`` follows the protocol (has ``step``); a TypeError unless it is that
+    or a plain callable policy."""
+    if callable(getattr(agent, "step", None)):
+        return True
+    if not callable(agent):
+        raise TypeError(f"agent must be a callable policy(observation) -> action or an object "
+                        f"with a step(observation, prev_action, prev_reward) method; got "
+                        f"{type(agent).__name__}")
+    return False
+
+
 class AgentRunner:
     """Calls one agent on ``[t, lo:hi]`` of a batch and writes its actions and infos.
 
@@ -82,12 +95,8 @@ class AgentRunner:
 
     def __init__(self, agent: Any):
         self.agent = agent
+        self.protocol = check_agent(agent)
         step = getattr(agent, "step", None)
-        self.protocol = callable(step)
-        if not self.protocol and not callable(agent):
-            raise TypeError(
-                f"agent must be a callable policy(observation) -> action or an object with a "
-                f"step(observation, prev_action, prev_reward) method; got {type(agent).__name__}")
         self._step = step if self.protocol else None
         self._ids = self.protocol and _accepts_env_ids(step)
         self._reset_one = getattr(agent, "reset_one", None) if self.protocol else None
@@ -101,10 +110,6 @@ class AgentRunner:
         fn = getattr(self.agent, name, None) if self.protocol else None
         if callable(fn):
             fn(*args)
-
-    @property
-    def has_value(self) -> bool:
-        return callable(self._value)
 
     def step(self, observation, prev_action, prev_reward, env_ids) -> tuple:
         """Return ``(action, agent_info_or_None)`` for one slice of envs."""
@@ -193,16 +198,16 @@ def write_checked(dst: np.ndarray, src: Any, what: str, verb: str) -> None:
 def write_info(leaves: list, info: Any, what: str) -> None:
     """Write an agent_info dict into one step's views (a missing key is an error)."""
     if not isinstance(info, dict):
-        raise TypeError(f"agent.step returned agent_info of type {type(info).__name__} for "
-                        f"{what}; it returned a dict on the first call: keep it consistent")
+        raise TypeError(not_a_dict("agent.step", "agent_info", info, f"the call for {what}")
+                        + "; it returned a dict on the first call: keep it consistent")
     for path, arr in leaves:
         try:
             v = get(info, path)
         except LookupError:
-            raise KeyError(f"agent_info is missing {'/'.join(map(str, path))!r} for {what}; "
-                           f"it had it on the first call") from None
+            raise KeyError(missing_entry("agent.step", f"agent_info{path_text(path)}",
+                                         f"the call for {what}", "the first call")) from None
         if v.__class__ is np.ndarray and v.shape == arr.shape and v.dtype == arr.dtype:
             arr[...] = v
         else:
-            write_checked(arr, v, f"agent_info[{'/'.join(map(str, path))!r}] for {what}",
+            write_checked(arr, v, f"agent_info{path_text(path)} for {what}",
                           "agent.step returned")

@@ -1,7 +1,7 @@
 """``make_sampler``: the front door. Validates every argument before a process starts.
 
-Imports kinds, samplers, collector and agent_state (and, for ``"auto"``,
-:mod:`sampling.auto` lazily).
+Imports kinds, samplers, collector, agents, agent_state, errors and pool (and, for
+``"auto"``, :mod:`sampling.auto` lazily).
 """
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ import multiprocessing as mp
 import numbers
 import os
 import sys
-import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .agent_state import RngGuard
+from .agents import check_agent
 from .collector import TrajInfo
+from .errors import needs_workers, warn
 from .kinds import KINDS, usable_cpus
+from .pool import start_method_of, unpicklable
 from .samplers import Options, Sampler
 
 __all__ = ["make_sampler", "usable_cpus"]
@@ -59,10 +61,15 @@ def _step_timeout(value: Any, kind: str) -> float | None:
         raise ValueError(f"step_timeout must be a finite number of seconds > 0, got {value!r} "
                          f"(at most {MAX_SHUTDOWN_TIMEOUT_S:.0f}, a day; None: no deadline)")
     if not KINDS[kind].workers:
-        raise ValueError(f"step_timeout needs worker processes: the {kind} kind steps envs in "
-                         f"this process, which cannot stop itself; use a parallel kind "
-                         f"('cpu', 'gpu', ...) or step_timeout=None")
+        raise ValueError(needs_workers("step_timeout", kind, "step_timeout=None"))
     return seconds
+
+
+def _bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (numpy's too): flags are never guessed from other types."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def _int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Any:
@@ -148,27 +155,22 @@ def make_sampler(
     given = dict(locals())
     _check_callables(kind, env_fn, agent, eval_env_fn)
     opts = _options(kind, given)
-    if bootstrap_value and not callable(getattr(agent, "value", None)):
+    if opts.bootstrap_value and not callable(getattr(agent, "value", None)):
         raise TypeError("bootstrap_value=True needs an agent with a "
                         "value(observation, prev_action, prev_reward) method")
+    reason = probed = None
     if kind == "auto":
         from .auto import choose_kind
         with RngGuard(agent):  # its agent calls consume none of the user's random streams
-            kind, reason = choose_kind(env_fn, agent, opts, opts.n_workers)
-        if opts.step_timeout is not None and not KINDS[kind].workers:
-            raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot enforce "
-                             f"step_timeout (it steps envs in this process); pass a parallel "
-                             f"kind explicitly, or step_timeout=None")
-        if opts.max_restarts and not KINDS[kind].workers:
-            raise ValueError(f"'auto' picked {kind!r} ({reason}), which cannot restart "
-                             f"workers (it steps envs in this process); pass a parallel "
-                             f"kind explicitly, or max_restarts=0")
-    else:
-        reason = None
-    if KINDS[kind].workers and (start_method or mp.get_start_method(allow_none=True)
-                                or _default_method()) != "fork":
+            kind, reason, probed = choose_kind(env_fn, agent, opts)
+        for option, off in (("step_timeout", "step_timeout=None"),
+                            ("max_restarts", "max_restarts=0")):
+            if getattr(opts, option) and not KINDS[kind].workers:
+                raise ValueError(f"'auto' picked {kind!r} ({reason}); "
+                                 + needs_workers(option, kind, off))
+    if KINDS[kind].workers and start_method_of(start_method) != "fork":
         _check_picklable(env_fn, agent, eval_env_fn, kind)
-    sampler = Sampler(kind, env_fn, agent, opts)
+    sampler = Sampler(kind, env_fn, agent, opts, probed)
     if reason is not None:
         sampler.auto_reason = reason
     return sampler
@@ -184,10 +186,7 @@ def _check_callables(kind: str, env_fn: Any, agent: Any, eval_env_fn: Any) -> No
     if eval_env_fn is not None and not callable(eval_env_fn):
         raise TypeError(f"eval_env_fn must be a zero-argument callable or None, got "
                         f"{type(eval_env_fn).__name__}")
-    if not callable(agent) and not callable(getattr(agent, "step", None)):
-        raise TypeError(f"agent must be a callable policy(observation) -> action or an object "
-                        f"with a step(observation, prev_action, prev_reward) method; got "
-                        f"{type(agent).__name__}")
+    check_agent(agent)
 
 
 # The int options: (minimum, None allowed).
@@ -206,8 +205,11 @@ def _options(kind: str, a: dict) -> Options:
     if a["reset_mode"] not in RESET_MODES:
         raise ValueError(f"reset_mode must be one of {', '.join(map(repr, RESET_MODES))}, "
                          f"got {a['reset_mode']!r}")
+    for name in ("bootstrap_value", "final_observation"):
+        a[name] = _bool(name, a[name])
     discount = a["discount"]
-    if not isinstance(discount, numbers.Real) or not 0.0 <= discount <= 1.0:
+    if isinstance(discount, bool) or not isinstance(discount, numbers.Real) or \
+            not 0.0 <= discount <= 1.0:
         raise ValueError(f"discount must be a number in [0, 1], got {discount!r}")
     a["discount"] = float(discount)
     _check_traj_info(a["traj_info"], a["discount"])
@@ -227,16 +229,12 @@ def _options(kind: str, a: dict) -> Options:
     if a["cpu_affinity"] is not None:
         a["cpu_affinity"] = _affinity(a["cpu_affinity"])
     if a["max_restarts"] and kind != "auto" and not KINDS[kind].workers:
-        raise ValueError(f"max_restarts needs worker processes: the {kind} kind steps envs "
-                         f"in this process, where a failure cannot be survived; use a "
-                         f"parallel kind ('cpu', 'gpu', ...) or max_restarts=0")
+        raise ValueError(needs_workers("max_restarts", kind, "max_restarts=0"))
     if a["policy_lag"] > 1:
         raise ValueError(f"policy_lag must be 0 (collect each batch when asked) or 1 (collect "
                          f"the next batch while the caller trains on this one, with the "
                          f"parameters one update behind), got {a['policy_lag']!r}")
     _check_rank(a["rank"], a["world_size"])
-    a["bootstrap_value"], a["final_observation"] = (bool(a["bootstrap_value"]),
-                                                    bool(a["final_observation"]))
     a["eval_env_fn"] = a["eval_env_fn"] or a["env_fn"]
     return Options(**{f.name: a[f.name] for f in dataclasses.fields(Options)})
 
@@ -253,20 +251,16 @@ def _check_rank(rank: int, world_size: int) -> None:
         return
     group_rank, group_size = dist.get_rank(), dist.get_world_size()
     if world_size == 1 and group_size > 1:
-        warnings.warn(f"torch.distributed has a process group of {group_size} ranks, but "
-                      f"this sampler has world_size=1: ranks that pass the same seed sample "
-                      f"the same episodes. Pass rank=torch.distributed.get_rank(), "
-                      f"world_size=torch.distributed.get_world_size() (or a seed per rank, "
-                      f"if independent samplers are what you mean)", stacklevel=4)
+        warn(f"torch.distributed has a process group of {group_size} ranks, but this sampler "
+             f"has world_size=1: ranks that pass the same seed sample the same episodes. "
+             f"Pass rank=torch.distributed.get_rank(), "
+             f"world_size=torch.distributed.get_world_size() (or a seed per rank, if "
+             f"independent samplers are what you mean)")
     elif (rank, world_size) != (group_rank, group_size):
         raise ValueError(f"rank={rank}, world_size={world_size} disagree with torch.distributed's "
                          f"process group (rank {group_rank} of {group_size}); pass "
                          f"rank=torch.distributed.get_rank(), "
                          f"world_size=torch.distributed.get_world_size()")
-
-
-def _default_method() -> str:
-    return mp.get_context().get_start_method()
 
 
 TRAJ_INFO_METHODS = ("update(segment)", "terminate(final_observation)", "stats()")
@@ -297,64 +291,57 @@ def _check_traj_info(traj_info: Any, discount: float) -> None:
                         f"method{'s' if len(missing) > 1 else ''}; {fix}")
 
 
-AFFINITY_EXAMPLE = "e.g. cpu_affinity=[[0], [1]] pins worker 0 to CPU 0 and worker 1 to CPU 1"
-
-
 def _affinity(spec: Any) -> list:
     """Per worker, the sorted CPU ids to pin it to. Ids must be ints: int() would turn
     0.7, '1' and True into CPU ids without a word."""
-    if isinstance(spec, np.ndarray):
-        spec = spec.tolist()
-    if isinstance(spec, (str, bytes, bytearray)) or not isinstance(spec, collections.abc.Sequence):
-        raise TypeError(f"cpu_affinity must be a list with one list of CPU ids per worker, "
-                        f"{AFFINITY_EXAMPLE}; got {spec!r} ({type(spec).__name__})")
+    def bad(error: type, what: str) -> Exception:
+        return error(f"cpu_affinity must be a list with one non-empty list of CPU ids (ints "
+                     f">= 0) per worker, e.g. cpu_affinity=[[0], [1]] pins worker 0 to CPU 0 "
+                     f"and worker 1 to CPU 1; {what}")
+
+    def is_list(x: Any, sets: tuple = ()) -> bool:
+        return not isinstance(x, (str, bytes, bytearray)) and isinstance(
+            x, (collections.abc.Sequence,) + sets)
+
+    spec = spec.tolist() if isinstance(spec, np.ndarray) else spec
+    if not is_list(spec):
+        raise bad(TypeError, f"got {spec!r} ({type(spec).__name__})")
     if not spec:
-        raise ValueError(f"cpu_affinity must hold a non-empty list of CPU ids per worker, "
-                         f"got {spec!r}; {AFFINITY_EXAMPLE}")
+        raise bad(ValueError, f"got {spec!r}")
     out = []
     for w, cpus in enumerate(spec):
-        if isinstance(cpus, np.ndarray):
-            cpus = cpus.tolist()
-        if isinstance(cpus, (str, bytes, bytearray)) or not isinstance(
-                cpus, (collections.abc.Sequence, collections.abc.Set)):
-            raise TypeError(f"cpu_affinity must be a list with one list of CPU ids per worker, "
-                            f"{AFFINITY_EXAMPLE}; cpu_affinity[{w}] is {cpus!r} "
-                            f"({type(cpus).__name__}), not a list of CPU ids")
+        cpus = cpus.tolist() if isinstance(cpus, np.ndarray) else cpus
+        if not is_list(cpus, (collections.abc.Set,)):
+            raise bad(TypeError, f"cpu_affinity[{w}] is {cpus!r} ({type(cpus).__name__}), "
+                                 f"not a list of CPU ids")
         if not cpus:
-            raise ValueError(f"cpu_affinity must hold a non-empty list of CPU ids per worker; "
-                             f"cpu_affinity[{w}] is {cpus!r}; {AFFINITY_EXAMPLE}")
+            raise bad(ValueError, f"cpu_affinity[{w}] is {cpus!r}")
         ordered = isinstance(cpus, collections.abc.Sequence)  # else a set: no positions
         for i, c in enumerate(cpus):
             entry = f"cpu_affinity[{w}][{i}]" if ordered else f"an entry of cpu_affinity[{w}]"
             if isinstance(c, bool) or not isinstance(c, numbers.Integral):
-                raise TypeError(f"cpu_affinity holds CPU ids, which are ints: {entry} is {c!r} "
-                                f"({type(c).__name__}); {AFFINITY_EXAMPLE}")
+                raise bad(TypeError, f"{entry} is {c!r} ({type(c).__name__}), not an int")
             if c < 0:
-                raise ValueError(f"cpu_affinity holds CPU ids, which are >= 0: {entry} is {c}; "
-                                 f"{AFFINITY_EXAMPLE}")
+                raise bad(ValueError, f"{entry} is {c}, not >= 0")
         out.append(sorted({int(c) for c in cpus}))
     if hasattr(os, "sched_getaffinity"):
         allowed = os.sched_getaffinity(0)
-        bad = sorted({c for cpus in out for c in cpus} - allowed)
-        if bad:
-            raise ValueError(f"cpu_affinity names CPUs {bad} that this process may not use; "
-                             f"usable CPUs: {sorted(allowed)}")
+        bad_ids = sorted({c for cpus in out for c in cpus} - allowed)
+        if bad_ids:
+            raise ValueError(f"cpu_affinity names CPUs {bad_ids} that this process may not "
+                             f"use; usable CPUs: {sorted(allowed)}")
     return out
 
 
 def _check_picklable(env_fn, agent, eval_env_fn, kind: str) -> None:
-    import cloudpickle
     items = [("env_fn", env_fn), ("eval_env_fn", eval_env_fn)]
     if not KINDS[kind].served:
         items.append(("agent", agent))
     for name, obj in items:
-        if obj is None:
-            continue
-        try:
-            cloudpickle.dumps(obj)
-        except Exception as e:
+        error = unpicklable(obj) if obj is not None else None
+        if error is not None:
             raise TypeError(
-                f"{name} cannot be pickled with cloudpickle ({type(e).__name__}: {e}); the "
-                f"{kind!r} kind sends it to worker processes started with spawn/forkserver. "
-                f"Build unpicklable things (locks, open files, sockets) inside env_fn, or use "
-                f"start_method='fork'") from e
+                f"{name} cannot be pickled with cloudpickle ({type(error).__name__}: {error}); "
+                f"the {kind!r} kind sends it to worker processes started with "
+                f"spawn/forkserver. Build unpicklable things (locks, open files, sockets) "
+                f"inside env_fn, or use start_method='fork'") from error

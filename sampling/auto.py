@@ -1,16 +1,14 @@
 """``make_sampler("auto", ...)``: a short probe of the env and the agent, and a pure cost model.
 
-Imports agents, collector, kinds, spaces, tree and vector; never api (which calls in here)
-nor the benchmark subpackage (which reuses the probes). :func:`predict` and :func:`pick` are
-pure: they can be read and tested on figures made up by hand. Non-goal: timing inside
-worker processes.
+Imports agents, agent_state, kinds, pool, probe, spaces, tree and vector; never api (which
+calls in here) nor the benchmark subpackage (which reuses the probes). :func:`predict` and
+:func:`pick` are pure: they can be read and tested on figures made up by hand. Non-goal:
+timing inside worker processes.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,19 +16,21 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .agent_state import uses_cuda
 from .agents import AgentRunner
-from .collector import close_quietly
 from .kinds import KINDS, usable_cpus, worker_count
+from .pool import start_method_of, unpicklable
+from .probe import Probed, probe
 from .spaces import random_action_fn
 from .tree import is_tree, tree_map
-from .vector import is_vector, random_stepper, vector_width
+from .vector import Form, random_stepper
 
 __all__ = ["Measurements", "choose_kind", "measure", "predict", "pick", "explain",
-           "serial_only", "worker_counts", "ruled_out", "probe_env", "agent_call_s",
-           "action_pool", "uses_cuda", "cpu_can_ship", "HANDOFF_S", "COLLECT_S",
+           "serial_only", "worker_counts", "ruled_out", "time_env", "agent_call_s",
+           "action_pool", "cpu_can_ship", "HANDOFF_S", "COLLECT_S",
            "PROBE_ENV_S", "PROBE_AGENT_S", "PREFER_SIMPLER"]
 
-log = logging.getLogger("sampling")
+log = logging.getLogger(__name__)
 
 # The model's constants, measured on a 2-core VM.
 HANDOFF_S = 30e-6    # one observation -> action round trip through the action server
@@ -153,13 +153,18 @@ def explain(kind: str, m: Measurements, predicted: dict, probe_s: float) -> str:
     why = (f"env {e * 1e6:.3g} us/step, agent {a[B] * 1e6:.3g} us on {B} envs"
            + (f" / {a[per_w] * 1e6:.3g} us on {per_w}" if per_w != B else "")
            + f"; model: {speedup:.2f}x serial with {W} workers on {m.usable_cpus} idle CPUs")
+    served_faster = "cpu" in predicted and predicted[kind] < predicted["cpu"]
     if kind == "cpu" and B * e >= W * a[per_w]:
         lead = "envs dominate and the agent is cheap: each worker runs its own copy"
     elif kind == "cpu":
         lead = ("the agent costs more than the envs but runs on the CPU: W copies in "
                 "parallel beat one call in the parent")
-    elif KINDS[kind].served:
+    elif KINDS[kind].served and "cpu" in m.ruled_out:
+        lead = f"cpu is ruled out ({m.ruled_out['cpu']}): this process runs the agent"
+    elif KINDS[kind].served and served_faster:
         lead = "the agent is expensive next to one worker's envs: one batched call in the parent"
+    elif KINDS[kind].served:
+        lead = "one batched call of the agent in the parent"
     else:
         lead = "parallel kinds are not predicted faster"
     reason = f"{lead} ({why}"
@@ -169,62 +174,63 @@ def explain(kind: str, m: Measurements, predicted: dict, probe_s: float) -> str:
 
 
 # -- the probe -----------------------------------------------------------------------------
-def choose_kind(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) -> tuple:
-    """Pick a kind for ``make_sampler("auto", ...)``; return (kind, reason).
+def choose_kind(env_fn: Callable, agent: Any, opts: Any) -> tuple:
+    """Pick a kind for ``make_sampler("auto", ...)``; return (kind, reason, the probe's
+    :class:`~sampling.probe.Probed` or None).
 
     Serial without a probe when nothing can run in parallel (:func:`serial_only`).
     Otherwise :func:`measure` (about 1 s), :func:`predict` and :func:`pick`. So: cpu when
     the envs dominate and the agent is cheap (each worker runs its own copy); gpu or
     alternating when the agent is expensive next to one worker's envs (one batched call in
-    the parent beats W small ones), and in particular when it lives on a GPU.
+    the parent beats W small ones), and in particular when it lives on a GPU. With
+    policy_lag (collect beside training) or max_restarts (survive failures), serial is
+    left out: it can do neither.
     """
-    W, _ = worker_counts(opts.batch_B, n_workers)
-    # max_restarts needs worker processes: a failure in this process cannot be survived.
-    restarts = getattr(opts, "max_restarts", 0)
+    W, _ = worker_counts(opts.batch_B, opts.n_workers)
+    needs_workers = ("it cannot collect beside training (policy_lag=1)" if opts.policy_lag
+                     else "it cannot restart workers (max_restarts)" if opts.max_restarts
+                     else None)
     why = serial_only(opts.batch_B, W, usable_cpus())
-    if why and not restarts:
-        return _picked("serial", why)
+    if why and not needs_workers:
+        return _picked("serial", why, None)
     t0 = time.perf_counter()
-    m = measure(env_fn, agent, opts, n_workers)
-    if m.n_workers == 1 and not restarts:  # one vector env holds the whole batch
+    p = probe(env_fn, AgentRunner(agent), opts.seed, opts.rank * opts.batch_B,
+              opts.bootstrap_value, timing=time_env)
+    m = measure(p, agent, opts)
+    if m.n_workers == 1 and not needs_workers:  # one vector env holds the whole batch
         return _picked("serial", f"batch_B={m.batch_B} is one vector env of {m.width}: "
-                                 f"worker processes cannot run in parallel")
+                                 f"worker processes cannot run in parallel", p)
     predicted = predict(m)
-    # With policy_lag the caller wants batches collected while it trains: serial cannot.
-    lag = getattr(opts, "policy_lag", 0) and len(predicted) > 1
-    drop = (lag or restarts) and len(predicted) > 1
+    drop = needs_workers and len(predicted) > 1
     kind = pick({k: v for k, v in predicted.items() if k != "serial"} if drop else predicted)
     reason = explain(kind, m, predicted, time.perf_counter() - t0)
     if drop:
-        reason += ("; serial left out: " + ("it cannot collect beside training (policy_lag=1)"
-                                            if lag else "it cannot restart workers "
-                                            "(max_restarts)"))
-    return _picked(kind, reason)
+        reason += f"; serial left out: {needs_workers}"
+    return _picked(kind, reason, p)
 
 
-def _picked(kind: str, reason: str) -> tuple:
+def _picked(kind: str, reason: str, p: Probed | None) -> tuple:
     log.info("auto picked %s: %s", kind, reason)
-    return kind, reason
+    return kind, reason, p
 
 
-def measure(env_fn: Callable, agent: Any, opts: Any, n_workers: int | None) -> Measurements:
-    """Probe a separate env from ``env_fn`` (never a training env; closed afterwards) and
-    the agent, in this process, on copies of that env's first observation.
+def measure(p: Probed, agent: Any, opts: Any) -> Measurements:
+    """The cost model's inputs: the probe env's step time (``p.timing``), the agent's call
+    times on copies of the probe's first observation, and the worker counts.
 
     The agent is called on probe observations, as the sampler's own probe does;
     ``make_sampler`` restores the random states around both, so they consume none.
     """
-    B = opts.batch_B
-    e, spaces, first_obs, width, own_processes = probe_env(env_fn, opts.seed)
-    W, W_alt = worker_counts(B, n_workers, width)
+    B, width = opts.batch_B, p.form.width
+    W, W_alt = worker_counts(B, opts.n_workers, width)
     on_gpu = uses_cuda(agent)
     ships = on_gpu or cpu_can_ship(agent, opts.start_method)  # on a GPU: no need to pickle
     out = ruled_out(alternating_workers=W_alt, agent_on_gpu=on_gpu, agent_ships=ships,
-                    env_processes=own_processes)
+                    env_processes=p.own_processes)
     sizes = {B, per_worker(B, W, width)} | ({B // 2} if "alternating" not in out else set())
-    a = agent_call_s(agent, *spaces, sizes, PROBE_AGENT_S, sample_obs=first_obs,
-                     first_id=getattr(opts, "rank", 0) * B)
-    return Measurements(env_step_s=e, agent_call_s=a, batch_B=B, n_workers=W,
+    a = agent_call_s(agent, p.observation_space, p.action_space, sizes, PROBE_AGENT_S,
+                     sample_obs=p.observation, first_id=opts.rank * B)
+    return Measurements(env_step_s=p.timing, agent_call_s=a, batch_B=B, n_workers=W,
                         alternating_workers=W_alt, usable_cpus=usable_cpus(), ruled_out=out,
                         width=width)
 
@@ -249,34 +255,9 @@ def worker_counts(batch_B: int, n_workers: int | None, width: int = 1) -> tuple:
             return W, None
 
 
-def uses_cuda(agent: Any) -> bool:
-    """Whether the agent holds a CUDA tensor or module (looks only if torch is imported)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    objs = [agent] + (list(vars(agent).values()) if hasattr(agent, "__dict__") else [])
-    for obj in objs:
-        if isinstance(obj, torch.Tensor):
-            if obj.is_cuda:
-                return True
-        elif isinstance(obj, torch.nn.Module):
-            if any(p.is_cuda for p in obj.parameters()):
-                return True
-    return False
-
-
 def cpu_can_ship(agent: Any, start_method: str | None) -> bool:
     """Whether the cpu kind's workers can get a copy of ``agent`` (fork, or it pickles)."""
-    method = (start_method or mp.get_start_method(allow_none=True)
-              or mp.get_context().get_start_method())
-    if method == "fork":
-        return True
-    import cloudpickle
-    try:
-        cloudpickle.dumps(agent)
-    except Exception:
-        return False
-    return True
+    return start_method_of(start_method) == "fork" or unpicklable(agent) is None
 
 
 def action_pool(space: Any, n: int, seed: int) -> list:
@@ -289,60 +270,41 @@ def action_pool(space: Any, n: int, seed: int) -> list:
     return list(a)
 
 
-def probe_env(env_fn: Callable, seed: int) -> tuple:
-    """Seconds per env step of a separate env (random actions), its spaces, its first obs,
-    the batch columns it fills (``num_envs`` for a vector env, else 1), and whether it
-    started processes of its own (which a parallel kind's daemonic worker cannot)."""
-    before = {p.pid for p in mp.active_children()}
-    env = env_fn()
-    try:
-        probe_one = _probe_vector_env if is_vector(env) else _probe_single_env
-        out = probe_one(env, seed)
-        return out + (bool({p.pid for p in mp.active_children()} - before),)
-    finally:
-        close_quietly(env)
-
-
-def _probe_single_env(env: Any, seed: int) -> tuple:
-    obs, _ = env.reset(seed=seed)
-    pool = action_pool(env.action_space, PROBE_ACTIONS, seed)
-    step = env.step
+def time_env(env: Any, form: Form) -> float:
+    """Seconds per env step of the probe env (random actions; a vector env's step over its
+    ``num_envs``): the median of blocks of steps, within ``PROBE_ENV_S``."""
+    if form.vector:
+        step, per_call = random_stepper(env, 0, PROBE_ACTIONS), form.width
+    else:
+        step, per_call = _single_stepper(env), 1
     t0 = time.perf_counter()
-    _, _, te, tr, _ = step(pool[0])  # the first step can be slow (lazy init)
+    step()  # the first step can be slow (lazy init)
     first = time.perf_counter() - t0
-    if te or tr:
-        env.reset()
     block = max(1, min(PROBE_MAX_BLOCK, int(PROBE_BLOCK_S / max(first, 1e-9))))
-    times, n, i = [], 0, 1
+    times, n = [], 0
     end = time.perf_counter() + PROBE_ENV_S
     while not times or (time.perf_counter() < end and n < PROBE_MAX_STEPS):
         t0 = time.perf_counter()
         for _ in range(block):
-            _, _, te, tr, _ = step(pool[i])
-            i = (i + 1) % len(pool)
-            if te or tr:
-                env.reset()
-        times.append((time.perf_counter() - t0) / block)
-        n += block
-    return statistics.median(times), (env.observation_space, env.action_space), obs, 1
+            step()
+        times.append((time.perf_counter() - t0) / (block * per_call))
+        n += block * per_call
+    return statistics.median(times)
 
 
-def _probe_vector_env(env: Any, seed: int) -> tuple:
-    """:func:`probe_env` for a vector env: seconds per sub-env step (a step of all of
-    them over ``num_envs``), the single spaces, sub-env 0's first observation."""
-    width = vector_width(env)
-    step = random_stepper(env, seed, PROBE_ACTIONS)
-    obs = tree_map(lambda x: np.asarray(x)[0], env.reset(seed=seed)[0])
-    times, n = [], 0
-    end = time.perf_counter() + PROBE_ENV_S
-    step()  # the first step can be slow (lazy init)
-    while not times or (time.perf_counter() < end and n < PROBE_MAX_STEPS):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) / width)
-        n += width
-    spaces = (getattr(env, "single_observation_space", None), env.single_action_space)
-    return statistics.median(times), spaces, obs, width
+def _single_stepper(env: Any) -> Callable[[], None]:
+    """``step()`` steps ``env`` once with random actions drawn beforehand, resetting it at
+    an episode's end."""
+    pool, state = action_pool(env.action_space, PROBE_ACTIONS, 0), [0]
+    env.reset()  # the probe's step may have ended an episode
+
+    def step() -> None:
+        i = state[0]
+        _, _, te, tr, _ = env.step(pool[i])
+        state[0] = (i + 1) % len(pool)
+        if te or tr:
+            env.reset()
+    return step
 
 
 def agent_call_s(agent: Any, obs_space: Any, act_space: Any, sizes: Iterable[int],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import sys
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -18,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from .errors import SharedMemoryFullError
+from .internals import SHM_DIR, attach_untracked, segment_fd, take_mapping
 from .tree import tree_map
-
-SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (shm_open's tmpfs)
 
 _ALIGN = 64  # cache line: workers writing neighbouring fields never share one
 
@@ -50,6 +48,11 @@ def cast_problem(a: np.ndarray, dtype: np.dtype) -> str | None:
         return None
     if not np.can_cast(src, dtype, "same_kind"):
         return f"dtype {src}, which cannot be stored as {dtype} without changing its values"
+    if src.kind == dtype.kind == "f" and dtype.itemsize < src.itemsize and a.size:
+        top, limit = np.abs(a[np.isfinite(a)], dtype=np.float64), float(np.finfo(dtype).max)
+        if top.size and top.max() > limit:
+            return (f"a value of magnitude {top.max():g}, beyond the range of {dtype} "
+                    f"(±{limit:g}): it would be stored as inf")
     return None
 
 
@@ -139,23 +142,18 @@ class SharedBuffer:
                 os.close(name.fd)
             return
         if self.owner:
-            shm, self.reserved = _create(nbytes, what)
+            shm, fd, self.reserved = _create(nbytes, what)
         else:
-            shm = _attach_untracked(name)
+            shm, fd = attach_untracked(name), None
         self.name = shm.name
         self.nbytes = nbytes
         self._shm = shm
         if keep_fd:  # to start workers later, once the name is gone (see SegmentFd)
-            self.fd = os.dup(shm._fd)
-        # Take the mapping away from the SharedMemory object, whose close() would unmap it
-        # under views handed to the user. The views keep the mmap object itself as their
-        # base: it is unmapped when the last view dies, and (unlike a memoryview) it is not
-        # a garbage-collected container that a collection could release while views live.
-        self.buf = shm._mmap
-        shm._buf.release()
-        shm._buf = None
-        shm._mmap = None
-        shm.close()  # only closes the file descriptor now
+            self.fd, fd = fd, None
+        if fd is not None:
+            os.close(fd)
+        self.buf = take_mapping(shm)
+        shm.close()  # only closes its file descriptor now
 
     def close_fd(self) -> None:
         """Close the descriptor kept for later workers (idempotent)."""
@@ -191,8 +189,8 @@ def _rebuild_segment_fd(dup: Any) -> SegmentFd:
 
 
 def _create(nbytes: int, what: str) -> tuple:
-    """``(segment, reserved)``: a new segment of ``nbytes``, its memory reserved up front
-    where the platform can; ``what`` (its contents) goes into the errors."""
+    """``(segment, a descriptor of it, reserved)``: a new segment of ``nbytes``, its memory
+    reserved up front where the platform can; ``what`` (its contents) goes into the errors."""
     try:
         shm = shared_memory.SharedMemory(create=True, size=nbytes)
     except MemoryError as e:
@@ -203,16 +201,20 @@ def _create(nbytes: int, what: str) -> tuple:
         if e.errno == errno.ENOSPC:
             raise SharedMemoryFullError(shm_full_message(nbytes, what), nbytes) from e
         raise
+    fd = None
     try:
-        reserved = reserve(shm._fd, nbytes, what)
+        fd = segment_fd(shm)
+        reserved = reserve(fd, nbytes, what)
     except BaseException:
+        if fd is not None:
+            os.close(fd)
         shm.close()
         try:
             shm.unlink()
         except FileNotFoundError:
             pass
         raise
-    return shm, reserved
+    return shm, fd, reserved
 
 
 def reserve(fd: int, nbytes: int, what: str) -> bool:
@@ -270,17 +272,3 @@ def no_memory_message(kind: str, nbytes: int, what: str) -> str:
             f"{what}; check the process's memory limits (ulimit -v, a cgroup or the job "
             f"scheduler's memory request), or make the batch smaller (batch_T, batch_B, "
             f"eval_n_envs)")
-
-
-def _attach_untracked(name: str) -> shared_memory.SharedMemory:
-    # A worker must not register the segment with the resource tracker: the creator owns it,
-    # and a late registration after the creator unlinked it makes the tracker warn at exit.
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    from multiprocessing import resource_tracker
-    register = resource_tracker.register
-    resource_tracker.register = lambda *args, **kwargs: None
-    try:
-        return shared_memory.SharedMemory(name=name)
-    finally:
-        resource_tracker.register = register

@@ -8,25 +8,27 @@ calls, never in how envs step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from .buffers import cast_problem
-from .errors import tag, tagged
+from .errors import describe, env_name, missing_entry, not_a_dict, tag, tagged
 from .spaces import random_action_fn
 from .tree import get, is_tree, path_text, stack, tree_leaves, tree_map
 
-__all__ = ["TrajInfo", "Segment", "Collector", "make_env", "close_quietly", "Numbering"]
+__all__ = ["TrajInfo", "Segment", "Collector", "make_env", "Numbering", "env_seed", "mark"]
 
 
-# Where a worker is, for the step deadline: a worker that has one writes its progress as
-# int64 [sequence, phase, step, env index within the worker] into a shared "beat" (the
-# parent reads it; the env index is written before every env call, the rest per step).
+# Where a worker is, for the step deadline and for where a failure cuts the batch: a worker
+# that has a beat writes its progress as int64 words [sequence, phase, step, env index
+# within the worker] (the parent reads them; the env index is written before every env
+# call, the rest per step). HANDED is written by the parent (see pool.Pool.hand).
 PHASES = ("idle", "env_fn", "reset", "decorrelation", "agent", "step", "eval step",
-          "batch reset", "eval_env_fn", "eval reset", "waiting for actions")
+          "batch reset", "eval_env_fn", "eval reset", "waiting for actions", "handed")
 (IDLE, MAKE, RESET, DECORRELATE, AGENT, STEP, EVAL, BATCH_RESET, EVAL_MAKE,
- EVAL_RESET, WAIT) = range(len(PHASES))
+ EVAL_RESET, WAIT, HANDED) = range(len(PHASES))
+BEAT_SEQ, BEAT_PHASE, BEAT_STEP, BEAT_ENV = range(4)  # the words of a beat
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,12 @@ def stream_key(seed: int, b: int, tag: int, restart: int = 0) -> list:
 
 def mark(beat: Any, phase: int, t: int = 0, j: int = -1) -> None:
     """Record that this worker enters ``phase`` at step ``t`` on env ``j`` (no-op without
-    a beat)."""
+    a beat). The sequence word last: the parent reads a beat as moved when it changes."""
     if beat is not None:
-        beat[3] = j
-        beat[2] = t
-        beat[1] = phase
-        beat[0] += 1
+        beat[BEAT_ENV] = j
+        beat[BEAT_STEP] = t
+        beat[BEAT_PHASE] = phase
+        beat[BEAT_SEQ] += 1
 
 
 # env_info values of these Python types go into a leaf of this dtype as they are: exactly
@@ -127,42 +129,25 @@ def make_env(env_fn: Callable[[], Any], label: str, fn_name: str = "env_fn") -> 
 VECTOR_API = ("reset", "step", "num_envs", "single_action_space")
 
 
-def close_quietly(env: Any) -> None:
-    """``env.close()``, if it has one, ignoring its errors (every closing path: a failing
-    close must not hide the error that led there, nor keep the other envs open)."""
-    close = getattr(env, "close", None)  # duck-typed envs may have none
-    try:
-        if close is not None:
-            close()
-    except Exception:
-        pass
-
-
 def check_reset(out: Any, what: str) -> Any:
     """The observation of ``env.reset()``'s ``(observation, info)``; a clear error otherwise."""
     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
-        raise TypeError(f"{what}: env.reset() returned {_describe(out)}; the gymnasium API "
-                        f"returns (observation, info) with info a dict (old gym returned the "
-                        f"observation alone: return (obs, {{}}))")
+        raise TypeError(f"{what}: env.reset() returned {describe(out, arrays=False)}; the "
+                        f"gymnasium API returns (observation, info) with info a dict (old gym "
+                        f"returned the observation alone: return (obs, {{}}))")
     return out[0]
 
 
 def check_step(out: Any, what: str) -> tuple:
     """``env.step()``'s 5-tuple, checked once (the probe); a clear error otherwise."""
     if not (isinstance(out, tuple) and len(out) == 5):
-        raise TypeError(f"{what}: env.step() returned {_describe(out)}; the gymnasium API "
-                        f"returns (observation, reward, terminated, truncated, info) (old gym "
-                        f"returned 4 values with one done flag)")
+        raise TypeError(f"{what}: env.step() returned {describe(out, arrays=False)}; the "
+                        f"gymnasium API returns (observation, reward, terminated, truncated, "
+                        f"info) (old gym returned 4 values with one done flag)")
     check_reward(out[1], what, "the probe step")
     check_flag(out[2], "terminated", what, "the probe step")
     check_flag(out[3], "truncated", what, "the probe step")
     return out
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, tuple):
-        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
-    return f"a {type(x).__name__}"
 
 
 def env_action(a: Any) -> Any:
@@ -283,88 +268,114 @@ class TrajInfo:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.stats().items())})"
 
 
+class Row(NamedTuple):
+    """A collector's views of one step t of its columns: what the agent wrote, what the
+    step writes, and row t+1 of the carried fields."""
+
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    done: np.ndarray
+    next_prev_action: np.ndarray
+    next_prev_reward: np.ndarray
+
+
+@dataclass
+class Views:
+    """A collector's views of one set of batch buffers, made once so that the per-step loop
+    allocates none (the collector switches sets with :meth:`Collector.use`)."""
+
+    bufs: dict        # the set's full-size arrays
+    cols: dict        # this slice's columns, by field, as [time, column, ...] views
+    rows: list        # per step t, its Row
+    # Per row, per column, a memoryview of that column's observation (1-D array
+    # observations): assigning an array to it copies without a numpy call and raises unless
+    # shape and dtype (buffer format) match exactly, so the check costs nothing on the
+    # usual path. None per row where observations are trees or have no buffer format.
+    obs_rows: list
+    rewards: list     # per step, a memoryview of its reward row (stores a float32 per env)
+    env_cols: list    # per column, its fields as [time, ...] views (what a Segment slices)
+    # Per env_info leaf: (path, array, the Python types stored as they are); others go
+    # through cast_problem, so a float where the probe saw an int is refused, not truncated.
+    info_leaves: list
+    blocks: list = None  # vector envs: per step, per vector env, its Block (sampling.vector)
+
+
 class Collector:
-    """Owns the envs of columns ``lo .. hi-1`` and writes their columns of the batch; their
-    global indices start at ``g``.
+    """Owns the envs of columns ``lo .. hi-1`` and writes their columns of the batch; the
+    global index of column ``lo + j`` (its ``env_ids``, seed, name) is ``g + j``.
 
     ``bufs`` holds full-size views: ``observation_full``, ``prev_action_full`` and
     ``prev_reward_full`` are ``[T+1, B]`` (row T carries into the next batch),
     ``action``, ``agent_info``, ``reward``, ``terminated``, ``truncated``, ``done``,
-    ``env_info``, optional ``final_observation`` are ``[T, B]``.
+    ``env_info``, optional ``final_observation`` are ``[T, B]``. A worker with a beat (see
+    :func:`mark`) records which env it is in; ``restart`` is its restart count (fresh seeds).
     """
 
     width = 1  # batch columns per env (a vector env has more: see sampling.vector)
 
     def __init__(self, envs: list, lo: int, bufs: dict, *, batch_T: int, wait: bool,
                  traj_info: Callable[[], TrajInfo], where: str, label: str = "env",
-                 spare: dict | None = None, first: int = 0, seed_base: int = 0):
+                 spare: dict | None = None, first: int = 0, beat: Any = None,
+                 restart: int = 0):
         self.envs = envs
-        self.label = label  # "env" or "eval env": how messages name env g + j
+        self.label = label  # "env" or "eval env"
         n = self.n = len(envs) * self.width  # columns: j below is a column of this slice
         self.lo, self.hi = lo, lo + n  # its columns of the buffers
-        # The global index of its first env: ``first`` is that of the buffers' column 0
-        # (rank r's training envs start at r * batch_B). Seeds, decorrelation, episode
-        # order and messages follow global indices, so ranks add up to one sampler.
+        # ``first`` is the global index of the buffers' column 0 (rank r's training envs
+        # start at r * batch_B; eval envs after every rank's training envs). Seeds,
+        # decorrelation, episode order and messages follow global indices, so ranks add up
+        # to one sampler.
         self.g = first + lo
-        # Env g + j is seeded as global env seed_base + g + j (eval envs come after every
-        # rank's training envs), and its worker's restart count picks fresh seeds.
-        self.seed_base = seed_base
-        self.restart_count = 0
+        self.restart_count = restart
+        self.beat = beat
         self.T = batch_T
         self.wait = wait
         self.new_traj = traj_info
-        self.where = where  # "worker 1" or "serial", for error messages
+        self.where = where  # "worker 1" or "serial sampler", for error messages
+        self.names = self._names()
         # One set of views per set of batch buffers (a second one, ``spare``, with
-        # policy_lag: batches alternate between them); use() switches.
+        # policy_lag: batches alternate between them).
         self._sets = [self._bind(b) for b in ([bufs] if spare is None else [bufs, spare])]
         self._prev = 0  # the set whose row T the next batch starts from
         self.use(0)
         self.act_discrete = bufs["action"].ndim == 2 and bufs["action"].dtype.kind in "iub"
-        self.rews = [0.0] * n
+        self.keep_final = "final_observation" in bufs
         self.ended: list = []          # (env, final observation, terminated, truncated) per step
         self.ended_as = [(False, False)] * n  # wait mode: (terminated, truncated) of the end
-        # The loop without wait mode, env_info or non-array observations (see step_envs).
-        self.fast = not wait and not self.info_leaves and self.obs_rows[1] is not None
         self.trajs = [traj_info() for _ in range(n)]
         self.ep_start = [0] * n      # step where each open episode's segment begins
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
-        self.beat = None             # a worker's progress marks (see mark), if it has a deadline
 
-    def _bind(self, bufs: dict) -> dict:
-        """The views of this slice into one set of batch buffers, made once so that the
-        per-step loop allocates none (attributes of the collector while it is in use)."""
+    def _names(self) -> list:
+        """How messages name each env (per column)."""
+        return [env_name(self.g + j, label=self.label, where=self.where) for j in range(self.n)]
+
+    def _bind(self, bufs: dict) -> Views:
+        """The views of this slice into one set of batch buffers."""
         sl, T, n = slice(self.lo, self.hi), self.T, self.n
-        # Column views of this slice, named like the batch fields (Segment reads these).
         cols = {k: tree_map(lambda a: a[:, sl], v) for k, v in bufs.items()
                 if k not in ("bootstrap_value", "env_ids")}
         cols["observation"] = cols["observation_full"]
-        obs = cols["observation_full"]
-        c = cols
-        # Per step, the fields it writes.
-        rows = [(c["action"][t], c["reward"][t], c["terminated"][t], c["truncated"][t],
-                 c["done"][t], c["prev_action_full"][t + 1], c["prev_reward_full"][t + 1])
+        c, obs = cols, cols["observation_full"]
+        rows = [Row(c["action"][t], c["reward"][t], c["terminated"][t], c["truncated"][t],
+                    c["done"][t], c["prev_action_full"][t + 1], c["prev_reward_full"][t + 1])
                 for t in range(T)]
-        # Per step and env, a memoryview of the observation row (1-D array observations):
-        # assigning an array to it copies without a numpy call and raises unless shape and
-        # dtype (buffer format) match exactly, so the check costs nothing on the usual path.
         obs_rows = [None] * (T + 1)
         if not is_tree(obs) and obs.ndim == 3:
             try:
                 obs_rows = [[memoryview(r) for r in obs[t]] for t in range(T + 1)]
             except (TypeError, ValueError, BufferError):  # dtypes without a buffer format
                 pass
-        return {
-            "bufs": bufs, "cols": cols, "rows": rows, "obs_rows": obs_rows,
-            # Per env, its fields as [time, ...] views: what a Segment of its episode slices.
-            "env_cols": [{k: tree_map(lambda a, j=j: a[:, j], v) for k, v in c.items()}
-                         for j in range(n)],
-            "obs_leaves": list(tree_leaves(obs)),
-            # Per env_info leaf: the Python types stored as they are (others go through
-            # cast_problem), so a float where the probe saw an int is refused, not truncated.
-            "info_leaves": [(path, arr, _DIRECT.get(arr.dtype.str, ()))
-                            for path, arr in tree_leaves(c["env_info"])],
-        }
+        return Views(
+            bufs=bufs, cols=cols, rows=rows, obs_rows=obs_rows,
+            rewards=[memoryview(c["reward"][t]) for t in range(T)],
+            env_cols=[{k: tree_map(lambda a, j=j: a[:, j], v) for k, v in c.items()}
+                      for j in range(n)],
+            info_leaves=[(path, arr, _DIRECT.get(arr.dtype.str, ()))
+                         for path, arr in tree_leaves(c["env_info"])])
 
     def carry_from(self, i: int) -> None:
         """The next batch starts from row T of buffer set ``i``."""
@@ -372,14 +383,14 @@ class Collector:
 
     def seed_of(self, seed: int, j: int) -> int:
         """The first reset's seed of this collector's env (column) j."""
-        return env_seed(seed, self.seed_base + self.g + j, self.restart_count)
+        return env_seed(seed, self.g + j, self.restart_count)
 
     def use(self, i: int) -> None:
         """Collect the next batch into buffer set ``i`` (it starts from the last one's row
         T, see :meth:`begin_batch`)."""
-        self.__dict__.update(self._sets[i])
+        self.views = self._sets[i]
+        self.cols = self.views.cols
         self._cur = i
-        self.obs_tree = is_tree(self.cols["observation_full"])
 
     # -- start -------------------------------------------------------------------------
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
@@ -387,46 +398,45 @@ class Collector:
         T = self.T
         for j, env in enumerate(self.envs):
             mark(self.beat, RESET, 0, j)
-            o, _ = tagged(env.reset, f"the first reset of {self.label} {self.g + j}",
-                          seed=self.seed_of(seed, j))
+            o = tagged(env.reset, f"the first reset of {self.names[j]}",
+                       seed=self.seed_of(seed, j))[0]
             self.write_obs(T, j, o)
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for j in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
             mark(self.beat, DECORRELATE, 0, j)
-            tagged(self._decorrelate, f"decorrelation of {self.label} {self.g + j}",
+            tagged(self._decorrelate, f"decorrelation of {self.names[j]}",
                    j, seed, max_decorrelation_steps)
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
-        env, b, T = self.envs[j], self.g + j, self.T
+        env, T = self.envs[j], self.T
         # independent of kind and worker count
-        rng = np.random.default_rng(stream_key(seed, b, 0xDEC0, self.restart_count))
+        rng = np.random.default_rng(stream_key(seed, self.g + j, 0xDEC0, self.restart_count))
         n_steps = int(rng.integers(0, max_steps + 1))
         random_action = random_action_fn(env.action_space, rng)
         record: dict = {"observation": [], "action": [], "reward": [], "terminated": [],
                         "truncated": []}
         obs = tree_map(lambda a: a[T, j].copy(), self.cols["observation_full"])
         last_a, last_r = None, 0.0
-        what = f"{self.label} {b} ({self.where})"
-        for k in range(n_steps):
-            mark(self.beat, DECORRELATE, k, j)
+        for i in range(n_steps):
+            mark(self.beat, DECORRELATE, i, j)
             a = tree_map(lambda x: x[0], random_action(1))
             o, r, te, tr, _info = env.step(a.item() if self.act_discrete else a)
-            r = check_reward(r, what, "decorrelation")
-            te = check_flag(te, "terminated", what, "decorrelation")
-            tr = check_flag(tr, "truncated", what, "decorrelation")
-            for k, v in zip(record, (obs, a, r, te, tr)):
-                record[k].append(v)
+            r = check_reward(r, self.names[j], "decorrelation")
+            te = check_flag(te, "terminated", self.names[j], "decorrelation")
+            tr = check_flag(tr, "truncated", self.names[j], "decorrelation")
+            for field, v in zip(record, (obs, a, r, te, tr)):
+                record[field].append(v)
             last_a, last_r, obs = a, r, o
             if te or tr:
-                record = {k: [] for k in record}
+                record = {field: [] for field in record}
                 last_a, last_r = None, 0.0
                 obs, _ = env.reset()
         self.write_obs(T, j, obs)
         self.cols["prev_action_full"][T, j] = 0 if last_a is None else last_a
         self.cols["prev_reward_full"][T, j] = last_r
         if record["reward"]:  # the open episode keeps its decorrelation steps in its stats
-            source = {k: stack(v) for k, v in record.items()}
+            source = {field: stack(v) for field, v in record.items()}
             source["env_info"], source["agent_info"] = {}, {}
             self.trajs[j].update(Segment(source, 0, len(record["reward"])))
 
@@ -435,7 +445,7 @@ class Collector:
         """Carry the last batch's row T into row 0 (resetting envs that wait, in wait
         mode)."""
         c, T = self.cols, self.T
-        last = self._sets[self._prev]["cols"]  # the same set unless batches alternate
+        last = self._sets[self._prev].cols  # the same set unless batches alternate
         for (_, src), (_, dst) in zip(tree_leaves(last["observation_full"]),
                                       tree_leaves(c["observation_full"])):
             dst[0] = src[T]
@@ -448,102 +458,50 @@ class Collector:
             for j, w in enumerate(self.waiting):
                 if w:
                     mark(self.beat, BATCH_RESET, 0, j)
-                    o, _ = tagged(self.envs[j].reset, f"the reset of {self.label} {self.g + j}")
+                    o = tagged(self.envs[j].reset, f"the reset of {self.names[j]} before a "
+                                                   f"batch")[0]
                     self.write_obs(0, j, o)
                     c["prev_action_full"][0, j] = 0
                     c["prev_reward_full"][0, j] = 0
                     self.waiting[j] = False
-        if "final_observation" in c:
+        if self.keep_final:
             for _, arr in tree_leaves(c["final_observation"]):
                 arr[...] = 0
         self.completed = []
         self.ep_start = [0] * self.n
 
     def step_envs(self, t: int) -> None:
-        """Step every env with ``action[t]`` and record the results in rows t and t+1."""
-        action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
-        acts = action.tolist() if self.act_discrete else list(action.copy())
-        rews, ended, beat = self.rews, self.ended, self.beat  # the worker marks phase and t
+        """Step every env with ``action[t]`` and record the results in rows t and t+1.
+
+        One loop for every case. Per env, the usual case costs the step, a type test of
+        the reward and the flags, a float32 store of the reward and a memoryview copy of the
+        observation; the rest (a wrong type's check, an episode's end, wait mode, env_info)
+        is taken only where it applies."""
+        views = self.views
+        row, rewards, nxt = views.rows[t], views.rewards[t], views.obs_rows[t + 1]
+        acts = row.action.tolist() if self.act_discrete else list(row.action.copy())
+        ended, beat, waiting, info_leaves = self.ended, self.beat, self.waiting, views.info_leaves
+        wait, real = self.wait, _REWARD_TYPES
         ended.clear()
         # Row t-1 of done stays as it is until here: an agent reads it at step t (at t=0,
         # the last row of the previous batch) to learn which episodes start.
-        term.fill(False)
-        trunc.fill(False)
-        done.fill(False)
-        j = 0
-        try:
-            if self.fast:
-                # The usual case (reset mode, array observations, no env_info): per env, the
-                # step, a list store and the observation copy; the rest is per step or per
-                # episode.
-                nxt = self.obs_rows[t + 1]
-                keep_final = "final_observation" in self.cols
-                real = _REWARD_TYPES
-                for j, env in enumerate(self.envs):
-                    if beat is not None:
-                        beat[3] = j
-                    o, r, te, tr, _ = env.step(acts[j])
-                    # Type tests, not conversions: a wrong type takes the checked path.
-                    rews[j] = r if r.__class__ in real else self._reward(j, t, r)
-                    if (te is not False and te is not True) or (
-                            tr is not False and tr is not True):
-                        te, tr = self._flags(j, t, te, tr)
-                    if te or tr:
-                        ended.append((j, o, te, tr))
-                        o = self._end_episode(t, j, o, te, tr) if keep_final else env.reset()[0]
-                    try:
-                        nxt[j][:] = o
-                    except (TypeError, ValueError):  # not an array of this shape and dtype
-                        self.write_obs(t + 1, j, o)
-            else:
-                self._step_general(t, acts)  # tags its own errors
-        except Exception as e:
-            tag(e, f"{self.label} {self.g + j}, step {t} of the batch")
-            raise
-        reward[...] = rews  # each one checked to be a real number
-        self._finish_step(t)
-
-    def _finish_step(self, t: int, flags: bool = True) -> None:
-        """Rows t+1 of prev_action/prev_reward, and the episodes that ended at step t (and,
-        with ``flags``, their terminated, truncated and done)."""
-        action, reward, term, trunc, done, prev_action, prev_reward = self.rows[t]
-        prev_action[...] = action
-        prev_reward[...] = reward
-        for j, final, te, tr in self.ended:
-            if flags:
-                term[j] = te
-                trunc[j] = tr
-                done[j] = True
-            prev_action[j] = 0
-            prev_reward[j] = 0
-            traj = self.trajs[j]
-            traj.update(Segment(self.env_cols[j], self.ep_start[j], t + 1))
-            self.completed.append((t, self.g + j, traj.terminate(final)))
-            self.trajs[j] = self.new_traj()
-            self.ep_start[j] = t + 1
-
-    def _step_general(self, t: int, acts: list) -> None:
-        """:meth:`step_envs`' loop with wait mode, env_info and any observation type."""
-        rews, ended, waiting, ended_as = self.rews, self.ended, self.waiting, self.ended_as
-        beat = self.beat
-        _, _, term, trunc, done, _, _ = self.rows[t]
-        info_leaves = self.info_leaves
-        nxt = self.obs_rows[t + 1]  # per-env memoryviews of row t+1, or None
+        row.terminated.fill(False)
+        row.truncated.fill(False)
+        row.done.fill(False)
         j = 0
         try:
             for j, env in enumerate(self.envs):
-                if waiting[j]:  # wait mode: keep terminated/truncated, record zeros
-                    rews[j] = 0.0
-                    term[j], trunc[j] = ended_as[j]
-                    done[j] = True
-                    self.zero_obs(t + 1, j)
-                    for _, arr, _ in info_leaves:
-                        arr[t, j] = 0
+                if wait and waiting[j]:
+                    self._hold(t, j)
                     continue
                 if beat is not None:
-                    beat[3] = j
+                    beat[BEAT_ENV] = j
                 o, r, te, tr, info = env.step(acts[j])
-                rews[j] = r if r.__class__ in _REWARD_TYPES else self._reward(j, t, r)
+                # Type tests, not conversions: a wrong type takes the checked path.
+                try:
+                    rewards[j] = r if r.__class__ in real else self._reward(j, t, r)
+                except ValueError:  # an int beyond float32: end_batch refuses what it became
+                    rewards[j] = float("inf")
                 if (te is not False and te is not True) or (tr is not False and tr is not True):
                     te, tr = self._flags(j, t, te, tr)
                 if info_leaves:
@@ -554,26 +512,55 @@ class Collector:
                     if o is None:  # wait mode: zeros until the next batch
                         self.zero_obs(t + 1, j)
                         continue
-                if nxt is None:
+                try:
+                    nxt[j][:] = o
+                except (TypeError, ValueError):  # not an array of this shape and dtype
                     self.write_obs(t + 1, j, o)
-                else:
-                    try:
-                        nxt[j][:] = o
-                    except (TypeError, ValueError):  # not an array of this shape and dtype
-                        self.write_obs(t + 1, j, o)
         except Exception as e:
-            tag(e, f"{self.label} {self.g + j}, step {t} of the batch")
+            tag(e, f"{env_name(self.g + j, label=self.label)}, step {t} of the batch")
             raise
+        self._finish_step(t)
+
+    def _hold(self, t: int, j: int) -> None:
+        """Wait mode, an env whose episode ended this batch: its row keeps terminated and
+        truncated, and records zeros."""
+        row = self.views.rows[t]
+        self.views.rewards[t][j] = 0.0
+        row.terminated[j], row.truncated[j] = self.ended_as[j]
+        row.done[j] = True
+        self.zero_obs(t + 1, j)
+        for _, arr, _ in self.views.info_leaves:
+            arr[t, j] = 0
+
+    def _finish_step(self, t: int, flags: bool = True) -> None:
+        """Rows t+1 of prev_action/prev_reward, and the episodes that ended at step t (and,
+        with ``flags``, their terminated, truncated and done)."""
+        row, env_cols = self.views.rows[t], self.views.env_cols
+        row.next_prev_action[...] = row.action
+        row.next_prev_reward[...] = row.reward
+        for j, final, te, tr in self.ended:
+            if flags:
+                row.terminated[j] = te
+                row.truncated[j] = tr
+                row.done[j] = True
+            row.next_prev_action[j] = 0
+            row.next_prev_reward[j] = 0
+            traj = self.trajs[j]
+            traj.update(Segment(env_cols[j], self.ep_start[j], t + 1))
+            self.completed.append((t, self.g + j, traj.terminate(final)))
+            self.trajs[j] = self.new_traj()
+            self.ep_start[j] = t + 1
 
     def _end_episode(self, t: int, j: int, o: Any, te: Any, tr: Any) -> Any:
-        if "final_observation" in self.cols:
+        """The observation row t+1 gets after env j's episode ended at step t: the reset's
+        (None in wait mode, where the env waits for the next batch)."""
+        if self.keep_final:
             self.write_obs(t, j, o, field="final_observation")
         if self.wait:
             self.waiting[j] = True
             self.ended_as[j] = (te, tr)
             return None
-        o, _ = self.envs[j].reset()
-        return o
+        return self.envs[j].reset()[0]
 
     def end_batch(self) -> list:
         """Add the open episodes' last segments to their stats; return finished episodes.
@@ -582,16 +569,16 @@ class Collector:
         if not np.isfinite(reward).all():
             t, j = (int(i) for i in np.argwhere(~np.isfinite(reward))[0])
             e = ValueError(
-                f"{self.label} {self.g + j} ({self.where}) returned a reward at step {t} of "
-                f"the batch that is stored as {reward[t, j]} in float32: inf and nan are not "
-                f"real numbers, and a finite reward beyond float32's range (±3.4e38) would "
-                f"become one. Return finite rewards within that range (scale or clip them in "
-                f"the env or a wrapper)")
+                f"{self.names[j]} returned a reward at step {t} of the batch that is stored "
+                f"as {reward[t, j]} in float32: inf and nan are not real numbers, and a finite "
+                f"reward beyond float32's range (±3.4e38) would become one. Return finite "
+                f"rewards within that range (scale or clip them in the env or a wrapper)")
             e.sampling_step = t  # the row it happened in (a restart cuts the batch there)
             raise e
+        env_cols = self.views.env_cols
         for j in range(self.n):
             if not self.waiting[j] and self.ep_start[j] < self.T:
-                self.trajs[j].update(Segment(self.env_cols[j], self.ep_start[j], self.T))
+                self.trajs[j].update(Segment(env_cols[j], self.ep_start[j], self.T))
         return self.completed
 
     def restart(self, seed: int, first: bool) -> None:
@@ -599,7 +586,9 @@ class Collector:
         (begin_batch carries it to row 0)."""
         for j, env in enumerate(self.envs):
             mark(self.beat, EVAL_RESET, 0, j)
-            o, _ = env.reset(seed=self.seed_of(seed, j)) if first else env.reset()
+            kw = {"seed": self.seed_of(seed, j)} if first else {}
+            o = tagged(env.reset, f"the reset of {self.names[j]} before an evaluation",
+                       **kw)[0]
             self.write_obs(1, j, o)
         self._restarted()
 
@@ -621,65 +610,70 @@ class Collector:
                   name: str = "observation") -> None:
         """Write env j's observation into ``field[row, j]``, checked (``name``: what the
         env returned it as, for messages)."""
-        dst = self.cols[field]
-        for path, arr in tree_leaves(dst):
-            try:
-                v = get(o, path, strict=True)
-            except LookupError:
-                self._bad(j, name + path_text(path), "no such entry", "an array")
-            if is_tree(v):
-                self._bad(j, name + path_text(path), f"a {type(v).__name__}", "an array")
-            a = v if isinstance(v, np.ndarray) else np.asarray(v)
-            want = arr[row, j]
-            if a.shape != want.shape or a.dtype != want.dtype:
-                self._bad(j, name + path_text(path), f"shape {a.shape} dtype {a.dtype}",
-                          f"shape {want.shape} dtype {want.dtype}")
-            arr[row, j] = a
-
-    def _bad(self, j: int, field: str, got: str, want: str):
-        raise ValueError(
-            f"{self.label} {self.g + j} ({self.where}) returned {field} with {got}, expected "
-            f"{want} as on its first observation; an env must keep the shape and dtype of every "
-            f"observation field (cast it in the env or a wrapper)")
+        for path, arr in tree_leaves(self.cols[field]):
+            arr[row, j] = checked_leaf(o, path, arr.shape[2:], arr.dtype, self.names[j],
+                                       name, "as on its first observation")
 
     def _reward(self, j: int, t: int, r: Any) -> float:
-        return check_reward(r, f"{self.label} {self.g + j} ({self.where})",
-                            f"step {t} of the batch")
+        return check_reward(r, self.names[j], f"step {t} of the batch")
 
     def _flags(self, j: int, t: int, te: Any, tr: Any) -> tuple:
-        what, when = f"{self.label} {self.g + j} ({self.where})", f"step {t} of the batch"
+        what, when = self.names[j], f"step {t} of the batch"
         return (check_flag(te, "terminated", what, when),
                 check_flag(tr, "truncated", what, when))
 
     def _write_env_info(self, t: int, j: int, info: Any) -> None:
+        when = f"step {t} of the batch"
         if not isinstance(info, dict):
-            raise TypeError(f"{self.label} {self.g + j} ({self.where}) returned info of type "
-                            f"{type(info).__name__} at step {t}; the gymnasium API's info is "
-                            f"a dict")
-        for path, arr, direct in self.info_leaves:
+            raise TypeError(not_a_dict(self.names[j], "info", info, when))
+        for path, arr, direct in self.views.info_leaves:
             try:
                 v = get(info, path, strict=True)
             except LookupError:
-                raise ValueError(
-                    f"{self.label} {self.g + j} ({self.where}) returned no env_info "
-                    f"{'/'.join(map(str, path))!r} at step {t}; it had it on the probe "
-                    f"step, and a batch cannot tell a missing entry from 0. Report the "
-                    f"entry at every step (e.g. a wrapper that fills in a default)") from None
+                raise ValueError(missing_entry(self.names[j], f"env_info{path_text(path)}",
+                                               when)) from None
             if v.__class__ in direct:
                 try:
                     arr[t, j] = v
                     continue
                 except OverflowError:  # an int beyond int64: the checked path says so
                     pass
-            a = v if isinstance(v, np.ndarray) else np.asarray(v)
-            problem = (f"shape {a.shape}" if a.shape != arr.shape[2:]
-                       else cast_problem(a, arr.dtype))
-            if problem:
-                raise TypeError(
-                    f"{self.label} {self.g + j} ({self.where}) returned env_info "
-                    f"{'/'.join(map(str, path))!r}={v!r} at step {t}: {problem}; expected "
-                    f"{arr.dtype} of shape {arr.shape[2:]} as on the probe step (keep each "
-                    f"entry's type: cast it in the env or a wrapper)")
-            arr[t, j] = a
+            arr[t, j] = checked_value(v, arr.shape[2:], arr.dtype, self.names[j],
+                                      f"env_info{path_text(path)}", when, "the probe step")
 
 
+def checked_leaf(tree: Any, path: tuple, shape: tuple, dtype: np.dtype, who: str,
+                 name: str, like: str, when: str | None = None) -> np.ndarray:
+    """The array at ``path`` of an observation ``tree``, checked to be exactly ``shape`` and
+    ``dtype`` (observations are never cast); a ValueError naming ``who``, the field and
+    ``when`` otherwise. ``like`` says where that shape came from."""
+    field = name + path_text(path)
+    try:
+        v = get(tree, path, strict=True)
+    except LookupError:
+        v, got = None, "no such entry"
+    else:
+        got = f"a {type(v).__name__}" if is_tree(v) else None
+    a = v if got is not None or isinstance(v, np.ndarray) else np.asarray(v)
+    if got is None and (a.shape != shape or a.dtype != dtype):
+        got = describe(a)
+    if got is not None:
+        at = f" at {when}" if when else ""
+        raise ValueError(f"{who} returned {field} with {got}{at}, expected shape {shape} "
+                         f"dtype {dtype} {like}; an env must keep the shape and dtype of "
+                         f"every observation field (cast it in the env or a wrapper)")
+    return a
+
+
+def checked_value(v: Any, shape: tuple, dtype: np.dtype, who: str, field: str, when: str,
+                  like: str) -> np.ndarray:
+    """``v`` as an array to store in a ``shape``/``dtype`` leaf, checked: the same shape and
+    a cast that changes no value (:func:`~sampling.buffers.cast_problem`); a TypeError naming
+    ``who``, ``field`` and ``when`` otherwise."""
+    a = v if isinstance(v, np.ndarray) else np.asarray(v)
+    problem = f"shape {a.shape}" if a.shape != shape else cast_problem(a, dtype)
+    if problem:
+        raise TypeError(f"{who} returned {field}={v!r:.80} at {when}: {problem}; expected "
+                        f"{dtype} of shape {shape} as on {like} (keep each entry's type: "
+                        f"cast it in the env or a wrapper)")
+    return a

@@ -40,7 +40,9 @@ from time import perf_counter
 from typing import Any, Callable
 
 from .buffers import SegmentFd, SharedBuffer, shm_space, size_text, views
-from .errors import RemoteTraceback, SamplerError, WorkerError
+from .collector import BEAT_PHASE, BEAT_SEQ, HANDED
+from .errors import RemoteTraceback, SamplerError, WorkerError, close_all, quietly, where_text
+from .internals import drop_semaphore_name
 
 try:
     from os import sched_yield
@@ -49,7 +51,8 @@ except ImportError:  # not on every platform
         pass
 
 __all__ = ["Started", "Ready", "Done", "Failed", "Close", "PoolSpec", "Pool", "Link",
-           "Failure", "worker_entry", "acquire", "sigint_blocked", "quietly"]
+           "Failure", "worker_entry", "acquire", "sigint_blocked", "start_method_of",
+           "unpicklable"]
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +206,10 @@ class Pool:
         self.restarts: list = []
         self._awaiting: int | None = None
         self._early: dict = {}  # worker -> a Done that check() read before gather()
+        # The same-failure rule (see _fail): per worker, how its last absorbed failure
+        # looked, and whether the replacement has finished a command since.
+        self._last_failure: dict = {}
+        self._proven: set = set()
 
     @property
     def size(self) -> int:
@@ -212,8 +219,8 @@ class Pool:
         """Start one process per config and wait until each is Ready (replacing those
         that fail, within the restart budget)."""
         self.spec = spec
-        self.ctx = mp.get_context(spec.start_method)
-        self.method = self.ctx.get_start_method()
+        self.method = start_method_of(spec.start_method)
+        self.ctx = mp.get_context(self.method)
         self.poll_s = GATHER_POLL_S if spec.beats is None else DEADLINE_POLL_S
         self.budget = spec.max_restarts
         self.restarts = [0] * len(spec.configs)
@@ -275,7 +282,7 @@ class Pool:
                 self.gather([w], Ready)  # a failure here puts it out again (or raises)
             finally:  # opened by the worker, or never to be: no name may outlive this
                 for sem in self.sems[w]:
-                    _drop_semaphore_name(sem)
+                    drop_semaphore_name(sem)
             done.append(w)
         return done
 
@@ -291,10 +298,24 @@ class Pool:
             error = self._error(w, msg)
         if not isinstance(error, WorkerError) or self.budget <= 0:
             raise error
-        self.budget -= 1
-        self.restarts[w] += 1
         beats = self.spec.beats
         beat = tuple(beats[w, :4].tolist()) if beats is not None else None
+        # The same-failure rule: a replacement that raises the same error at the same
+        # point (phase and step) as the failure it replaced, before it finished a single
+        # command, fails deterministically (a configuration bug, not a transient fault):
+        # replacing it again would only spend the budget. Deaths are always absorbed.
+        cause = error.__cause__
+        key = None if cause is None else (type(cause).__name__, str(cause),
+                                          None if beat is None else beat[1:3])
+        if key is not None and w not in self._proven and self._last_failure.get(w) == key:
+            raise WorkerError(f"{error} It is not absorbed (max_restarts): its replacement "
+                              f"failed the same way at the same point before finishing a "
+                              f"command, so the failure is deterministic",
+                              w, error.envs, error.exitcode, error.remote_traceback) from cause
+        self._last_failure[w] = key
+        self._proven.discard(w)
+        self.budget -= 1
+        self.restarts[w] += 1
         tb = error.remote_traceback or ""
         log.warning("sampling: restarting worker %d (%d restart%s left) after this failure:\n"
                     "%s%s", w, self.budget, "" if self.budget == 1 else "s", tb, error)
@@ -312,6 +333,7 @@ class Pool:
             for w, c in enumerate(self.conns):
                 if w in self.out:
                     continue
+                self._hand(w)
                 try:
                     c.send(command)
                 except (BrokenPipeError, ConnectionResetError, EOFError):
@@ -346,6 +368,8 @@ class Pool:
                     if not isinstance(msg, expect):
                         self._fail(w, msg)
                         continue
+                    if isinstance(msg, Done):
+                        self._proven.add(w)
                     out[w] = getattr(msg, "result", None)
             for obj in ready:
                 w = sentinels.get(obj)
@@ -357,16 +381,20 @@ class Pool:
                     del pending[conn]
         return out
 
-    def _recv(self, w: int) -> Any:
-        """The next message of worker w past its Started (None if only that came)."""
+    def _recv(self, w: int, wait: float = 0.0) -> Any:
+        """The next message of worker w past its Started: None if only that came (within
+        ``wait`` seconds of each message), ``_DEAD`` if the pipe closed, a Failed stand-in
+        for a message that would not unpickle."""
         conn = self.conns[w]
         try:
+            if wait and not conn.poll(wait):
+                return None
             msg = conn.recv()
             # A worker's first message says its process started; what it was asked for may
             # be right behind it.
             while isinstance(msg, Started):
                 self.started.add(w)
-                if not conn.poll():
+                if not conn.poll(wait):
                     return None
                 msg = conn.recv()
         except Exception as e:  # a closed pipe, or a message that won't unpickle
@@ -394,10 +422,23 @@ class Pool:
 
     def release(self, workers) -> None:
         """Let ``workers`` step with the actions written."""
-        sems, out = self.sems, self.out
+        sems, out, beats = self.sems, self.out, self.spec.beats
         for w in workers:
             if w not in out:
+                if beats is not None:
+                    self._hand(w)
                 sems[w][1].release()
+
+    def _hand(self, w: int) -> None:
+        """Mark worker w HANDED before it gets a command or a step's actions: a phase with
+        a deadline, which the worker leaves when it takes them up. Without it, a worker
+        that stopped (SIGSTOP) while waiting for this process would look like it is still
+        waiting, with no deadline, forever. The worker writes its beat only once it has
+        taken them up, so the two never write at once."""
+        beats = self.spec.beats
+        if beats is not None:
+            beats[w, BEAT_PHASE] = HANDED
+            beats[w, BEAT_SEQ] += 1
 
     def check(self) -> None:
         """Raise if a worker reported an error or died (or the owner was closed)."""
@@ -410,6 +451,7 @@ class Pool:
                 msg = self._recv(w)
                 if isinstance(msg, Done):  # finished its batch before the others (alternating)
                     self._early[w] = msg
+                    self._proven.add(w)
                 elif msg is not None:
                     self._fail(w, msg)
             elif p.exitcode is not None:
@@ -458,31 +500,18 @@ class Pool:
         """The error for worker w's failure: a WorkerError from its error report (``msg``
         or one on its pipe), or else from its death."""
         self.closed()  # workers stopped by a close from another thread are no failure
-        conn, proc = self.conns[w], self.procs[w]
+        proc = self.procs[w]
+        if msg is None:  # an error report may be just behind the exit
+            msg = self._recv(w, REPORT_WAIT_S)
         if msg is _DEAD:
-            msg = None
-        if msg is None:
-            try:
-                if conn.poll(REPORT_WAIT_S):  # an error report may be just behind the exit
-                    msg = conn.recv()
-                    while isinstance(msg, Started) and conn.poll(REPORT_WAIT_S):
-                        self.started.add(w)
-                        msg = conn.recv()
-            except (EOFError, OSError):
-                msg = None
-            except Exception as e:
-                msg = _unreadable(e)
-        if isinstance(msg, Started):
-            self.started.add(w)
             msg = None
         head, envs = self.spec.labels[w], self.spec.envs[w]
         if isinstance(msg, Failed):
             cause = msg.error
-            where = getattr(cause, "sampling_where", None)
             cause.__cause__ = RemoteTraceback(msg.traceback)
-            err = WorkerError(f"{head} raised {type(cause).__name__}: {cause}"
-                              + (f" (in {where})" if where else "")
-                              + "; its traceback is shown above and in .remote_traceback",
+            name = getattr(cause, "sampling_type", None) or type(cause).__name__
+            err = WorkerError(f"{head} raised {name}: {cause}{where_text(cause)}; its "
+                              f"traceback is shown above and in .remote_traceback",
                               w, envs, None, msg.traceback)
             err.__cause__ = cause
             return err
@@ -533,7 +562,7 @@ class Pool:
         name is the one thing that outlives every process."""
         for pair in self.sems:
             for sem in pair or ():
-                _drop_semaphore_name(sem)
+                drop_semaphore_name(sem)
 
 
 class _Gone(Exception):
@@ -576,32 +605,6 @@ def _stop(procs: list) -> None:
                         p.pid, KILL_WAIT_S)
 
 
-def quietly(fn: Callable[[], Any]) -> None:
-    """Call ``fn()``; log (at debug level) and ignore its errors (closing paths)."""
-    try:
-        fn()
-    except Exception:
-        log.debug("sampling: ignored an error while closing", exc_info=True)
-
-
-def _drop_semaphore_name(sem: Any) -> None:
-    """Unlink a named semaphore's name now (spawn/forkserver; fork's have none). Processes
-    that opened it keep using it; nothing is left in /dev/shm whatever happens later.
-
-    CPython registers ``util.Finalize(sem, SemLock._cleanup, (name,))`` for every named
-    semaphore (3.9-3.13): calling it runs sem_unlink and the resource tracker's unregister
-    once and takes it off the exit-time registry, so nothing runs twice."""
-    name = getattr(getattr(sem, "_semlock", None), "name", None)
-    if not name:
-        return
-    from multiprocessing import synchronize, util
-    cleanup = synchronize.SemLock._cleanup
-    for fin in list(util._finalizer_registry.values()):
-        if getattr(fin, "_callback", None) is cleanup and getattr(fin, "_args", None) == (name,):
-            quietly(fin)
-            return
-
-
 def _unreadable(e: Exception) -> Failed | None:
     """An error report standing in for a worker message the parent could not read."""
     if isinstance(e, (EOFError, OSError)):
@@ -614,6 +617,24 @@ def _unreadable(e: Exception) -> Failed | None:
 def _dumps(obj: Any) -> bytes:
     import cloudpickle
     return cloudpickle.dumps(obj)
+
+
+def start_method_of(method: str | None) -> str:
+    """The start method workers get: ``method``, else the one the program set, else the
+    platform's default (the first of ``get_all_start_methods()``: fork on Linux before
+    3.14, forkserver from 3.14). Never ``mp.get_context()``, which would pin the global
+    context and make the program's own ``set_start_method`` fail."""
+    return method or mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]
+
+
+def unpicklable(obj: Any) -> Exception | None:
+    """Why ``obj`` cannot be sent to a spawn/forkserver worker (cloudpickle's error), or
+    None if it can."""
+    try:
+        _dumps(obj)
+    except Exception as e:
+        return e
+    return None
 
 
 def _signame(n: int) -> str:
@@ -831,19 +852,9 @@ def worker_entry(w: int, program: Callable, payload: Any, shm_name: str | None, 
             terminated = True
     finally:
         _closing = True  # from here on SIGTERM is ignored: nothing interrupts env.close()
-        _close_envs(link.envs)
+        close_all(link.envs)
     if terminated:
         _die_of_sigterm()
-
-
-def _close_envs(envs: list) -> None:
-    """Close every env once (each is taken off ``envs`` first), ignoring their errors."""
-    while envs:
-        env = envs.pop(0)
-        try:
-            env.close()
-        except Exception:
-            pass
 
 
 def _die_of_sigterm() -> None:
@@ -858,6 +869,11 @@ def _die_of_sigterm() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+class RemoteError(Exception):
+    """Stands in for a worker's exception that cannot cross the pipe (it does not pickle,
+    or would not unpickle): its message, with the original's type name and tags."""
+
+
 def _report(conn, e: BaseException) -> None:
     tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     try:
@@ -865,8 +881,10 @@ def _report(conn, e: BaseException) -> None:
         # where a stand-in can still carry the message and the traceback.
         pickle.loads(pickle.dumps(e))
     except Exception:
-        stand_in = RuntimeError(f"{type(e).__name__}: {e}")
-        stand_in.sampling_where = getattr(e, "sampling_where", None)
+        stand_in = RemoteError(str(e))
+        stand_in.sampling_type = type(e).__name__
+        for tag in ("sampling_where", "sampling_step"):
+            setattr(stand_in, tag, getattr(e, tag, None))
         e = stand_in
     try:
         conn.send(Failed(e, tb))

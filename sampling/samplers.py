@@ -1,21 +1,22 @@
 """One sampler class for every kind: batch semantics, and the driver each kind names.
 
-Imports kinds, probe, pool, worker, collector, vector, agents, agent_state and buffers. The
-sampler owns what it must release in :class:`_Resources` (the worker pool, the shared
-segment, the in-process envs), whose ``close`` runs on shutdown, on every error path,
-from a finalizer and at exit. Drivers (see :data:`sampling.kinds.DRIVERS`):
+Imports kinds, probe, pool, worker, collector, vector, agents, agent_state, buffers, errors
+and tree. The sampler owns what it must release in :class:`_Resources` (the worker pool,
+the shared segment, the in-process envs), whose ``close`` runs on shutdown, on every error
+path, from a finalizer and at exit. Drivers (see :data:`sampling.kinds.DRIVERS`):
 
-* ``in_process``: a :class:`~sampling.collector.Collector` over all envs, in this process;
+* ``in_process``: the :class:`~sampling.worker.Program` a worker runs, run here;
 * ``worker_agents``: each worker collects its slice with its own copy of the agent; the
   parameters are copied into the segment first;
 * ``served``: workers step their slices; per step and per group of workers this process
   waits for their observations, computes the actions and releases them (overlapping the
   next group's wait if the kind says so).
 
-Each batch is started (``_launch``: the parameters' snapshot, the command) and waited for
-(``_land``). Without policy_lag one follows the other; with it, the next batch is launched
-before the caller gets this one, into the other set of batch buffers, and a served kind's
-action server runs in a thread with a copy of the agent meanwhile.
+Each batch is started (``_launch``: the parameters' snapshot, the command), which gives a
+:class:`_Flight`, and waited for (``_land``). Without policy_lag one follows the other;
+with it, the next batch is launched before the caller gets this one, into the other set of
+batch buffers, and a served kind's action server runs in a thread with a copy of the agent
+meanwhile.
 
 With ``max_restarts``, the pool absorbs worker failures; after the batch (or evaluation)
 :meth:`Sampler._recover` pads the failed workers' columns (:func:`_pad`) and replaces them.
@@ -27,7 +28,6 @@ import dataclasses
 import functools
 import numbers
 import threading
-import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,8 +35,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .agent_state import Params, independent_copy, load_params, unmirrored_arrays
-from .agents import AgentRunner, write_checked
+from .agent_state import (
+    Params,
+    check_same_params,
+    independent_copy,
+    load_params,
+    unmirrored_arrays,
+)
+from .agents import AgentRunner
 from .buffers import SharedBuffer, Spec, layout, no_memory_message, spec_of, views
 from .collector import (
     AGENT,
@@ -45,6 +51,7 @@ from .collector import (
     EVAL,
     EVAL_MAKE,
     EVAL_RESET,
+    HANDED,
     IDLE,
     MAKE,
     RESET,
@@ -52,16 +59,32 @@ from .collector import (
     WAIT,
     Numbering,
     TrajInfo,
-    close_quietly,
     make_env,
 )
-from .errors import SamplerClosedError, SamplerError, WorkerError
+from .errors import (
+    SamplerClosedError,
+    SamplerError,
+    WorkerError,
+    close_all,
+    env_name,
+    locate,
+    warn,
+)
 from .kinds import KINDS, split, worker_count
 from .pool import BEAT_WORDS, POLL_S, Failure, Pool, PoolSpec, sigint_blocked
-from .probe import batch_specs, contents, env_form, probe
-from .tree import get, is_tree, to_numpy, tree_leaves, tree_map
-from .vector import collector, env_label
-from .worker import Collect, Evaluate, WorkerConfig, restart_eval, run, run_batch, run_eval
+from .probe import Probed, batch_specs, contents, probe
+from .tree import to_numpy, tree_leaves, tree_map
+from .vector import Form, env_form
+from .worker import (
+    Collect,
+    Evaluate,
+    LocalLink,
+    Program,
+    WorkerConfig,
+    bootstrap,
+    buffer_sets,
+    run,
+)
 
 __all__ = ["Batch", "Episodes", "Options", "Restart", "Sampler"]
 
@@ -118,7 +141,6 @@ class Episodes(list):
         results = list(results)  # (step, global env index, TrajInfo) triples
         super().__init__(traj for _, _, traj in results)
         self.ends = [(t, b) for t, b, _ in results]
-        self.restarts: list = []  # evaluate_agent(): workers restarted during it
 
 
 @dataclass
@@ -159,7 +181,7 @@ class _Resources:
     def __init__(self):
         self.pool = Pool()
         self.shared: SharedBuffer | None = None
-        self.envs: list = []  # the in_process driver's envs
+        self.envs: list = []  # the envs built in this process (serial's, a spare eval env)
         self._lock = threading.RLock()  # one close at a time (shutdown() may come from any thread)
 
     def close(self, graceful: bool = True) -> None:
@@ -189,9 +211,7 @@ class _Resources:
                 self.shared.close_fd()
                 self.shared.unlink()
                 self.shared = None
-        envs = self.envs
-        while envs:
-            close_quietly(envs.pop(0))
+        close_all(self.envs)
 
 
 # Samplers not closed yet. multiprocessing's exit hook SIGTERMs daemonic children and then
@@ -209,6 +229,19 @@ def _close_at_exit() -> None:
 atexit.register(_close_at_exit)
 
 
+@dataclass
+class _Flight:
+    """A batch started into buffer set ``s`` (see :meth:`Sampler._launch`): ``land()``
+    waits for it and returns its finished episodes (raising its failure); ``busy``: workers
+    or a thread collect it right now, so closing must stop them at once, after
+    ``abort()``."""
+
+    s: int
+    land: Callable[[], list]
+    busy: bool = False
+    abort: Callable[[], Any] = lambda: None
+
+
 class Sampler:
     """Collects ``[batch_T, batch_B]`` batches from ``batch_B`` envs in the way of one kind.
 
@@ -218,66 +251,64 @@ class Sampler:
     (the global indices of its envs: ``rank * batch_B`` on).
     """
 
-    def __init__(self, kind: str, env_fn: Callable, agent: Any, opts: Options):
+    def __init__(self, kind: str, env_fn: Callable, agent: Any, opts: Options,
+                 probed: Probed | None = None):
         self.kind = kind
-        self._k = KINDS[kind]
+        self._kind = KINDS[kind]
         self.batch_T, self.batch_B = opts.batch_T, opts.batch_B
         self.rank, self.world_size = opts.rank, opts.world_size
         self._num = Numbering(opts.rank, opts.world_size, opts.batch_B, opts.eval_n_envs)
         self.env_ids = self._num.env_ids()
-        self._where = f"{kind} sampler" + (f" of rank {opts.rank}" * (opts.world_size > 1))
+        self._where = f"{kind} sampler" + (f" of rank {opts.rank}" if opts.world_size > 1
+                                           else "")
         self.n_workers = 0  # set once the probe tells how many envs env_fn's envs step
-        self._o = opts
+        self._opts = opts
         self._itr = 0
-        self._eval_count = 0
         self.restarts: list = []     # every Restart so far (max_restarts)
         self._unreported: list = []  # those not yet in a batch's restarts
         self._closed_reason: str | None = None
         self._busy = threading.Lock()  # held while a batch or an evaluation runs
         self._interrupted = False      # shutdown() came while another thread collected
+        self._flight: _Flight | None = None  # the batch being collected (see _launch)
         self._res = _Resources()
         self._res.pool.closed = _closed_check(self)
-        # The in_process driver's stand-in for a worker's link: run_batch asks it every
-        # POLL_S whether to go on (a shutdown() from another thread leaves the envs to the
-        # collecting thread, which is stepping them).
-        self._guard = _Guard(self._res.pool.closed)
         self._finalizer = weakref.finalize(self, self._res.close, False)
         _open.add(self)
         self._runner = AgentRunner(agent)
         try:
-            self._setup(env_fn, agent)
-        except BaseException:
+            self._setup(env_fn, agent, probed)
+        except BaseException as e:
+            locate(e)
             self._close(graceful=False, reason="its construction failed")
             raise
 
     # -- construction --------------------------------------------------------------------
-    def _setup(self, env_fn: Callable, agent: Any) -> None:
-        o, k = self._o, self._k
-        T, B, E = o.batch_T, o.batch_B, o.eval_n_envs
-        p = probe(env_fn, self._runner, o.seed, self._num.first)
+    def _setup(self, env_fn: Callable, agent: Any, probed: Probed | None) -> None:
+        o, kind = self._opts, self._kind
+        T, B, n_eval = o.batch_T, o.batch_B, o.eval_n_envs
+        p = probed or probe(env_fn, self._runner, o.seed, self._num.first, o.bootstrap_value)
         self.observation_space, self.action_space = p.observation_space, p.action_space
-        self._form = (p.vector, p.width)
-        self._eform, self._spare_eval = self._form, None
-        if E and o.eval_env_fn is not env_fn:
+        self._form = self._eform = p.form
+        spare_eval = None
+        if n_eval and o.eval_env_fn is not env_fn:
             # One eval env, built here to learn its num_envs: serial keeps it as its first.
-            spare = make_env(o.eval_env_fn, "the first eval env", "eval_env_fn")
-            self._res.envs.append(spare)  # closed on every path
-            self._eform = env_form(spare, "the first eval env")
-            if k.workers:
-                close_quietly(self._res.envs.pop())
-            else:
-                self._spare_eval = spare
+            spare_eval = make_env(o.eval_env_fn, "the first eval env", "eval_env_fn")
+            self._res.envs.append(spare_eval)  # closed on every path
+            self._eform = env_form(spare_eval, "the first eval env")
+            if kind.workers:
+                close_all(self._res.envs)
+                spare_eval = None
         _check_vector(o, self._form, self._eform)
-        self.n_workers = worker_count(self.kind, B, o.n_workers, width=p.width)
+        self.n_workers = worker_count(self.kind, B, o.n_workers, width=p.form.width)
         specs = {"main": batch_specs(T, B, p, o.final_observation, o.bootstrap_value),
                  "ctrl": Spec((1,), "<i8")}  # ctrl[0]: the parent's "stop evaluating" flag
         if o.policy_lag:  # a second set of batch buffers: one is collected, one is held
             specs["main1"] = specs["main"]
-        if E:
-            specs["eval"] = batch_specs(1, E, p, False, False)
+        if n_eval:
+            specs["eval"] = batch_specs(1, n_eval, p, False, False)
         # Workers with their own copy of the agent: its parameters travel through the
         # segment before every batch (agent_state.Params has the rule).
-        self._mirror = Params(agent) if k.driver == "worker_agents" else None
+        self._mirror = Params(agent) if kind.driver == "worker_agents" else None
         if self._mirror is not None:
             _warn_unmirrored(agent, self._mirror)
             if self._mirror.empty:
@@ -289,16 +320,11 @@ class Sampler:
             # and for the row a failure cuts the batch at.
             specs["beats"] = Spec((self.n_workers, BEAT_WORDS), "<i8")
         nbytes, placed = layout(specs)
-        arrays = self._allocate(nbytes, placed, contents(specs, T, B, E))
+        arrays = self._allocate(nbytes, placed, contents(specs, T, B, n_eval))
         # Batch buffer sets: one, or two with policy_lag (batch k in set k % 2).
-        self._sets = [arrays[key] for key in ("main", "main1") if key in arrays]
-        for bufs in self._sets:
-            bufs["env_ids"] = self._num.env_ids()
-        self._flight: tuple | None = None  # the batch being collected (see _launch)
+        self._sets = buffer_sets(arrays, self._num)
         self._next_set = 0  # the buffer set the next batch goes into (policy_lag)
         self._ebufs = arrays.get("eval")
-        if E:
-            self._ebufs["env_ids"] = self._num.eval_ids()
         self._ctrl = arrays["ctrl"]
         self._params = arrays.get("params")
         self._batches = [self._make_batch(bufs) for bufs in self._sets]
@@ -307,24 +333,28 @@ class Sampler:
         # action server), a copy whose parameters are set at each snapshot.
         self._collecting_runner = self._runner
         self._snapshot = None
-        if o.policy_lag and k.served:
+        if o.policy_lag and kind.served:
             copy = independent_copy(agent)
             self._collecting_runner = AgentRunner(copy)
             self._snapshot = (Params(agent), Params(copy))
+            check_same_params(self._snapshot[1].arrays(), self._snapshot[0].arrays(),
+                              "the action server's copy of the agent (policy_lag=1)")
             _warn_unmirrored(agent, self._snapshot[0], server=True)
-        if not k.workers:
-            self._setup_in_process(env_fn)
+        self._slices = _slices(B, max(self.n_workers, 1), p.form.width)
+        self._eslices = _slices(n_eval, max(self.n_workers, 1), self._eform.width)
+        if not kind.workers:
+            self._program = Program(LocalLink(self._res.pool.closed, self._res.envs), arrays,
+                                    self._config(0, env_fn, agent), self._runner, spare_eval)
             return
-        if k.served:
+        if kind.served:
             self._collecting_runner.call("reset")
-        self._slices = _slices(B, self.n_workers, p.width)
-        self._eslices = _slices(E, self.n_workers, self._eform[1])
         self._start_pool(env_fn, agent, placed, arrays.get("beats"))
 
     def _allocate(self, nbytes: int, placed: dict, what: str) -> dict:
         """The batch's arrays: in a shared segment for workers, else in this process."""
-        if self._k.workers:
-            self._res.shared = SharedBuffer(nbytes, what=what, keep_fd=self._o.max_restarts > 0)
+        if self._kind.workers:
+            self._res.shared = SharedBuffer(nbytes, what=what,
+                                            keep_fd=self._opts.max_restarts > 0)
             return views(self._res.shared.buf, placed)
         try:
             memory = bytearray(nbytes)
@@ -332,54 +362,45 @@ class Sampler:
             raise MemoryError(no_memory_message("buffer", nbytes, what)) from e
         return views(memory, placed)
 
-    def _setup_in_process(self, env_fn: Callable) -> None:
-        o, built, num = self._o, [], self._num
-        for b in range(self.batch_B // self._form[1]):
-            built.append(make_env(env_fn, env_label(b, self._form, first=num.first)))
-            self._res.envs.append(built[-1])
-        self._coll = collector(built, 0, self._sets[0], *self._form, batch_T=self.batch_T,
-                               wait=o.reset_mode == "wait", traj_info=self._new_traj(),
-                               where=self._where, spare=self._spare(), first=num.first)
-        self._runner.call("reset")
-        self._coll.reset_all(o.seed, o.max_decorrelation_steps)
-        self._ecoll = None
-
-    def _new_traj(self) -> Callable[[], TrajInfo]:
-        """The TrajInfo factory a collector calls once per episode."""
-        return functools.partial(self._o.traj_info, discount=self._o.discount)
+    def _config(self, w: int, env_fn: Callable, agent: Any) -> WorkerConfig:
+        """Program w's config (the serial sampler's is program 0, in this process)."""
+        o = self._opts
+        return WorkerConfig(
+            index=w, env_fn=env_fn, eval_env_fn=o.eval_env_fn,
+            agent=None if self._kind.served else agent, batch_T=o.batch_T, batch_B=o.batch_B,
+            eval_n=o.eval_n_envs, wait=o.reset_mode == "wait", seed=o.seed, rank=o.rank,
+            world_size=o.world_size, max_decorrelation_steps=o.max_decorrelation_steps,
+            traj_info=functools.partial(o.traj_info, discount=o.discount),
+            torch_threads=o.torch_threads, envs=self._slices[w], eval_envs=self._eslices[w],
+            form=self._form, eval_form=self._eform, in_process=not self._kind.workers,
+            cpu_affinity=o.cpu_affinity[w % len(o.cpu_affinity)] if o.cpu_affinity else None,
+            where=self._where if not self._kind.workers else f"worker {w}" + (
+                f" of rank {o.rank}" if o.world_size > 1 else ""))
 
     def _start_pool(self, env_fn: Callable, agent: Any, placed: dict, beats: Any) -> None:
-        o, W = self._o, self.n_workers
-        configs = [WorkerConfig(
-            index=w, env_fn=env_fn, eval_env_fn=o.eval_env_fn or env_fn,
-            agent=None if self._k.served else agent, batch_T=o.batch_T, batch_B=o.batch_B,
-            eval_n=o.eval_n_envs, wait=o.reset_mode == "wait", seed=o.seed,
-            rank=o.rank, world_size=o.world_size,
-            max_decorrelation_steps=o.max_decorrelation_steps, traj_info=self._new_traj(),
-            torch_threads=o.torch_threads, envs=self._slices[w], eval_envs=self._eslices[w],
-            form=self._form, eval_form=self._eform,
-            cpu_affinity=o.cpu_affinity[w % len(o.cpu_affinity)] if o.cpu_affinity else None)
-            for w in range(W)]
+        o, n = self._opts, self.n_workers
+        configs = [self._config(w, env_fn, agent) for w in range(n)]
         # Replacements (max_restarts) start from the last collected batch's buffer set.
         self._carry = {"set": 0}
-        per = W // self._k.groups
-        self._groups = [list(range(g * per, (g + 1) * per)) for g in range(self._k.groups)]
+        per = n // self._kind.groups
+        self._groups = [list(range(g * per, (g + 1) * per)) for g in range(self._kind.groups)]
         self._group_envs = [(self._slices[ws[0]][0], self._slices[ws[-1]][1])
                             for ws in self._groups]
         # Messages name envs by their global indices (see collector.Numbering).
-        f, ef = self._num.first, self._num.eval_first
+        f, ef = self._num.first, self._num.eval_base + self._num.eval_first
         named = [(lo + f, hi + f) for lo, hi in self._slices]
         enamed = [(lo + ef, hi + ef) for lo, hi in self._eslices]
+        labels = [f"{self._where}: worker {w} (envs {lo}..{hi - 1}"
+                  + (f"; eval envs {elo}..{ehi - 1})" if ehi > elo else ")")
+                  for w, ((lo, hi), (elo, ehi)) in enumerate(zip(named, enamed))]
         self._res.pool.start(PoolSpec(
             program=run, configs=configs, shared=self._res.shared, placed=placed,
-            labels=[f"{self._where}: worker {w} (envs {lo}..{hi - 1})"
-                    for w, (lo, hi) in enumerate(named)],
-            envs=[list(range(lo, hi)) for lo, hi in named],
+            labels=labels, envs=[list(range(lo, hi)) for lo, hi in named],
             start_method=o.start_method, name=f"sampling-{self.kind}",
             beats=beats,
             deadline=functools.partial(_deadline, o.step_timeout),
             stuck=functools.partial(_stuck_text, o.step_timeout, named, enamed,
-                                    self._form[1], self._eform[1]),
+                                    self._form, self._eform),
             close_timeout=o.shutdown_timeout, max_restarts=o.max_restarts,
             renew=functools.partial(_renew, configs, self._carry)))
         # Every worker has mapped the segment: drop its name, so that nothing can leak it
@@ -411,7 +432,7 @@ class Sampler:
     def _obtain(self, itr: int, ahead: bool) -> Batch:
         """:meth:`obtain_samples`; ``ahead``: with policy_lag, start the next batch."""
         with self._collecting("obtain_samples"):
-            if self._o.policy_lag:
+            if self._opts.policy_lag:
                 if self._flight is None:  # the first batch: collected now (so is the next)
                     self._launch(itr, self._next_set)
                 s, done = self._land()
@@ -423,7 +444,7 @@ class Sampler:
                 s, done = self._land()
             batch = Batch(self._batches[s])
             batch["traj_infos"] = Episodes(done)
-            if self._o.max_restarts:
+            if self._opts.max_restarts:
                 batch["restarts"], self._unreported = self._unreported, []
         self._itr = itr + 1
         return batch
@@ -434,51 +455,45 @@ class Sampler:
         ``worker_agents`` sends the workers their command; ``served`` serves the workers
         in this thread at :meth:`_land`, or, while the caller trains (policy_lag), in a
         thread of its own with a copy of the agent."""
-        driver, runner = self._k.driver, self._collecting_runner
+        driver, runner, pool = self._kind.driver, self._collecting_runner, self._res.pool
         if self._snapshot is not None:
             load_params(self._snapshot[1].arrays(), self._snapshot[0].arrays())
         runner.call("sample_mode", itr)
         if driver == "in_process":
-            self._flight = ("done", s, self._drive_in_process(s))
+            done = self._program.collect(itr, s)
+            self._flight = _Flight(s, lambda: done)
         elif driver == "worker_agents":
             if self._params is not None:
-                _copy_params(self._params, self._mirror.arrays())
-            self._res.pool.send(Collect(itr, s))
-            self._flight = ("pool", s, None)
-        elif self._o.policy_lag:
+                load_params(self._params, self._mirror.arrays())
+            pool.send(Collect(itr, s))
+            self._flight = _Flight(s, lambda: _merge(pool.gather(range(pool.size))), busy=True)
+        else:
+            serve = functools.partial(
+                _serve_batch, pool, self._sets[s], runner, self._groups, self._group_envs,
+                self._opts.reset_mode == "wait", self._kind.overlap, itr, s,
+                functools.partial(bootstrap, num=self._num, where=self._where))
+            if not self._opts.policy_lag:
+                self._flight = _Flight(s, serve)
+                return
             # The thread gets what it needs, not the sampler: a sampler dropped with a batch
             # in flight is collected (and closed) at once.
             box: dict = {"finished": threading.Event()}
-            thread = threading.Thread(target=_serve_in_thread, daemon=True,
-                                      args=(self._served_args(itr, s), box),
-                                      name=f"sampling-{self.kind}-server")
-            self._flight = ("thread", s, box)
-            thread.start()
-        else:
-            self._flight = ("serve", s, itr)
+            threading.Thread(target=_serve_in_thread, args=(serve, box), daemon=True,
+                             name=f"sampling-{self.kind}-server").start()
+            self._flight = _Flight(s, functools.partial(_thread_result, box), busy=True,
+                                   abort=functools.partial(box["finished"].wait,
+                                                           THREAD_STOP_S))
 
     def _land(self) -> tuple:
         """Wait for the batch :meth:`_launch` started; ``(its buffer set, finished
         episodes)``. Its failure raises here (WorkerError with the remote traceback)."""
-        how, s, x = self._flight
-        if how == "pool":
-            pool = self._res.pool
-            done = _merge(pool.gather(range(pool.size)))
-        elif how == "serve":
-            done = _serve_batch(*self._served_args(x, s))
-        elif how == "thread":
-            while not x["finished"].wait(THREAD_JOIN_SLICE_S):  # Ctrl-C is seen meanwhile
-                pass
-            if "error" in x:
-                raise x["error"]
-            done = x["done"]
-        else:
-            done = x
+        flight = self._flight
+        done = flight.land()
         self._flight = None  # only now: on an error, closing still finds the thread
-        if how != "done" and self._o.max_restarts:
-            self._carry["set"] = s
-            self._recover(s, "batch")
-        return s, done
+        if self._kind.workers and self._opts.max_restarts:
+            self._carry["set"] = flight.s
+            self._recover(flight.s, "batch")
+        return flight.s, done
 
     def _recover(self, s: int | None, during: str) -> list:
         """After a batch (into buffer set ``s``), an evaluation or the start: pad the
@@ -502,7 +517,7 @@ class Sampler:
                     for f in pool.take_failures()]
             self._note(late)
             made += late
-        if self._k.served:  # the restarted envs' episodes start afresh (recurrent state)
+        if self._kind.served:  # the restarted envs' episodes start afresh (recurrent state)
             for w in sorted({r.worker for r in made}):
                 lo, hi = self._slices[w]
                 self._collecting_runner.reset_started(np.ones(hi - lo, bool),
@@ -512,12 +527,6 @@ class Sampler:
     def _note(self, restarts: list) -> None:
         self.restarts.extend(restarts)
         self._unreported.extend(restarts)
-
-    def _served_args(self, itr: int, s: int) -> tuple:
-        """:func:`_serve_batch`'s arguments for a batch into buffer set ``s``."""
-        return (self._res.pool, self._sets[s], self._collecting_runner, self._groups,
-                self._group_envs, self.batch_T, self._o.reset_mode == "wait", self._k.overlap,
-                itr, s)
 
     @contextmanager
     def _collecting(self, what: str) -> Iterator[None]:
@@ -535,6 +544,7 @@ class Sampler:
         except BaseException as e:
             reason = (f"worker {e.worker} failed during {what}" if isinstance(e, WorkerError)
                       else f"{type(e).__name__} during {what}")
+            locate(e)  # an env's or the agent's error in this process says where
             self._close(graceful=False, reason=reason)
             if self._interrupted and not isinstance(e, (SamplerError, KeyboardInterrupt)):
                 # shutdown() from another thread pulled the pipes and processes away.
@@ -544,73 +554,49 @@ class Sampler:
         finally:
             self._busy.release()
 
-    def _drive_in_process(self, s: int) -> list:
-        self._coll.use(s)
-        done = run_batch(self._coll, self._runner, self._guard, self._sets[s])
-        _bootstrap(self._sets[s], self._runner, self.batch_T)
-        return done
-
     # -- evaluation ----------------------------------------------------------------------
-    def evaluate_agent(self, itr: int = 0) -> list:
+    def evaluate_agent(self, itr: int = 0) -> Episodes:
         """Run the agent in eval mode on the eval envs; return finished episodes' TrajInfos.
 
         Stops after ``eval_max_steps`` env steps in all (``// eval_n_envs`` per env) or
-        once ``eval_max_trajectories`` episodes finished, whichever comes first.
+        once ``eval_max_trajectories`` episodes finished, whichever comes first. The list's
+        ``restarts`` holds the workers restarted during it (``max_restarts``).
         """
         self._check_open()
-        if not self._o.eval_n_envs:
+        o = self._opts
+        if not o.eval_n_envs:
             raise ValueError("evaluate_agent needs eval envs: pass eval_n_envs > 0 (and "
                              "eval_env_fn, which defaults to env_fn) to make_sampler")
         with self._collecting("evaluate_agent"):
-            if self._flight is not None and self._flight[0] in ("pool", "thread"):
+            if self._flight is not None and self._flight.busy:
                 # policy_lag: the next batch is being collected; let it finish (it is kept
                 # for the next call) so that the workers are free to evaluate.
-                self._flight = ("done",) + self._land()
-            o = self._o
+                s, done = self._land()
+                self._flight = _Flight(s, lambda: done)
             max_T = o.eval_max_steps // o.eval_n_envs if o.eval_max_steps else UNLIMITED
             max_traj = o.eval_max_trajectories or UNLIMITED
-            first = self._eval_count == 0
-            self._eval_count += 1
             self._runner.call("eval_mode", itr)
-            if self._k.workers:
+            if self._kind.workers:
                 results = self._evaluate_workers(itr, max_T, max_traj)
             else:
-                results = self._evaluate_in_process(max_T, max_traj, first)
+                results = self._program.evaluate(itr, max_T, max_traj)
             results.sort(key=lambda r: (r[0], r[1]))
             episodes = Episodes(results[:max_traj])
-            if self._o.max_restarts:
-                episodes.restarts = self._recover(None, "evaluation")
+            episodes.restarts = self._recover(None, "evaluation") if o.max_restarts else []
             return episodes
-
-    def _evaluate_in_process(self, max_T: int, max_traj: int, first: bool) -> list:
-        o, envs = self._o, self._res.envs
-        if self._ecoll is None:
-            built = [self._spare_eval] if self._spare_eval is not None else []
-            ef = self._num.eval_first
-            for e in range(len(built), o.eval_n_envs // self._eform[1]):
-                built.append(make_env(o.eval_env_fn, env_label(e, self._eform, "eval env", ef),
-                                      "eval_env_fn"))
-                envs.append(built[-1])
-            self._ecoll = collector(built, 0, self._ebufs, *self._eform, batch_T=1,
-                                    wait=False, traj_info=self._new_traj(),
-                                    where=self._where, label="eval env", first=ef,
-                                    seed_base=self._num.eval_base)
-        restart_eval(self._ecoll, self._runner, o.seed, first)
-        return run_eval(self._ecoll, self._runner, None, self._ebufs, max_T, max_traj,
-                        self._ctrl, check=self._guard.check_parent)
 
     def _evaluate_workers(self, itr: int, max_T: int, max_traj: int) -> list:
         """Lockstep: workers report every step; this process counts finished episodes over
         all eval envs and says when to stop, so every kind stops at the same step."""
         pool, runner, ebufs, ctrl = self._res.pool, self._runner, self._ebufs, self._ctrl
-        served, E = self._k.served, self._o.eval_n_envs
+        served, n_eval = self._kind.served, self._opts.eval_n_envs
         if self._params is not None:
-            _copy_params(self._params, self._mirror.arrays())
+            load_params(self._params, self._mirror.arrays())
         ctrl[0] = 0
         pool.send(Evaluate(itr, max_T))
         everyone = range(pool.size)
         if served:
-            runner.reset_started(np.ones(E, bool), ebufs["env_ids"])
+            runner.reset_started(np.ones(n_eval, bool), ebufs["env_ids"])
         finished = 0
         for step in range(max_T + 1):
             pool.wait_obs(everyone)
@@ -623,7 +609,7 @@ class Sampler:
                 pool.release(everyone)
                 break
             if served:
-                runner.act(ebufs, 0, 0, E, False, "action server (eval)")
+                runner.act(ebufs, 0, 0, n_eval, False, "action server (eval)")
             pool.release(everyone)
         return _merge(pool.gather(everyone))
 
@@ -636,13 +622,12 @@ class Sampler:
     def _close(self, graceful: bool, reason: str) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
-        flight = getattr(self, "_flight", None)
-        if flight is not None and flight[0] in ("pool", "thread"):
+        flight = self._flight
+        if flight is not None and flight.busy:
             # policy_lag: a batch nobody will read is being collected. Its workers would
             # finish it before reading a Close (or, waiting for actions, never read one):
             # stop them at once; the action server's thread sees the closed sampler first.
-            if flight[0] == "thread":
-                flight[2]["finished"].wait(THREAD_STOP_S)
+            flight.abort()
             graceful = False
         try:
             self._res.close(graceful)  # complete even when a Ctrl-C interrupts it
@@ -661,7 +646,7 @@ class Sampler:
                 self._busy.release()
         else:
             self._interrupted = True
-            if not self._k.workers:
+            if not self._kind.workers:
                 self._closed_reason = self._closed_reason or "shut down while collecting"
                 return
             self._close(graceful=False, reason="shut down while collecting")
@@ -679,10 +664,6 @@ class Sampler:
         return (f"<Sampler kind={self.kind!r} batch_T={self.batch_T} batch_B={self.batch_B} "
                 f"n_workers={self.n_workers} {state}>")
 
-    def _spare(self) -> dict | None:
-        """The second set of batch buffers (policy_lag), if any."""
-        return self._sets[1] if len(self._sets) > 1 else None
-
     def _make_batch(self, b: dict) -> Batch:
         T = self.batch_T
         obs = tree_map(lambda a: a[:T], b["observation_full"])
@@ -698,14 +679,14 @@ class Sampler:
 
 
 def _serve_batch(pool: Pool, bufs: dict, runner: AgentRunner, groups: list, group_envs: list,
-                 T: int, wait: bool, overlap: bool, itr: int, s: int) -> list:
+                 wait: bool, overlap: bool, itr: int, s: int, bootstrap_fn: Callable) -> list:
     """The action server for one batch into buffer set ``s``: per step, per group of
     workers, wait for observations, act, release (after the next group's observations
     are in, without ``overlap``); then the workers' finished episodes and the bootstrap
     values."""
     pool.send(Collect(itr, s))
     pending = None
-    for t in range(T):
+    for t in range(len(bufs["action"])):
         for workers, (lo, hi) in zip(groups, group_envs):
             pool.wait_obs(workers)
             if pending is not None:
@@ -719,29 +700,30 @@ def _serve_batch(pool: Pool, bufs: dict, runner: AgentRunner, groups: list, grou
     if pending is not None:
         pool.release(pending)
     done = _merge(pool.gather(range(pool.size)))
-    _bootstrap(bufs, runner, T)
+    if "bootstrap_value" in bufs:
+        bootstrap_fn(bufs, runner, 0, len(bufs["env_ids"]))
     return done
 
 
-def _serve_in_thread(args: tuple, box: dict) -> None:
-    """:func:`_serve_batch` beside the caller's training (policy_lag): the result or the
-    error goes into ``box``, then ``box["finished"]`` is set (Sampler._land waits on it;
-    an Event, as a join interrupted by Ctrl-C can leave a thread looking finished)."""
+def _serve_in_thread(serve: Callable[[], list], box: dict) -> None:
+    """``serve()`` beside the caller's training (policy_lag): the result or the error goes
+    into ``box``, then ``box["finished"]`` is set (an Event, as a join interrupted by
+    Ctrl-C can leave a thread looking finished)."""
     try:
-        box["done"] = _serve_batch(*args)
+        box["done"] = serve()
     except BaseException as e:  # noqa: B036 - everything must reach the caller's thread
         box["error"] = e
     finally:
         box["finished"].set()
 
 
-def _bootstrap(bufs: dict, runner: AgentRunner, T: int) -> None:
-    """``bootstrap_value`` of one buffer set, by the agent that collected it (a worker
-    with its own copy computes its envs' values itself)."""
-    if "bootstrap_value" in bufs:
-        v = runner.value(_row(bufs["observation_full"], T), bufs["prev_action_full"][T],
-                         bufs["prev_reward_full"][T], bufs["env_ids"])
-        write_checked(bufs["bootstrap_value"], v, "bootstrap value", "agent.value returned")
+def _thread_result(box: dict) -> list:
+    """Wait for :func:`_serve_in_thread` (in slices: a Ctrl-C is seen meanwhile)."""
+    while not box["finished"].wait(THREAD_JOIN_SLICE_S):
+        pass
+    if "error" in box:
+        raise box["error"]
+    return box["done"]
 
 
 # -- the step deadline (the pool asks; module functions, so that the pool holds no
@@ -769,7 +751,7 @@ def _cut_row(f: Failure, T: int) -> int:
     row = 0
     if f.beat is not None:
         _, phase, t, _ = f.beat
-        row = min(t, T) if phase in (AGENT, STEP, WAIT) else 0
+        row = min(t, T) if phase in (AGENT, STEP, WAIT, HANDED) else 0
     return row if f.step is None else min(row, f.step)
 
 
@@ -799,16 +781,15 @@ def _pad(bufs: dict, lo: int, hi: int, t: int) -> None:
         bufs["bootstrap_value"][cols] = 0
 
 
-def _stuck_text(step_timeout: float, slices: list, eslices: list, width: int,
-                eval_width: int, w: int, phase: int, t: int, j: int, limit: float) -> str:
+def _stuck_text(step_timeout: float, named: list, enamed: list, form: Form, eform: Form,
+                w: int, phase: int, t: int, j: int, limit: float) -> str:
     """What worker w did not finish in time, for its WorkerError (``j``: the column within
-    its slice, the first of a vector env's)."""
-    lo, hi = slices[w]
-    env = (f"envs {lo}..{hi - 1}" if j < 0 else f"env {lo + j}" if width == 1
-           else f"the vector env of envs {lo + j}..{lo + j + width - 1}")
-    e = eslices[w][0] + j
-    eval_env = f"eval env {e}" if eval_width == 1 else \
-        f"the vector env of eval envs {e}..{e + eval_width - 1}"
+    its slice, the first of a vector env's; envs by global index)."""
+    lo, hi = named[w]
+    env = (f"envs {lo}..{hi - 1}" if j < 0 else
+           env_name(lo + j, width=form.width if form.vector else None))
+    eval_env = env_name(enamed[w][0] + max(j, 0), label="eval env",
+                        width=eform.width if eform.vector else None)
     late = "did not return"
     what = {MAKE: f"env_fn() for {env} {late}",
             EVAL_MAKE: f"eval_env_fn() for {eval_env} {late}",
@@ -819,17 +800,13 @@ def _stuck_text(step_timeout: float, slices: list, eslices: list, width: int,
                   f"episode's end)",
             EVAL: f"{eval_env} {late} from its step at evaluation step {t}",
             BATCH_RESET: f"the reset of {env} before a batch {late}",
-            EVAL_RESET: f"the reset of {eval_env} before an evaluation {late}"}[phase]
+            EVAL_RESET: f"the reset of {eval_env} before an evaluation {late}",
+            HANDED: "it did not take up what this process handed it (a command, or the "
+                    "actions of a step): the process is stopped (SIGSTOP, a debugger) or "
+                    "starved of CPU,"}[phase]
     within = (f"{limit:g} s ({ENV_FN_TIMEOUT_FACTOR} x step_timeout)"
               if phase in (MAKE, EVAL_MAKE) else f"step_timeout={step_timeout:g} s")
     return f"{what} within {within}"
-
-
-class _Guard:
-    """What run_batch needs of a link to stop a batch: ``check_parent()``."""
-
-    def __init__(self, check: Callable[[], None]):
-        self.check_parent = check
 
 
 def _closed_check(sampler: Sampler) -> Callable[[], None]:
@@ -863,22 +840,12 @@ def _warn_unmirrored(agent: Any, mirror: Params, server: bool = False) -> None:
                else "the cpu kind runs a copy of the agent in every worker")
         fix = ("or use policy_lag=0 or the 'serial' kind" if server else
                "or use the 'gpu' or 'serial' kind, where this process runs the agent itself")
-        warnings.warn(
-            f"{who}, and this agent holds float arrays outside any torch module "
-            f"({', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}): the copies "
-            f"would keep them at their initial values, whatever the training loop does to "
-            f"them here. Give the agent a shared_arrays() method returning them (a dict of "
-            f"arrays updated in place; it is copied into the copies before each batch), "
-            f"{fix}", stacklevel=4)
-
-
-def _copy_params(dst: dict, src: Any) -> None:
-    for path, arr in tree_leaves(dst):
-        np.copyto(arr, to_numpy(get(src, path)))
-
-
-def _row(tree, t):
-    return tree_map(lambda a: a[t], tree) if is_tree(tree) else tree[t]
+        warn(f"{who}, and this agent holds float arrays outside any torch module "
+             f"({', '.join(frozen[:5])}{', ...' if len(frozen) > 5 else ''}): the copies "
+             f"would keep them at their initial values, whatever the training loop does to "
+             f"them here. Give the agent a shared_arrays() method returning them (a dict of "
+             f"arrays updated in place; it is copied into the copies before each batch), "
+             f"{fix}")
 
 
 def _slices(n: int, workers: int, width: int) -> list:
@@ -886,7 +853,7 @@ def _slices(n: int, workers: int, width: int) -> list:
     return [(lo * width, hi * width) for lo, hi in split(n // width, workers)]
 
 
-def _check_vector(o: Options, form: tuple, eform: tuple) -> None:
+def _check_vector(o: Options, form: Form, eform: Form) -> None:
     """Vector envs: batch_B (eval_n_envs) must be whole vector envs, and wait mode cannot be
     honoured; a clear error before any process starts."""
     for (vector, width), n, name, fn in ((form, o.batch_B, "batch_B", "env_fn"),
@@ -898,7 +865,7 @@ def _check_vector(o: Options, form: tuple, eform: tuple) -> None:
                 f"envs of {width} sub-envs, and each fills {width} columns. Use {name}="
                 f"{max(fit, width)}{f' or {fit + width}' if fit else ''} (or a vector env "
                 f"whose num_envs divides {n})")
-    if form[0] and o.reset_mode == "wait":  # (evaluations never wait)
+    if form.vector and o.reset_mode == "wait":  # (evaluations never wait)
         raise ValueError(
             "reset_mode='wait' cannot be honoured with vector envs: it holds an env whose "
             "episode ended until the next batch, and a vector env steps all its sub-envs "

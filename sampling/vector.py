@@ -17,32 +17,43 @@ step on the reset and put a transition that never happened into the batch: refus
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from .buffers import cast_problem
 from .collector import (
+    BEAT_ENV,
     DECORRELATE,
     EVAL_RESET,
     RESET,
     Collector,
-    TrajInfo,
+    Views,
+    checked_leaf,
+    checked_value,
     mark,
     stream_key,
 )
-from .errors import tag, tagged
+from .errors import env_name, missing_entry, not_a_dict, tag, tagged
 from .spaces import random_action_fn
 from .tree import get, is_tree, path_text, tree_leaves, tree_map
 
-__all__ = ["is_vector", "vector_width", "autoreset_mode", "seeded_reset", "check_vector_step",
-           "vector_infos", "VectorCollector", "collector", "env_label", "random_stepper"]
+__all__ = ["Form", "is_vector", "vector_width", "env_form", "autoreset_mode", "seeded_reset",
+           "check_vector_step", "vector_infos", "VectorCollector", "collector",
+           "random_stepper"]
 
 MODES = ("SameStep", "Disabled")  # the autoreset modes the sampler can honour
 MAKE_WITH = ("make it with gymnasium.make_vec(..., vectorization_mode='sync', "
              "vector_kwargs={'autoreset_mode': gymnasium.vector.AutoresetMode.SAME_STEP}) "
              "(or DISABLED), or set its metadata['autoreset_mode'] to 'SameStep' or "
              "'Disabled' if it behaves that way")
+
+
+class Form(NamedTuple):
+    """What one env from an env_fn is: a vector env or not, and the batch columns it fills
+    (``num_envs`` for a vector env, else 1)."""
+
+    vector: bool = False
+    width: int = 1
 
 
 def is_vector(env: Any) -> bool:
@@ -60,6 +71,14 @@ def vector_width(env: Any) -> int:
         raise ValueError(f"{type(env).__name__} looks like a vector env (it has "
                          f"single_action_space) but its num_envs is {n!r}, not an int >= 1")
     return int(n)
+
+
+def env_form(env: Any, what: str) -> Form:
+    """The :class:`Form` of ``env`` (a vector env must be one the sampler can honour: else
+    an error naming ``what``)."""
+    if is_vector(env):
+        autoreset_mode(env, what)
+    return Form(is_vector(env), vector_width(env))
 
 
 def autoreset_mode(env: Any, what: str) -> str:
@@ -80,10 +99,12 @@ def autoreset_mode(env: Any, what: str) -> str:
         f"{MAKE_WITH[1:]}")
 
 
-def seeded_reset(env: Any, seeds: list) -> tuple:
-    """``env.reset(seed=seeds)``: one seed per sub-env. A vector env whose reset takes one
-    int only (e.g. gymnasium's vector entry points) gets ``seeds[0]`` and seeds its
-    sub-envs from it as it defines."""
+def seeded_reset(env: Any, seeds: list | None) -> tuple:
+    """``env.reset(seed=seeds)``: one seed per sub-env (None: an unseeded reset). A vector
+    env whose reset takes one int only (e.g. gymnasium's vector entry points) gets
+    ``seeds[0]`` and seeds its sub-envs from it as it defines."""
+    if seeds is None:
+        return env.reset()
     try:
         return env.reset(seed=list(seeds))
     except Exception as first:
@@ -147,51 +168,54 @@ def vector_infos(info: Any, width: int, what: str, path: tuple = ()) -> dict:
     return out
 
 
+class Block(NamedTuple):
+    """One vector env's views of one step: its first column and its columns of action,
+    reward, terminated, truncated, done and the next observation (None for trees)."""
+
+    first: int
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    done: np.ndarray
+    next_obs: np.ndarray | None
+
+
 class VectorCollector(Collector):
     """A :class:`Collector` over vector envs of ``width`` sub-envs each: vector env ``v``
     fills columns ``lo + v * width`` to ``lo + (v + 1) * width - 1``, and sub-env ``i`` of it
     is the env of column ``lo + v * width + i`` for every purpose (seeds, episode stats,
     ``env_ids``, messages)."""
 
-    def __init__(self, envs: list, lo: int, bufs: dict, *, width: int, batch_T: int,
-                 wait: bool, traj_info: Callable[[], TrajInfo], where: str,
-                 label: str = "env", spare: dict | None = None, first: int = 0,
-                 seed_base: int = 0):
+    def __init__(self, envs: list, lo: int, bufs: dict, *, width: int, **kw: Any):
         self.width = width
         self.spans = [(v * width, (v + 1) * width) for v in range(len(envs))]
-        super().__init__(envs, lo, bufs, batch_T=batch_T, wait=wait, traj_info=traj_info,
-                         where=where, label=label, spare=spare, first=first,
-                         seed_base=seed_base)
-        if wait:
-            raise ValueError("reset_mode='wait' cannot be honoured with vector envs (a bug: "
-                             "the sampler refuses it first)")
-        self.names = [self._name(v) for v in range(len(envs))]  # for messages
-        self.modes = [autoreset_mode(env, self._name(v)) for v, env in enumerate(envs)]
+        super().__init__(envs, lo, bufs, **kw)
+        self.modes = [autoreset_mode(env, self.vnames[v]) for v, env in enumerate(envs)]
         for v, env in enumerate(envs):
             if vector_width(env) != width:
-                raise ValueError(f"{self._name(v)} has num_envs={vector_width(env)}, but "
+                raise ValueError(f"{self.vnames[v]} has num_envs={vector_width(env)}, but "
                                  f"the first env had {width}: every env from env_fn must "
                                  f"have the same num_envs")
         obs = self.cols["observation_full"]
         # Array observations (the usual case) are written with one type test and one copy.
-        self.obs_array = None if self.obs_tree else ((width,) + obs.shape[2:], obs.dtype)
-        self.keep_final = "final_observation" in self.cols
+        self.obs_form = None if is_tree(obs) else ((width,) + obs.shape[2:], obs.dtype)
 
-    def _bind(self, bufs: dict) -> dict:
+    def _names(self) -> list:
+        # Per vector env too: messages about a whole step name the vector env.
+        self.vnames = [env_name(self.g + a, label=self.label, width=self.width,
+                                where=self.where) for a, _ in self.spans]
+        return super()._names()
+
+    def _bind(self, bufs: dict) -> Views:
         views = super()._bind(bufs)
-        # Per step and vector env, its views (made once: slicing costs as much as a write):
-        # first column, action, reward, terminated, truncated, done, next observation.
-        c = views["cols"]
+        c = views.cols
         obs = c["observation_full"]
-        views["vrows"] = [[(a, c["action"][t, a:b], c["reward"][t, a:b], c["terminated"][t, a:b],
-                            c["truncated"][t, a:b], c["done"][t, a:b],
-                            None if is_tree(obs) else obs[t + 1, a:b])
-                           for a, b in self.spans] for t in range(self.T)]
+        views.blocks = [[Block(a, c["action"][t, a:b], c["reward"][t, a:b],
+                               c["terminated"][t, a:b], c["truncated"][t, a:b],
+                               c["done"][t, a:b], None if is_tree(obs) else obs[t + 1, a:b])
+                         for a, b in self.spans] for t in range(self.T)]
         return views
-
-    def _name(self, v: int) -> str:
-        a = self.g + v * self.width
-        return f"{self.label}s {a}..{a + self.width - 1} (one vector env, {self.where})"
 
     # -- start -------------------------------------------------------------------------
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
@@ -201,14 +225,14 @@ class VectorCollector(Collector):
         for v, env in enumerate(self.envs):
             a, b = self.spans[v]
             mark(self.beat, RESET, 0, a)
-            o, _ = tagged(seeded_reset, f"the first reset of {self._name(v)}", env,
+            o, _ = tagged(seeded_reset, f"the first reset of {self.vnames[v]}", env,
                           [self.seed_of(seed, j) for j in range(a, b)])
             self.write_block(T, v, o, "its first reset")
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for v in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
             mark(self.beat, DECORRELATE, 0, self.spans[v][0])
-            tagged(self._decorrelate, f"decorrelation of {self._name(v)}", v, seed,
+            tagged(self._decorrelate, f"decorrelation of {self.vnames[v]}", v, seed,
                    max_decorrelation_steps)
 
     def _decorrelate(self, v: int, seed: int, max_steps: int) -> None:
@@ -221,16 +245,18 @@ class VectorCollector(Collector):
         random_action = random_action_fn(env.single_action_space, rng)
         prev_a = np.zeros_like(self.cols["prev_action_full"][T, a:b])
         prev_r = np.zeros(b - a, np.float32)
-        for k in range(n_steps):
-            mark(self.beat, DECORRELATE, k, a)
+        for i in range(n_steps):
+            when = f"decorrelation step {i}"
+            mark(self.beat, DECORRELATE, i, a)
             acts = random_action(self.width)
-            o, r, te, tr, info = self._checked_step(v, acts, f"decorrelation step {k}")
+            o, r, te, tr, info = check_vector_step(env.step(acts), self.width,
+                                                   self.vnames[v], when)
             done = te | tr
             prev_a[...], prev_r[...] = acts, r
             prev_a[done], prev_r[done] = 0, 0
-            self.write_block(T, v, o, f"decorrelation step {k}")
+            self.write_block(T, v, o, when)
             if done.any() and self.modes[v] == "Disabled":
-                self._reset_ended(T, v, done, f"decorrelation step {k}")
+                self._reset_ended(T, v, done, when)
         self.cols["prev_action_full"][T, a:b] = prev_a
         self.cols["prev_reward_full"][T, a:b] = prev_r
 
@@ -239,10 +265,9 @@ class VectorCollector(Collector):
         for v, env in enumerate(self.envs):
             a, b = self.spans[v]
             mark(self.beat, EVAL_RESET, 0, a)
-            if first:
-                o, _ = seeded_reset(env, [self.seed_of(seed, j) for j in range(a, b)])
-            else:
-                o, _ = env.reset()
+            seeds = [self.seed_of(seed, j) for j in range(a, b)] if first else None
+            o, _ = tagged(seeded_reset, f"the reset of {self.vnames[v]} before an "
+                                        f"evaluation", env, seeds)
             self.write_block(1, v, o, "the reset before an evaluation")
         self._restarted()
 
@@ -251,37 +276,41 @@ class VectorCollector(Collector):
         """Step every vector env with its columns of ``action[t]``; write rows t and t+1
         with one numpy assignment per field; per-episode work for ended sub-envs only."""
         self.ended.clear()
-        w, names, beat, obs_form = self.width, self.names, self.beat, self.obs_array
+        width, names, beat, obs_form = self.width, self.vnames, self.beat, self.obs_form
+        info_leaves = self.views.info_leaves
         v = 0
         try:
-            for v, (env, (a, act, rew, term, trunc, done, obs)) in enumerate(
-                    zip(self.envs, self.vrows[t])):
+            for v, (env, block) in enumerate(zip(self.envs, self.views.blocks[t])):
                 if beat is not None:
-                    beat[3] = a
+                    beat[BEAT_ENV] = block.first
                 # a copy: an env may keep the actions it gets (the row is overwritten later)
-                o, r, te, tr, info = check_vector_step(env.step(act.copy()), w, names[v], t)
-                rew[...] = r
-                term[...] = te
-                trunc[...] = tr
+                o, r, te, tr, info = check_vector_step(env.step(block.action.copy()), width,
+                                                       names[v], t)
+                if r.dtype.itemsize > 4:  # beyond float32: end_batch refuses the inf
+                    with np.errstate(over="ignore"):
+                        block.reward[...] = r
+                else:
+                    block.reward[...] = r
+                block.terminated[...] = te
+                block.truncated[...] = tr
                 d = te | tr
-                done[...] = d
+                block.done[...] = d
+                obs = block.next_obs
                 if obs is not None and o.__class__ is np.ndarray and (
                         o.shape == obs_form[0] and o.dtype == obs_form[1]):
                     obs[...] = o
                 else:
                     self.write_block(t + 1, v, o, f"step {t} of the batch")
                 ended = np.count_nonzero(d)
-                if self.info_leaves:
+                if info_leaves:
                     self._write_infos(t, v, info, d if ended else None)
                 if ended:
                     self._ends(t, v, o, te, tr, d, info)
         except Exception as e:
-            tag(e, f"{self._name(v)}, step {t} of the batch")
+            tag(e, f"{env_name(self.g + self.spans[v][0], label=self.label, width=width)}, "
+                   f"step {t} of the batch")
             raise
         self._finish_step(t, flags=False)  # this loop wrote terminated, truncated and done
-
-    def _checked_step(self, v: int, actions: np.ndarray, when: str) -> tuple:
-        return check_vector_step(self.envs[v].step(actions), self.width, self.names[v], when)
 
     def _ends(self, t: int, v: int, o: Any, te: np.ndarray, tr: np.ndarray, done: np.ndarray,
               info: Any) -> None:
@@ -295,7 +324,7 @@ class VectorCollector(Collector):
             final = [None if finals is None else finals[i] for i in ended]
             if any(f is None for f in final):
                 raise ValueError(
-                    f"{self._name(v)} ended the episodes of envs "
+                    f"{self.vnames[v]} ended the episodes of envs "
                     f"{[self.g + a + i for i in ended]} at step {t} but "
                     f"its infos have no 'final_obs' for them: in autoreset mode SameStep a "
                     f"vector env returns each final observation in infos['final_obs'] (where "
@@ -310,7 +339,7 @@ class VectorCollector(Collector):
             self.ended.append((j, f, te[i], tr[i]))
         if not same_step:
             tagged(self._reset_ended, f"the masked reset (reset(options={{'reset_mask': "
-                   f"...}})) of {self._name(v)} after step {t} of the batch", t + 1, v, done,
+                   f"...}})) of {self.vnames[v]} after step {t} of the batch", t + 1, v, done,
                    f"the masked reset after step {t}")
 
     def _reset_ended(self, row: int, v: int, done: np.ndarray, when: str) -> None:
@@ -331,43 +360,30 @@ class VectorCollector(Collector):
     def _leaves(self, v: int, o: Any, when: str) -> list:
         """``(path, array)`` per observation leaf, each checked to be exactly
         ``[width] + `` the leaf's shape and dtype."""
-        out = []
-        for path, arr in tree_leaves(self.cols["observation_full"]):
-            field = "observations" + path_text(path)
-            try:
-                x = get(o, path, strict=True)
-            except LookupError:
-                x = None
-            want = (self.width,) + arr.shape[2:]
-            if x is None or is_tree(x) or not isinstance(x, np.ndarray) or (
-                    x.shape != want or x.dtype != arr.dtype):
-                got = (f"shape {x.shape} dtype {x.dtype}" if isinstance(x, np.ndarray)
-                       else "no such entry" if x is None else f"a {type(x).__name__}")
-                raise ValueError(
-                    f"{self._name(v)} returned {field} with {got} at {when}; expected a numpy "
-                    f"array of shape {want} dtype {arr.dtype}: [num_envs] + one sub-env's "
-                    f"observation as on the first one (cast it in the env or a wrapper)")
-            out.append((path, x))
-        return out
+        return [(path, checked_leaf(o, path, (self.width,) + arr.shape[2:], arr.dtype,
+                                    self.vnames[v], "observations",
+                                    "([num_envs] + one sub-env's observation, as on the "
+                                    "first one)", when))
+                for path, arr in tree_leaves(self.cols["observation_full"])]
 
     def _write_infos(self, t: int, v: int, info: Any, ended: np.ndarray | None) -> None:
         """The numeric ``[width]`` info entries the probe saw, into env_info[t]. In SameStep
         mode a sub-env that ended reports its step's info in ``infos["final_info"]`` (the
         top level holds its reset's): that is what single envs record at that step."""
         a, b = self.spans[v]
+        when = f"step {t} of the batch"
         if not isinstance(info, dict):
-            raise TypeError(f"{self._name(v)} returned infos of type {type(info).__name__} "
-                            f"at step {t}; a vector env's infos is a dict")
+            raise TypeError(not_a_dict(self.vnames[v], "infos", info, when))
         final = None
         if ended is not None and self.modes[v] == "SameStep":
             final = info.get("final_info")
             if not isinstance(final, dict):
                 raise ValueError(
-                    f"{self._name(v)} ended episodes at step {t} but its infos have no "
+                    f"{self.vnames[v]} ended episodes at step {t} but its infos have no "
                     f"'final_info' dict: in autoreset mode SameStep a vector env returns the "
                     f"ended sub-envs' step infos there (and their reset infos at the top "
                     f"level)")
-        for path, arr, _ in self.info_leaves:
+        for path, arr, _ in self.views.info_leaves:
             want = (self.width,) + arr.shape[2:]
             x = self._info_entry(info, path, t, v, want, arr.dtype, "infos",
                                  missing_ok=final is not None and bool(ended.all()))
@@ -378,27 +394,18 @@ class VectorCollector(Collector):
             arr[t, a:b] = x
 
     def _info_entry(self, info: dict, path: tuple, t: int, v: int, want: tuple, dtype: Any,
-                    where: str, missing_ok: bool = False) -> Any:
+                    field: str, missing_ok: bool = False) -> Any:
         """``info`` at ``path``, checked to be a ``want``-shaped array castable to ``dtype``
         exactly (None if missing and ``missing_ok``)."""
-        key = "/".join(map(str, path))
+        field += path_text(path)
+        when = f"step {t} of the batch"
         try:
             x = get(info, path, strict=True)
         except LookupError:
             if missing_ok:
                 return None
-            raise ValueError(
-                f"{self._name(v)} returned no {where} {key!r} at step {t}; it had it on the "
-                f"probe step, and a batch cannot tell a missing entry from 0. Report the "
-                f"entry at every step") from None
-        problem = (f"{type(x).__name__}, not a numpy array" if not isinstance(x, np.ndarray)
-                   else f"shape {x.shape}, not {want}" if x.shape != want
-                   else cast_problem(x, dtype))
-        if problem:
-            raise TypeError(f"{self._name(v)} returned {where} {key!r} at step {t}: {problem}; "
-                            f"expected {dtype} of shape {want} as on the probe step")
-        return x
-
+            raise ValueError(missing_entry(self.vnames[v], field, when)) from None
+        return checked_value(x, want, dtype, self.vnames[v], field, when, "the probe step")
 
 
 def random_stepper(env: Any, seed: int, n_actions: int) -> Callable[[], None]:
@@ -424,20 +431,9 @@ def random_stepper(env: Any, seed: int, n_actions: int) -> Callable[[], None]:
     return step
 
 
-def env_label(v: int, form: tuple, label: str = "env", first: int = 0) -> str:
-    """How messages name env ``v`` of a ``(vector, width)`` form whose envs' global
-    indices start at ``first``: "env 3", or for vector envs "envs 4..7 (vector env 1)"."""
-    vector, width = form
-    if not vector:
-        return f"{label} {first + v}"
-    a = first + v * width
-    return f"{label}s {a}..{a + width - 1} (vector env {a // width})"
-
-
-def collector(envs: list, lo: int, bufs: dict, vector: bool, width: int,
-              **kw: Any) -> Collector:
-    """The collector for ``envs``: a :class:`VectorCollector` if they are vector envs of
-    ``width`` sub-envs, else a :class:`Collector`."""
-    if vector:
-        return VectorCollector(envs, lo, bufs, width=width, **kw)
+def collector(envs: list, lo: int, bufs: dict, form: Form, **kw: Any) -> Collector:
+    """The collector for ``envs`` of ``form``: a :class:`VectorCollector` for vector envs,
+    else a :class:`Collector`."""
+    if form.vector:
+        return VectorCollector(envs, lo, bufs, width=form.width, **kw)
     return Collector(envs, lo, bufs, **kw)

@@ -1,9 +1,11 @@
-"""The program every parallel kind's workers run (started by :mod:`sampling.pool`).
+"""The one program that collects, evaluates and bootstraps a slice of envs.
 
-Imports collector, agents, agent_state, pool, tree and vector. A worker owns a slice of envs (and
-of eval envs), writes its columns of the shared batch, and either runs its own copy of the
-agent (the ``worker_agents`` driver) or hands observations to the parent and waits for
-actions (``served``). Commands: :class:`Collect`, :class:`Evaluate`, and the pool's Close.
+Imports collector, agents, agent_state, errors, pool, tree and vector. A :class:`Program` owns
+a slice of envs (and of eval envs), writes its columns of the batch, and either runs an
+agent on them (a ``cpu`` worker's copy, or the serial sampler's own agent) or hands
+observations to the parent and waits for actions (``served``). The pool runs it in each
+worker process (:func:`run`: commands :class:`Collect`, :class:`Evaluate`, the pool's
+Close); the serial sampler runs it in its own process, through a :class:`LocalLink`.
 """
 from __future__ import annotations
 
@@ -16,32 +18,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .agent_state import Params, load_params, reseed, worker_seed
+from .agent_state import Params, check_same_params, load_params, reseed, worker_seed
 from .agents import AgentRunner, write_checked
-from .collector import (
-    AGENT,
-    EVAL,
-    EVAL_MAKE,
-    IDLE,
-    MAKE,
-    STEP,
-    WAIT,
-    Collector,
-    Numbering,
-    make_env,
-    mark,
-)
+from .collector import AGENT, EVAL, EVAL_MAKE, IDLE, MAKE, STEP, WAIT, Numbering, make_env, mark
+from .errors import env_name
 from .pool import POLL_S, Close, Done, Link, Ready
-from .tree import is_tree, tree_leaves, tree_map
-from .vector import collector, env_label
+from .tree import is_tree, tree_map
+from .vector import Form, collector
 
-__all__ = ["WorkerConfig", "Collect", "Evaluate", "run", "run_batch", "run_eval",
-           "restart_eval"]
+__all__ = ["WorkerConfig", "Collect", "Evaluate", "LocalLink", "Program", "run", "bootstrap",
+           "buffer_sets"]
 
 
 @dataclass
 class WorkerConfig:
-    """What one worker needs (sent once, at start)."""
+    """What one program needs (sent once to a worker, at its start)."""
 
     index: int
     env_fn: Callable[[], Any]
@@ -58,12 +49,14 @@ class WorkerConfig:
     envs: tuple                # (lo, hi): its columns of the batch
     eval_envs: tuple           # (lo, hi): its columns of the evaluation buffers
     cpu_affinity: list | None
-    form: tuple = (False, 1)       # (vector, width) of env_fn's envs (see sampling.vector)
-    eval_form: tuple = (False, 1)  # the same for eval_env_fn's
-    rank: int = 0                  # of world_size ranks (see collector.Numbering)
+    form: Form = Form()        # what env_fn's envs are (see sampling.vector)
+    eval_form: Form = Form()   # the same for eval_env_fn's
+    rank: int = 0              # of world_size ranks (see collector.Numbering)
     world_size: int = 1
-    restart: int = 0               # how many times this worker was restarted (fresh seeds)
-    start_set: int = 0             # the buffer set the next batch carries row T from
+    restart: int = 0           # how many times this worker was restarted (fresh seeds)
+    start_set: int = 0         # the buffer set the next batch carries row T from
+    in_process: bool = False   # the serial sampler's: the agent is the user's own
+    where: str = "worker 0"    # who steps these envs, for messages
 
     @property
     def numbering(self) -> Numbering:
@@ -87,165 +80,206 @@ class Evaluate:
     max_steps: int
 
 
-def run_batch(coll: Collector, runner, link, bufs: dict) -> list:
-    """Collect one ``[T, slice]`` batch, with the local agent (``runner``) or, without
-    one, through the parent's action server (``link``)."""
+class LocalLink:
+    """A :class:`~sampling.pool.Link` for a program in this process (serial): no pipe, no
+    beat; ``check_parent()`` raises once the sampler is closed (from another thread), and
+    ``envs`` is the sampler's list of envs to close."""
+
+    beat = None
+
+    def __init__(self, check: Callable[[], None], envs: list):
+        self.check_parent = check
+        self.envs = envs
+
+
+def buffer_sets(arrays: dict, num: Numbering) -> list:
+    """The batch buffer sets of a layout (one, or two with policy_lag), each with its
+    ``env_ids``; the eval buffers get theirs too."""
+    sets = [arrays[key] for key in ("main", "main1") if key in arrays]
+    for bufs in sets:
+        bufs["env_ids"] = num.env_ids()
+    if "eval" in arrays:
+        arrays["eval"]["env_ids"] = num.eval_ids()
+    return sets
+
+
+def run_batch(coll, runner: AgentRunner | None, link: Any, bufs: dict) -> list:
+    """Collect one ``[T, slice]`` batch, with an agent (``runner``) or, without one,
+    through the parent's action server (``link``)."""
     coll.begin_batch()
     lo, hi, wait, where, beat = coll.lo, coll.hi, coll.wait, coll.where, coll.beat
     check_at = perf_counter() + POLL_S
     for t in range(coll.T):
         if runner is None:
-            if beat is not None:
-                mark(beat, WAIT, t)  # the parent computes actions: no deadline runs
+            mark(beat, WAIT, t)  # the parent computes actions (see pool.Pool.hand)
             link.exchange()
         else:
-            if beat is not None:
-                mark(beat, AGENT, t)
+            mark(beat, AGENT, t)
             runner.act(bufs, t, lo, hi, wait, where)
-            if link is not None and perf_counter() > check_at:
-                # A worker with its own agent waits on nobody mid-batch: look for its parent
-                # now and then, so a long batch cannot outlive a killed parent by more than
-                # POLL_S.
+            if perf_counter() > check_at:
+                # With its own agent nobody is waited on mid-batch: look for the parent (or
+                # a shutdown from another thread) now and then, so a long batch cannot
+                # outlive either by more than POLL_S.
                 link.check_parent()
                 check_at = perf_counter() + POLL_S
-        if beat is not None:
-            mark(beat, STEP, t)
+        mark(beat, STEP, t)
         coll.step_envs(t)
     return coll.end_batch()
 
 
-def run_eval(coll: Collector, runner, link, bufs: dict, max_steps: int, max_traj: int,
-             ctrl: np.ndarray, check: Callable[[], None] | None = None) -> list:
-    """Step eval envs until ``max_steps`` or ``max_traj`` finished episodes.
+def run_eval(coll, runner: AgentRunner | None, link: Any, bufs: dict, max_steps: int,
+             max_traj: int, ctrl: np.ndarray, lockstep: bool) -> list:
+    """Step eval envs until ``max_steps`` or ``max_traj`` finished episodes; returns
+    ``(step, env, TrajInfo)`` tuples.
 
-    Returns ``(step, env, TrajInfo)`` tuples. In a worker every step goes through the
-    handoff and the parent decides when to stop (``ctrl[0]``), counting finished episodes
-    over all workers: that lockstep makes evaluation identical in every kind. In this
-    process (no ``link``), ``check()`` runs before every step.
+    In ``lockstep`` (workers) every step goes through the handoff and the parent decides
+    when to stop (``ctrl[0]``), counting finished episodes over all workers: that makes
+    evaluation identical in every kind. In this process, the program counts itself.
     """
     results = []
-    where, beat = coll.where, coll.beat
     for step in range(max_steps + 1):
         coll.begin_batch()
-        if link is not None:
-            mark(beat, IDLE)
+        if lockstep:
+            mark(coll.beat, IDLE)
             link.exchange()
             stop = ctrl[0]
         else:
-            if check is not None:  # in this process: stop if shut down meanwhile
-                check()
+            link.check_parent()  # shut down meanwhile
             stop = step == max_steps or len(results) >= max_traj
         if stop:
             break
         if runner is not None:
-            mark(beat, AGENT, step)
-            runner.act(bufs, 0, coll.lo, coll.hi, False, where)
-        mark(beat, EVAL, step)
+            mark(coll.beat, AGENT, step)
+            runner.act(bufs, 0, coll.lo, coll.hi, False, coll.where)
+        mark(coll.beat, EVAL, step)
         coll.step_envs(0)
         results.extend((step, b, traj) for _, b, traj in coll.end_batch())
     return results
 
 
-def restart_eval(coll: Collector, runner, seed: int, first: bool) -> None:
-    """Reset eval envs at the start of an evaluation (seeded only the first time)."""
-    coll.restart(seed, first)
-    if runner is not None:
-        runner.reset_started(np.ones(coll.n, bool), coll.bufs["env_ids"][coll.lo:coll.hi])
+def bootstrap(bufs: dict, runner: AgentRunner, lo: int, hi: int, num: Numbering,
+              where: str) -> None:
+    """``bootstrap_value`` of envs ``lo:hi``: the agent's value of the observation after
+    the last step (by the agent that collected them)."""
+    T = len(bufs["action"])
+    obs = bufs["observation_full"]
+    rows = tree_map(lambda a: a[T, lo:hi], obs) if is_tree(obs) else obs[T, lo:hi]
+    v = runner.value(rows, bufs["prev_action_full"][T, lo:hi],
+                     bufs["prev_reward_full"][T, lo:hi], bufs["env_ids"][lo:hi])
+    write_checked(bufs["bootstrap_value"][lo:hi], v,
+                  f"bootstrap value for envs {num.first + lo}..{num.first + hi - 1} ({where})",
+                  "agent.value returned")
 
 
-class _Worker:
-    """One worker's state: its envs, collectors, copy of the agent and mirrored params."""
+class Program:
+    """One slice's envs, collectors, agent and mirrored parameters.
 
-    def __init__(self, link: Link, arrays: dict, cfg: WorkerConfig):
+    In a worker (``cfg.in_process`` false) the agent is the worker's own copy: it gets
+    fresh random streams and, before every batch, the parent's parameters. In this
+    process it is the caller's agent, left as it is (``runner`` is the sampler's, and
+    ``spare_eval`` an eval env the sampler built already)."""
+
+    def __init__(self, link: Any, arrays: dict, cfg: WorkerConfig,
+                 runner: AgentRunner | None = None, spare_eval: Any = None):
         self.link, self.cfg, self.arrays = link, cfg, arrays
-        self.sets = [arrays[key] for key in ("main", "main1") if key in arrays]
-        self.bufs, self.ctrl = self.sets[0], arrays["ctrl"]
-        lo, hi = cfg.envs
         num = self.num = cfg.numbering
-        self.where = f"worker {cfg.index}" + (f" of rank {cfg.rank}" * (cfg.world_size > 1))
-        _limit_threads(cfg.torch_threads)
-        if cfg.cpu_affinity is not None and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, cfg.cpu_affinity)
-        # This worker's random streams: global ones (for env_fn and envs that use them)
-        # and, once env_fn may have imported torch, torch's and the agent's own generators.
-        seeds = worker_seed(cfg.seed, num.first + lo, cfg.restart)
-        reseed(None, seeds)
-        width = cfg.form[1]
-        for v in range(lo // width, hi // width):  # one by one: a SIGTERM meanwhile closes
-            mark(link.beat, MAKE, 0, v * width - lo)  # those built so far
-            link.envs.append(make_env(cfg.env_fn, env_label(v, cfg.form, first=num.first)))
-        reseed(cfg.agent, seeds)
-        self.runner = AgentRunner(cfg.agent) if cfg.agent is not None else None
-        for bufs in self.sets:
-            bufs["env_ids"] = num.env_ids()
-        self.coll = collector(list(link.envs), lo, self.bufs, *cfg.form, batch_T=cfg.batch_T,
+        self.sets = buffer_sets(arrays, num)
+        self.ctrl = arrays["ctrl"]
+        self.where = cfg.where
+        lo, hi = cfg.envs
+        if not cfg.in_process:
+            _limit_threads(cfg.torch_threads)
+            if cfg.cpu_affinity is not None and hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(0, cfg.cpu_affinity)
+            # This worker's random streams: global ones (for env_fn and envs that use
+            # them) and, once env_fn may have imported torch, torch's and the agent's.
+            seeds = worker_seed(cfg.seed, num.first + lo, cfg.restart)
+            reseed(None, seeds)
+        self.envs = self._make(cfg.env_fn, cfg.form, lo, hi, num.first, "env", MAKE)
+        if not cfg.in_process:
+            reseed(cfg.agent, seeds)
+        self.runner = runner
+        if runner is None and cfg.agent is not None:
+            self.runner = AgentRunner(cfg.agent)
+        self.coll = collector(list(self.envs), lo, self.sets[0], cfg.form, batch_T=cfg.batch_T,
                               wait=cfg.wait, traj_info=cfg.traj_info, where=self.where,
                               spare=self.sets[1] if len(self.sets) > 1 else None,
-                              first=num.first)
-        self.coll.beat = link.beat
-        self.coll.restart_count = cfg.restart
+                              first=num.first, beat=link.beat, restart=cfg.restart)
         self.coll.use(cfg.start_set)  # a replacement writes where the next batch looks
         self.coll.carry_from(cfg.start_set)
         if self.runner is not None:
             self.runner.call("reset")
         self.coll.reset_all(cfg.seed, cfg.max_decorrelation_steps)
-        _limit_threads(cfg.torch_threads)  # env_fn may have imported torch
         self.params = arrays.get("params")
-        self.mirror = _mirror(self.runner, self.params)
-        self.ecoll, self.first_eval = None, True
+        self.mirror = None
+        if not cfg.in_process:
+            _limit_threads(cfg.torch_threads)  # env_fn may have imported torch
+            self.mirror = _mirror(self.runner, self.params)
+        self.spare_eval, self.ecoll, self.first_eval = spare_eval, None, True
+
+    def _make(self, fn: Callable, form: Form, lo: int, hi: int, first: int, label: str,
+              phase: int, spare: Any = None) -> list:
+        """Build this slice's envs (or eval envs) one by one, each added to ``link.envs``
+        at once: a SIGTERM meanwhile closes those built so far. ``spare``: the first one,
+        built already (and closed by its owner)."""
+        built, width = [] if spare is None else [spare], form.width
+        for v in range(lo // width + len(built), hi // width):
+            mark(self.link.beat, phase, 0, v * width - lo)
+            name = env_name(first + v * width, label=label, width=width if form.vector else None)
+            built.append(make_env(fn, name, "env_fn" if label == "env" else "eval_env_fn"))
+            self.link.envs.append(built[-1])
+        return built
+
+    def _enter_mode(self, mode: str, itr: int) -> None:
+        """A worker's copy takes the parent's parameters, then the mode (in this process
+        the sampler calls the mode on its agent itself)."""
+        if self.runner is not None and not self.cfg.in_process:
+            if self.mirror is not None:
+                load_params(self.mirror.arrays(), self.params)
+            self.runner.call(mode, itr)
 
     def collect(self, itr: int, buf: int) -> list:
+        """One batch into buffer set ``buf``; the finished episodes."""
         runner, bufs, beat = self.runner, self.sets[buf], self.link.beat
         self._enter_mode("sample_mode", itr)
         self.coll.use(buf)
         done = run_batch(self.coll, runner, self.link, bufs)
         if runner is not None and "bootstrap_value" in bufs:
-            lo, hi = self.cfg.envs
-            T = self.coll.T
-            mark(beat, AGENT, T)
-            v = runner.value(_rows(bufs["observation_full"], T, lo, hi),
-                             bufs["prev_action_full"][T, lo:hi],
-                             bufs["prev_reward_full"][T, lo:hi], bufs["env_ids"][lo:hi])
-            write_checked(bufs["bootstrap_value"][lo:hi], v,
-                          f"bootstrap value for envs {self.num.first + lo}.."
-                          f"{self.num.first + hi - 1} ({self.where})",
-                          "agent.value returned")
+            mark(beat, AGENT, self.coll.T)
+            bootstrap(bufs, runner, *self.cfg.envs, self.num, self.where)
         mark(beat, IDLE)
         return done
 
-    def evaluate(self, itr: int, max_steps: int) -> list:
-        cfg, ebufs = self.cfg, self.arrays.get("eval")
+    def evaluate(self, itr: int, max_steps: int, max_traj: int = 0) -> list:
+        """One evaluation; the finished episodes as ``(step, env, TrajInfo)``."""
+        cfg, ebufs = self.cfg, self.arrays["eval"]
         if self.ecoll is None:
-            (elo, ehi), width = cfg.eval_envs, cfg.eval_form[1]
-            built = []
-            for e in range(elo // width, ehi // width):
-                mark(self.link.beat, EVAL_MAKE, 0, e * width - elo)
-                built.append(make_env(cfg.eval_env_fn, env_label(
-                    e, cfg.eval_form, "eval env", self.num.eval_first), "eval_env_fn"))
-                self.link.envs.append(built[-1])
-            ebufs["env_ids"] = self.num.eval_ids()
-            self.ecoll = collector(built, elo, ebufs, *cfg.eval_form, batch_T=1, wait=False,
-                                   traj_info=cfg.traj_info, where=self.where, label="eval env",
-                                   first=self.num.eval_first, seed_base=self.num.eval_base)
-            self.ecoll.beat = self.link.beat
-            self.ecoll.restart_count = cfg.restart
+            (elo, ehi), first = cfg.eval_envs, self.num.eval_base + self.num.eval_first
+            built = self._make(cfg.eval_env_fn, cfg.eval_form, elo, ehi, first, "eval env",
+                               EVAL_MAKE, self.spare_eval)
+            self.ecoll = collector(built, elo, ebufs, cfg.eval_form, batch_T=1, wait=False,
+                                   traj_info=cfg.traj_info, where=self.where,
+                                   label="eval env", first=first, beat=self.link.beat,
+                                   restart=cfg.restart)
         self._enter_mode("eval_mode", itr)
         restart_eval(self.ecoll, self.runner, cfg.seed, self.first_eval)
         self.first_eval = False
-        results = run_eval(self.ecoll, self.runner, self.link, ebufs, max_steps, 0, self.ctrl)
+        results = run_eval(self.ecoll, self.runner, self.link, ebufs, max_steps, max_traj,
+                           self.ctrl, lockstep=not cfg.in_process)
         mark(self.link.beat, IDLE)
         return results
 
-    def _enter_mode(self, mode: str, itr: int) -> None:
-        if self.runner is not None:
-            if self.mirror is not None:
-                load_params(self.mirror.arrays(), self.params)
-            self.runner.call(mode, itr)
+
+def restart_eval(coll, runner: AgentRunner | None, seed: int, first: bool) -> None:
+    """Reset eval envs at the start of an evaluation (seeded only the first time)."""
+    coll.restart(seed, first)
+    if runner is not None:
+        runner.reset_started(np.ones(coll.n, bool), coll.views.bufs["env_ids"][coll.lo:coll.hi])
 
 
 def run(link: Link, arrays: dict, cfg: WorkerConfig) -> None:
     """The worker program: build the envs, say Ready, then serve commands until Close."""
-    worker = _Worker(link, arrays, cfg)
+    program = Program(link, arrays, cfg)
     # Everything built so far lives as long as the worker: keep the cyclic collector
     # from walking it again and again (a full collection mid-batch stalls every worker).
     gc.freeze()
@@ -254,17 +288,13 @@ def run(link: Link, arrays: dict, cfg: WorkerConfig) -> None:
     while True:
         cmd = link.recv()
         if isinstance(cmd, Collect):
-            link.send(Done(worker.collect(cmd.itr, cmd.buf)))
+            link.send(Done(program.collect(cmd.itr, cmd.buf)))
         elif isinstance(cmd, Evaluate):
-            link.send(Done(worker.evaluate(cmd.itr, cmd.max_steps)))
+            link.send(Done(program.evaluate(cmd.itr, cmd.max_steps)))
         elif isinstance(cmd, Close):
             return
         else:
             raise TypeError(f"unknown command {cmd!r} (a bug in the sampler)")
-
-
-def _rows(tree, t, lo, hi):
-    return tree_map(lambda a: a[t, lo:hi], tree) if is_tree(tree) else tree[t, lo:hi]
 
 
 def _limit_threads(n) -> None:
@@ -278,13 +308,5 @@ def _mirror(runner, shared: dict | None) -> Params | None:
     if runner is None or not shared:
         return None
     mirror = Params(runner.agent)
-    own = {path for path, _ in tree_leaves(mirror.arrays())}
-    theirs = {path for path, _ in tree_leaves(shared)}
-    if own != theirs:
-        raise RuntimeError(
-            f"this worker's copy of the agent has parameters {sorted(own - theirs)[:3]} that "
-            f"the parent's lacks, or lacks {sorted(theirs - own)[:3]}: the copy is built "
-            f"differently from the original (e.g. modules made at random or per process). "
-            f"Give the agent a shared_arrays() method that returns the same arrays in every "
-            f"copy")
+    check_same_params(mirror.arrays(), shared, "this worker's copy of the agent")
     return mirror

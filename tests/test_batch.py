@@ -220,11 +220,11 @@ class NoInfoCountingEnv(CountingEnv):
 
 @pytest.mark.parametrize("final_observation", [False, True])
 @pytest.mark.parametrize("T,B,lengths", [(4, 2, (2, 3)), (7, 3, (3, 5, 4)), (5, 4, (1, 1, 6))])
-def test_fast_loop_matches_general_loop(final_observation, T, B, lengths):
+def test_an_env_without_info_gives_the_batches_of_one_with_info(final_observation, T, B,
+                                                                  lengths):
     kw = dict(batch_T=T, batch_B=B, seed=3, final_observation=final_observation)
     with sampling.make_sampler("serial", functools.partial(NoInfoCountingEnv, lengths=lengths),
                                CountingAgent(), **kw) as s:
-        assert s._coll.fast
         fast = [snapshot(s.obtain_samples(i)) for i in range(4)]
     general = collect(env_fn=functools.partial(CountingEnv, lengths=lengths), n=4, **kw)
     for bf, bg in zip(fast, general):

@@ -265,7 +265,7 @@ def test_auto_returns_a_working_sampler_and_logs_its_choice(caplog, no_leaks, ba
             # included) stepped a training env before.
             assert batch.observation[0, :, 0].tolist() == list(range(batch_B))
             assert batch.observation[0, :, 2].tolist() == [0] * batch_B
-    picked = [r.getMessage() for r in caplog.records if r.name == "sampling"
+    picked = [r.getMessage() for r in caplog.records if r.name == "sampling.auto"
               and r.getMessage().startswith("auto picked")]
     assert picked == [f"auto picked {s.kind}: {s.auto_reason}"]
     if batch_B == 1 or n_workers == 1:

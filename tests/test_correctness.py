@@ -235,11 +235,13 @@ def _bad(field, value):
     ("terminated", "False", r"env 1 .*terminated='False' \(str\).*must be bools"),
     ("terminated", None, r"env 1 .*terminated=None"),
     ("truncated", 0, r"env 1 .*truncated=0 \(int\).*return bool\(truncated\)"),
-    ("t", 0.7, r"env 1 .*env_info 't'=0.7 at step 1: dtype float64.*expected int64"),
-    ("t", "3", r"env 1 .*env_info 't'='3' at step 1"),
-    ("t", 2**70, r"env 1 .*env_info 't'=.*beyond int64"),
-    ("score", np.zeros(2), r"env 1 .*env_info 'score'=.*shape \(2,\)"),
-    ("t", _MISSING, r"env 1 .*returned no env_info 't' at step 1.*cannot tell a missing"),
+    ("t", 0.7, r"env 1 .*env_info\['t'\]=0.7 at step 1 of the batch: dtype float64.*"
+               r"expected int64"),
+    ("t", "3", r"env 1 .*env_info\['t'\]='3' at step 1 of the batch"),
+    ("t", 2**70, r"env 1 .*env_info\['t'\]=.*beyond int64"),
+    ("score", np.zeros(2), r"env 1 .*env_info\['score'\]=.*shape \(2,\)"),
+    ("t", _MISSING, r"env 1 .*returned no env_info\['t'\] at step 1 of the batch.*cannot "
+                    r"tell a missing"),
 ])
 def test_wrong_types_from_an_env_are_refused_with_env_field_and_step(kind, field, value,
                                                                      match):
@@ -449,7 +451,8 @@ class HugeInfoEnv(CountingEnv):
     (OldGymStepEnv, TypeError, r"env.step\(\) returned a tuple of 4 .*old gym"),
     (ListInfoEnv, TypeError, r"info of type list; the gymnasium API's info is a dict"),
     (HugeInfoEnv, OverflowError, r"info\['big'\]=1180591620717411303424, beyond int64"),
-    (GraphObsEnv, TypeError, r"observation\[1\] is object.*Variable-size spaces \(Graph"),
+    (GraphObsEnv, TypeError, r"observation\[1\] is object.*Variable-size spaces \(Sequence, "
+                             r"Graph, Text\)"),
     (NoneObsEnv, TypeError, r"observation is object \(array\(None"),
 ])
 def test_envs_off_the_gymnasium_api_get_errors_naming_the_api(kind, env_fn, error, match):

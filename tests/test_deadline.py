@@ -50,7 +50,8 @@ def test_a_stuck_step_is_reported_with_the_workers_stack(kind, start_method, how
     s = _make(kind, start_method, where="step", how=how)
     t0 = time.monotonic()
     err = _expect_stuck(s.obtain_samples,
-                        r"worker 0 \(envs 0\.\.1\): env 1 did not return from its step at "
+                        r"worker 0 \(envs 0\.\.1; eval envs 4\.\.4\): env 1 did not return from "
+                        r"its step at "
                         r"batch step 2 .*within step_timeout=0\.5 s; the worker was killed")
     assert time.monotonic() - t0 < REPORT_BOUND_S
     assert err.worker == 0 and err.envs == [0, 1]
@@ -81,10 +82,11 @@ def test_stuck_start_up_phases_are_reported(kind, where, step_timeout, match):
 @pytest.mark.parametrize("kind", one_per("driver", kinds=PARALLEL))
 def test_a_stuck_eval_env_is_reported(kind):
     eval_env_fn = functools.partial(HangingEnv, safe_pid=os.getpid(), lengths=(50,),
-                                    where="step", stuck_env=4 + 1, after=3)  # eval env 1
+                                    where="step", stuck_env=4 + 1, after=3)  # eval env 5
     with _make(kind, where="none", eval_env_fn=eval_env_fn) as s:
         s.obtain_samples()
-        _expect_stuck(s.evaluate_agent, r"worker 1 \(envs 2\.\.3\): eval env 1 did not "
+        _expect_stuck(s.evaluate_agent, r"worker 1 \(envs 2\.\.3; eval envs 5\.\.5\): eval env 5 "
+                                        r"did not "
                                         r"return from its step at evaluation step 3 within "
                                         r"step_timeout")
 

@@ -623,7 +623,7 @@ def test_rlimit_as_for_real(kind):
 # -- the leak watch itself -----------------------------------------------------------------------
 @pytest.mark.skipif("spawn" not in METHODS, reason="no named semaphores without spawn")
 def test_leak_watch_fails_on_a_left_semaphore(monkeypatch):
-    from sampling.pool import _drop_semaphore_name
+    from sampling.internals import drop_semaphore_name as _drop_semaphore_name
 
     watch = LeakWatch().record(monkeypatch)
     sem = mp.get_context("spawn").Semaphore(0)

@@ -55,7 +55,7 @@ def test_cpu_affinity_is_validated():
     with pytest.raises(ValueError, match="may not use"):
         sampling.make_sampler("cpu", sampling.CartPole, AffinityAgent(), batch_T=2, batch_B=2,
                               cpu_affinity=[[10_000]])
-    with pytest.raises(TypeError, match="one list of CPU ids per worker"):
+    with pytest.raises(TypeError, match="one non-empty list of CPU ids"):
         sampling.make_sampler("cpu", sampling.CartPole, AffinityAgent(), batch_T=2, batch_B=2,
                               cpu_affinity=[0, 1])
 

@@ -276,14 +276,19 @@ class PoisonedAfterFirst(CountingEnv):
         return super().step(action)
 
 
-def test_replacements_that_fail_to_start_use_up_the_budget_and_are_recorded(tmp_path):
+def test_a_replacement_failing_the_same_way_at_the_same_point_is_not_absorbed(tmp_path):
+    """The same-failure rule: the first replacement fails to start (a new failure: absorbed,
+    recorded); the second fails the same way at the same point before finishing a command
+    (deterministic: raised, though the budget had a restart left)."""
     env = functools.partial(PoisonedAfterFirst, str(tmp_path / "mark"))
     with sampler("cpu", env, max_restarts=3) as s:
-        with pytest.raises(WorkerError, match="env_fn fails after the first failure"):
+        with pytest.raises(WorkerError, match=r"env_fn fails after the first failure.* It is "
+                                              r"not absorbed \(max_restarts\): its replacement "
+                                              r"failed the same way at the same point"):
             for _ in s.steps(4):
                 pass
     assert [(r.worker, r.during, r.restart) for r in s.restarts] == [
-        (1, "batch", 1), (1, "start", 2), (1, "start", 3)]
+        (1, "batch", 1), (1, "start", 2)]
 
 
 class SlowInWorker1(CountingEnv):

@@ -107,8 +107,8 @@ def test_numpy_integers_accepted():
      r"eval_max_trajectories must be >= 1"),
     (dict(eval_env_fn=5, eval_n_envs=1, eval_max_steps=5), TypeError,
      r"eval_env_fn must be a zero-argument callable or None"),
-    (dict(cpu_affinity=[[]]), ValueError, r"cpu_affinity must hold a non-empty list"),
-    (dict(cpu_affinity=[0, 1]), TypeError, r"cpu_affinity must be a list with one list"),
+    (dict(cpu_affinity=[[]]), ValueError, r"cpu_affinity must be a list with one non-empty list"),
+    (dict(cpu_affinity=[0, 1]), TypeError, r"cpu_affinity must be a list with one non-empty list"),
     (dict(cpu_affinity=[[100000]]), ValueError, r"cpu_affinity names CPUs \[100000\]"),
 ])
 @pytest.mark.parametrize("kind", one_per("served"))
@@ -416,31 +416,27 @@ def test_good_traj_info(kind, traj_info, cls, no_leaks):
         assert all(t.Extra == 7 for t in trajs)
 
 
-AFF_EXAMPLE = (r"e\.g\. cpu_affinity=\[\[0\], \[1\]\] pins worker 0 to CPU 0 and worker 1 "
-               r"to CPU 1")
-AFF_LIST = r"^cpu_affinity must be a list with one list of CPU ids per worker, " + AFF_EXAMPLE
-AFF_INT = r"^cpu_affinity holds CPU ids, which are ints: "
+AFF = (r"^cpu_affinity must be a list with one non-empty list of CPU ids \(ints >= 0\) per "
+       r"worker, e\.g\. cpu_affinity=\[\[0\], \[1\]\] pins worker 0 to CPU 0 and worker 1 to "
+       r"CPU 1; ")
 
 
 @pytest.mark.parametrize("spec,error,match", [
-    ([[0.7]], TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[0\] is 0\.7 \(float\); {AFF_EXAMPLE}"),
-    ([["1"]], TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[0\] is '1' \(str\); {AFF_EXAMPLE}"),
-    ([[0], [True]], TypeError, rf"{AFF_INT}cpu_affinity\[1\]\[0\] is True \(bool\)"),
-    ([[0, 1.0]], TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[1\] is 1\.0 \(float\)"),
-    ([{0}, {0.5}], TypeError, rf"{AFF_INT}an entry of cpu_affinity\[1\] is 0\.5 \(float\)"),
-    (np.array([[0.0]]), TypeError, rf"{AFF_INT}cpu_affinity\[0\]\[0\] is 0\.0 \(float\)"),
-    ("01", TypeError, rf"{AFF_LIST}; got '01' \(str\)$"),
-    (b"01", TypeError, rf"{AFF_LIST}; got b'01' \(bytes\)$"),
-    (0, TypeError, rf"{AFF_LIST}; got 0 \(int\)$"),
-    ({0: [0]}, TypeError, rf"{AFF_LIST}; got \{{0: \[0\]\}} \(dict\)$"),
-    ([0, 1], TypeError, rf"{AFF_LIST}; cpu_affinity\[0\] is 0 \(int\), not a list of CPU ids"),
-    ([[0], "1"], TypeError, rf"{AFF_LIST}; cpu_affinity\[1\] is '1' \(str\), not a list"),
-    ([], ValueError, r"^cpu_affinity must hold a non-empty list of CPU ids per worker, got "
-                     rf"\[\]; {AFF_EXAMPLE}"),
-    ([[0], []], ValueError, r"^cpu_affinity must hold a non-empty list of CPU ids per worker; "
-                            r"cpu_affinity\[1\] is \[\]"),
-    ([[-1]], ValueError, r"^cpu_affinity holds CPU ids, which are >= 0: cpu_affinity\[0\]\[0\] "
-                         r"is -1"),
+    ([[0.7]], TypeError, rf"{AFF}cpu_affinity\[0\]\[0\] is 0\.7 \(float\), not an int$"),
+    ([["1"]], TypeError, rf"{AFF}cpu_affinity\[0\]\[0\] is '1' \(str\), not an int$"),
+    ([[0], [True]], TypeError, rf"{AFF}cpu_affinity\[1\]\[0\] is True \(bool\), not an int"),
+    ([[0, 1.0]], TypeError, rf"{AFF}cpu_affinity\[0\]\[1\] is 1\.0 \(float\)"),
+    ([{0}, {0.5}], TypeError, rf"{AFF}an entry of cpu_affinity\[1\] is 0\.5 \(float\)"),
+    (np.array([[0.0]]), TypeError, rf"{AFF}cpu_affinity\[0\]\[0\] is 0\.0 \(float\)"),
+    ("01", TypeError, rf"{AFF}got '01' \(str\)$"),
+    (b"01", TypeError, rf"{AFF}got b'01' \(bytes\)$"),
+    (0, TypeError, rf"{AFF}got 0 \(int\)$"),
+    ({0: [0]}, TypeError, rf"{AFF}got \{{0: \[0\]\}} \(dict\)$"),
+    ([0, 1], TypeError, rf"{AFF}cpu_affinity\[0\] is 0 \(int\), not a list of CPU ids"),
+    ([[0], "1"], TypeError, rf"{AFF}cpu_affinity\[1\] is '1' \(str\), not a list"),
+    ([], ValueError, rf"{AFF}got \[\]$"),
+    ([[0], []], ValueError, rf"{AFF}cpu_affinity\[1\] is \[\]$"),
+    ([[-1]], ValueError, rf"{AFF}cpu_affinity\[0\]\[0\] is -1, not >= 0$"),
     ([[0], [100000]], ValueError, r"^cpu_affinity names CPUs \[100000\] that this process may "
                                   r"not use"),
 ])
@@ -461,5 +457,5 @@ def test_cpu_affinity_accepted_forms(no_process_start):
     for spec in ([[cpu]], [(cpu,)], ((cpu, cpu),), [{cpu}], [range(cpu, cpu + 1)],
                  np.array([[cpu]]), [np.array([cpu])], [[np.int64(cpu)]]):
         s = make("serial", cpu_affinity=spec)
-        assert s._o.cpu_affinity == [[cpu]], spec
+        assert s._opts.cpu_affinity == [[cpu]], spec
         s.shutdown()

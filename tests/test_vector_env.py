@@ -340,8 +340,8 @@ def test_num_envs_must_be_a_positive_int():
 
 MID_RUN = {
     "obs_dtype": r"envs 2\.\.3 \(one vector env, worker 1\) returned observations with shape "
-                 r"\(2, 4\) dtype float64 at step 4 of the batch; expected a numpy array of "
-                 r"shape \(2, 4\) dtype float32",
+                 r"\(2, 4\) dtype float64 at step 4 of the batch, expected shape \(2, 4\) "
+                 r"dtype float32",
     "obs_rows": r"envs 2\.\.3 \(one vector env, worker 1\) returned observations with shape "
                 r"\(1, 4\)",
     "reward_list": r"envs 2\.\.3 \(one vector env, worker 1\) returned rewards list",
@@ -441,8 +441,8 @@ def test_a_stuck_vector_env_is_named_by_its_columns(kind):
     with _make(kind, env_fn=functools.partial(HangingVector, None), batch_B=4, batch_T=16,
                step_timeout=1.0) as s:
         with pytest.raises(sampling.WorkerError,
-                           match=r"the vector env of envs 2\.\.3 did not return from its step "
-                                 r"at batch step 3"):
+                           match=r"envs 2\.\.3 \(one vector env\) did not return from its "
+                                 r"step at batch step 3"):
             s.obtain_samples()
 
 

@@ -10,7 +10,7 @@ import importlib
 from typing import Any, Callable
 
 from ..agents import RandomAgent
-from ..collector import close_quietly
+from ..errors import close_all
 from ..vector import autoreset_mode, is_vector, vector_width
 from .errors import BenchError
 
@@ -91,7 +91,7 @@ def check_env(env_fn: Callable[[], Any], name: str) -> Any:
                                  f"{attr!r}: expected a gymnasium-API env")
         return getattr(env, prefix + "observation_space"), getattr(env, prefix + "action_space")
     finally:
-        close_quietly(env)
+        close_all([env])
 
 
 def env_width(env_fn: Callable[[], Any], name: str) -> int:
@@ -107,7 +107,7 @@ def env_width(env_fn: Callable[[], Any], name: str) -> int:
                 raise BenchError(str(e)) from None
         return vector_width(env)
     finally:
-        close_quietly(env)
+        close_all([env])
 
 
 def _make(env_fn: Callable[[], Any], name: str) -> Any:

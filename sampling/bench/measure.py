@@ -21,8 +21,7 @@ import numpy as np
 from ..agents import AgentRunner
 from ..api import make_sampler
 from ..auto import action_pool, agent_call_s, per_worker
-from ..collector import close_quietly
-from ..errors import WorkerError
+from ..errors import WorkerError, close_all
 from ..kinds import KINDS, usable_cpus, worker_count
 from ..pool import Close, Done, Link, Pool, PoolSpec, Ready
 from ..spaces import Box, Discrete
@@ -134,7 +133,7 @@ def env_alone(env_fn: Callable[[], Any], seconds: float = DEFAULT_SECONDS,
     try:
         return _median_rate(_env_chunks(env, seed), seconds)
     finally:
-        close_quietly(env)
+        close_all([env])
 
 
 # -- W envs alone, in W processes ------------------------------------------------------------
