@@ -1,13 +1,14 @@
 """The kinds of sampler: each is a row of :data:`KINDS` naming the driver that runs it.
 
-Imports only the standard library. Rows are checked when this module loads: a row that
+Imports only the standard library and errors. Rows are checked when this module loads: a row that
 no driver can run is an import-time error, not a sampler that hangs.
 """
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
+
+from .errors import warn
 
 __all__ = ["Kind", "KINDS", "DRIVERS", "split", "usable_cpus", "worker_count"]
 
@@ -77,35 +78,31 @@ def split(n: int, parts: int) -> list:
     return out
 
 
-def worker_count(kind: str, batch_B: int, n_workers: int | None, exact: bool = True,
-                 width: int = 1) -> int:
+def worker_count(kind: str, batch_B: int, n_workers: int | None, width: int = 1) -> int:
     """The workers ``kind`` runs ``batch_B`` envs on: ``n_workers``, or by default one per
-    usable CPU; never more than the envs (with a warning if asked for more), and a
-    multiple of the kind's groups. The default (and, with ``exact=False``, ``n_workers``
-    too) is rounded down to one, at least one worker per group. Raises ValueError where
-    the groups cannot be equal. With vector envs of ``width`` sub-envs, a worker's share
-    is whole vector envs: the count is over ``batch_B // width`` of them."""
+    usable CPU rounded down to a multiple of the kind's groups; never more than the envs
+    (with a warning if asked for more). Raises ValueError where the groups cannot be equal.
+    With vector envs of ``width`` sub-envs, a worker's share is whole vector envs: the
+    count is over ``batch_B // width`` of them."""
     k = KINDS[kind]
     if not k.workers:
         return 0
     g, units = k.groups, batch_B // width
     envs = (f"batch_B={batch_B}" if width == 1 else
             f"the {units} vector envs (batch_B={batch_B} / num_envs={width})")
-    one = "one env each" if width == 1 else "one vector env each"
     if units < g:
-        have = (f"batch_B={batch_B}" if width == 1 else
-                f"batch_B={batch_B} / num_envs={width} = {units} vector env"
-                f"{'s' if units != 1 else ''}")
         raise ValueError(f"{kind!r} needs {g} groups of workers, each with at least one env to "
-                         f"step, and {have} cannot make {g}: use batch_B >= {g * width}, or "
+                         f"step, and {envs} cannot make {g}: use batch_B >= {g * width}, or "
                          f"the 'gpu' kind (one group)")
-    n = min(units, usable_cpus()) if n_workers is None else n_workers
-    if n_workers is None or not exact:
+    n = n_workers
+    if n_workers is None:
+        n = min(units, usable_cpus())
         n = max(g, n - n % g)
     if n > units:
-        if exact and n_workers is not None:
-            warnings.warn(f"n_workers={n} > {envs}: using {units} workers ({one}); the "
-                          f"others would have nothing to step", stacklevel=5)
+        if n_workers is not None:
+            warn(f"n_workers={n} > {envs}: using {units} workers (one "
+                 f"{'env' if width == 1 else 'vector env'} each); the others would have "
+                 f"nothing to step")
         n = units - units % g
     if g > 1:
         equal = "two equal groups" if g == 2 else f"{g} equal groups"
@@ -115,12 +112,11 @@ def worker_count(kind: str, batch_B: int, n_workers: int | None, exact: bool = T
                              f"use such an n_workers <= {units if width == 1 else envs}")
         sizes = [s * width for s in group_sizes(units, n, g)]
         if len(set(sizes)) > 1:
-            fix = (f"batch_B divisible by n_workers (e.g. batch_B={n * max(1, units // n)})"
-                   if width == 1 else f"batch_B divisible by n_workers * num_envs (e.g. "
-                   f"batch_B={n * max(1, units // n) * width})")
+            per = "n_workers" if width == 1 else "n_workers * num_envs"
             raise ValueError(f"{kind!r} splits the envs into {equal}: batch_B={batch_B} over "
                              f"n_workers={n} gives groups of {tuple(sizes)} envs; choose "
-                             f"{fix}")
+                             f"batch_B divisible by {per} (e.g. batch_B="
+                             f"{n * max(1, units // n) * width})")
     return n
 
 

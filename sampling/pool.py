@@ -317,7 +317,7 @@ class Pool:
         self.budget -= 1
         self.restarts[w] += 1
         tb = error.remote_traceback or ""
-        log.warning("sampling: restarting worker %d (%d restart%s left) after this failure:\n"
+        log.warning("restarting worker %d (%d restart%s left) after this failure:\n"
                     "%s%s", w, self.budget, "" if self.budget == 1 else "s", tb, error)
         _stop([self.procs[w]])  # a raising worker is exiting anyway: this bounds it
         self.out.add(w)
@@ -601,7 +601,7 @@ def _stop(procs: list) -> None:
     for p in live:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.exitcode is None:
-            log.warning("sampling: worker process %d did not end %.0f s after SIGKILL",
+            log.warning("worker process %d did not end %.0f s after SIGKILL",
                         p.pid, KILL_WAIT_S)
 
 

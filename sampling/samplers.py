@@ -396,7 +396,7 @@ class Sampler:
         self._res.pool.start(PoolSpec(
             program=run, configs=configs, shared=self._res.shared, placed=placed,
             labels=labels, envs=[list(range(lo, hi)) for lo, hi in named],
-            start_method=o.start_method, name=f"sampling-{self.kind}",
+            start_method=o.start_method, name=f"{__package__}-{self.kind}",
             beats=beats,
             deadline=functools.partial(_deadline, o.step_timeout),
             stuck=functools.partial(_stuck_text, o.step_timeout, named, enamed,
@@ -479,7 +479,7 @@ class Sampler:
             # in flight is collected (and closed) at once.
             box: dict = {"finished": threading.Event()}
             threading.Thread(target=_serve_in_thread, args=(serve, box), daemon=True,
-                             name=f"sampling-{self.kind}-server").start()
+                             name=f"{__package__}-{self.kind}-server").start()
             self._flight = _Flight(s, functools.partial(_thread_result, box), busy=True,
                                    abort=functools.partial(box["finished"].wait,
                                                            THREAD_STOP_S))

@@ -19,13 +19,16 @@ from .report import ALL_KINDS, format_report
 
 __all__ = ["main", "DEFAULT_ENV"]
 
-DEFAULT_ENV = "sampling.envs:make_cartpole"
+# The package's own name, as imported (a vendored copy may be third_party.rlsampling).
+PACKAGE = __package__.rpartition(".")[0]
+PROG = f"python -m {PACKAGE}"
+DEFAULT_ENV = f"{PACKAGE}.envs:make_cartpole"
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130  # (2, bad arguments, is argparse's own)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m sampling",
+        prog=PROG,
         description="Run each sampler kind on an env for a few seconds, compare it with the "
                     "env alone, and recommend a kind.")
     p.add_argument("--env", default=DEFAULT_ENV, metavar="ID_OR_FACTORY",
@@ -123,13 +126,16 @@ def main(argv: list | None = None) -> int:
                             start_method=args.start_method, progress=progress, spaces=spaces,
                             width=width)
     except (SamplerError, BenchError) as e:
-        print(f"python -m sampling: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("python -m sampling: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     rep = {"env": args.env, "env_kwargs": env_kwargs, "agent": args.agent,
            "torch_threads": args.torch_threads if args.agent == "mlp" else None, **rep}
     table = format_lag_report if args.policy_lag else format_report
     print(json.dumps(rep, indent=1) if args.json else table(rep))
+    if not args.policy_lag and rep["best"] is None:
+        print(f"{PROG}: error: no kind could run (see the table)", file=sys.stderr)
+        return EXIT_FAILED
     return 0

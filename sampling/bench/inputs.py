@@ -32,7 +32,7 @@ def resolve_env(spec: str, kwargs: dict | None = None) -> Callable[[], Any]:
     if gym is None:
         raise BenchError(f"--env {spec!r} looks like a gymnasium id, but gymnasium is not "
                          f"installed (pip install gymnasium); or pass package.module:factory, "
-                         f"e.g. sampling.envs:make_cartpole")
+                         f"e.g. {__package__.rpartition('.')[0]}.envs:make_cartpole")
     fn = functools.partial(gym.make, spec, **kwargs)
     if spec not in gym.envs.registry:
         import difflib

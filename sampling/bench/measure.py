@@ -8,10 +8,10 @@ is estimated from what the parent can measure, and labelled as an estimate.
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
 import os
 import statistics
 import time
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -23,7 +23,7 @@ from ..api import make_sampler
 from ..auto import action_pool, agent_call_s, per_worker
 from ..errors import WorkerError, close_all
 from ..kinds import KINDS, usable_cpus, worker_count
-from ..pool import Close, Done, Link, Pool, PoolSpec, Ready
+from ..pool import Close, Done, Link, Pool, PoolSpec, Ready, start_method_of
 from ..spaces import Box, Discrete
 from ..vector import is_vector, random_stepper, vector_width
 from .inputs import BenchError, check_env, env_width
@@ -105,6 +105,26 @@ def _vector_env_chunks(env: Any, seed: int) -> Callable[[float], tuple]:
     return chunk
 
 
+def _reference(make: Callable, env: Any, seed: int) -> Callable[[float], tuple]:
+    """``make(env, seed)``'s chunk runner of the env alone, whose failures (there, or in any
+    later chunk) are a BenchError that says so: no sampler ran it."""
+    def failed(e: Exception) -> BenchError:
+        return BenchError(f"the env raised {type(e).__name__}: {e} while stepping alone in "
+                          f"this process (the benchmark's reference, random actions), before "
+                          f"any sampler ran it")
+    try:
+        chunk = make(env, seed)
+    except Exception as e:
+        raise failed(e) from e
+
+    def run(target: float) -> tuple:
+        try:
+            return chunk(target)
+        except Exception as e:
+            raise failed(e) from e
+    return run
+
+
 def _sampler_chunks(s: Any) -> Callable[[float], tuple]:
     """A chunk runner collecting whole batches from sampler ``s``; returns (env steps, dt)."""
     itr = [1]
@@ -131,7 +151,7 @@ def env_alone(env_fn: Callable[[], Any], seconds: float = DEFAULT_SECONDS,
     """
     env = env_fn()
     try:
-        return _median_rate(_env_chunks(env, seed), seconds)
+        return _median_rate(_reference(_env_chunks, env, seed), seconds)
     finally:
         close_all([env])
 
@@ -282,7 +302,7 @@ def handoff_us(kind: str, n_workers: int, *, seconds: float = 0.5,
     """Microseconds per batch step of ``kind`` with a no-op env and agent, one env per
     worker: the action server's observation -> action round trip, sampler bookkeeping
     included."""
-    W = worker_count(kind, 2 * n_workers, n_workers, exact=False)
+    W = _whole_groups(kind, n_workers)
     with make_sampler(kind, _NoopEnv, _ZeroPolicy(), batch_T=HANDOFF_T, batch_B=W,
                       n_workers=W, start_method=start_method) as s:
         s.obtain_samples(0)
@@ -350,10 +370,18 @@ def _worker_counts(kinds: Sequence[str], batch_B: int, W: int, width: int) -> di
     out: dict = {}
     for kind in kinds:
         try:
-            out[kind] = worker_count(kind, batch_B, W, exact=False, width=width)
+            with warnings.catch_warnings():  # more workers than envs: the kind uses fewer
+                warnings.simplefilter("ignore")
+                out[kind] = worker_count(kind, batch_B, _whole_groups(kind, W), width=width)
         except ValueError as e:
             out[kind] = str(e)
     return out
+
+
+def _whole_groups(kind: str, n: int) -> int:
+    """``n`` workers rounded down to whole groups of ``kind`` (at least one per group)."""
+    groups = KINDS[kind].groups
+    return max(groups, n - n % groups)
 
 
 def _start_references(stack: ExitStack, env_fn: Callable, W: int, start_method: str | None,
@@ -362,7 +390,7 @@ def _start_references(stack: ExitStack, env_fn: Callable, W: int, start_method: 
     processes (key "parallel", and those processes)."""
     env = env_fn()
     stack.callback(env.close)
-    chunks: dict = {None: _env_chunks(env, 0)}
+    chunks: dict = {None: _reference(_env_chunks, env, 0)}
     par = None
     if W > 1:
         progress(f"starting {W} processes that step the env alone...")
@@ -502,8 +530,7 @@ def benchmark(env_fn: Callable, agent: Any, *, batch_T: int = 128, batch_B: int 
                     start_method=start_method)
     return {"batch_T": batch_T, "batch_B": batch_B, "workers": W, "usable_cpus": cpus,
             "env_num_envs": width,
-            "start_method": start_method or mp.get_start_method(allow_none=True)
-            or mp.get_context().get_start_method(),
+            "start_method": start_method_of(start_method),
             "seconds_per_kind": seconds, "other_load_cpus": load.other_cpus(),
             "env_alone_steps_per_s": alone, "parallel_env_alone_steps_per_s": par_alone,
             "parallel_env_alone_slowest_steps_per_s": par_slowest,
