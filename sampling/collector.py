@@ -350,8 +350,12 @@ class Collector:
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
 
     def _names(self) -> list:
-        """How messages name each env (per column)."""
+        """How messages name each env (per column), saying who steps it."""
         return [env_name(self.g + j, label=self.label, where=self.where) for j in range(self.n)]
+
+    def name(self, j: int) -> str:
+        """Env j's name alone (where an error happened: its header says who)."""
+        return env_name(self.g + j, label=self.label)
 
     def _bind(self, bufs: dict) -> Views:
         """The views of this slice into one set of batch buffers."""
@@ -398,14 +402,14 @@ class Collector:
         T = self.T
         for j, env in enumerate(self.envs):
             mark(self.beat, RESET, 0, j)
-            o = tagged(env.reset, f"the first reset of {self.names[j]}",
+            o = tagged(env.reset, f"the first reset of {self.name(j)}",
                        seed=self.seed_of(seed, j))[0]
             self.write_obs(T, j, o)
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for j in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
             mark(self.beat, DECORRELATE, 0, j)
-            tagged(self._decorrelate, f"decorrelation of {self.names[j]}",
+            tagged(self._decorrelate, f"decorrelation of {self.name(j)}",
                    j, seed, max_decorrelation_steps)
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
@@ -458,7 +462,7 @@ class Collector:
             for j, w in enumerate(self.waiting):
                 if w:
                     mark(self.beat, BATCH_RESET, 0, j)
-                    o = tagged(self.envs[j].reset, f"the reset of {self.names[j]} before a "
+                    o = tagged(self.envs[j].reset, f"the reset of {self.name(j)} before a "
                                                    f"batch")[0]
                     self.write_obs(0, j, o)
                     c["prev_action_full"][0, j] = 0
@@ -515,9 +519,9 @@ class Collector:
                 try:
                     nxt[j][:] = o
                 except (TypeError, ValueError):  # not an array of this shape and dtype
-                    self.write_obs(t + 1, j, o)
+                    self.write_obs(t + 1, j, o, when=f"step {t} of the batch")
         except Exception as e:
-            tag(e, f"{env_name(self.g + j, label=self.label)}, step {t} of the batch")
+            tag(e, f"{self.name(j)}, step {t} of the batch")
             raise
         self._finish_step(t)
 
@@ -555,7 +559,7 @@ class Collector:
         """The observation row t+1 gets after env j's episode ended at step t: the reset's
         (None in wait mode, where the env waits for the next batch)."""
         if self.keep_final:
-            self.write_obs(t, j, o, field="final_observation")
+            self.write_obs(t, j, o, field="final_observation", when=f"step {t} of the batch")
         if self.wait:
             self.waiting[j] = True
             self.ended_as[j] = (te, tr)
@@ -587,7 +591,7 @@ class Collector:
         for j, env in enumerate(self.envs):
             mark(self.beat, EVAL_RESET, 0, j)
             kw = {"seed": self.seed_of(seed, j)} if first else {}
-            o = tagged(env.reset, f"the reset of {self.names[j]} before an evaluation",
+            o = tagged(env.reset, f"the reset of {self.name(j)} before an evaluation",
                        **kw)[0]
             self.write_obs(1, j, o)
         self._restarted()
@@ -607,12 +611,12 @@ class Collector:
             arr[row, j] = 0
 
     def write_obs(self, row: int, j: int, o: Any, field: str = "observation_full",
-                  name: str = "observation") -> None:
+                  name: str = "observation", when: str | None = None) -> None:
         """Write env j's observation into ``field[row, j]``, checked (``name``: what the
-        env returned it as, for messages)."""
+        env returned it as, and ``when``, for messages)."""
         for path, arr in tree_leaves(self.cols[field]):
             arr[row, j] = checked_leaf(o, path, arr.shape[2:], arr.dtype, self.names[j],
-                                       name, "as on its first observation")
+                                       name, "as on its first observation", when)
 
     def _reward(self, j: int, t: int, r: Any) -> float:
         return check_reward(r, self.names[j], f"step {t} of the batch")

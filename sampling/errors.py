@@ -87,9 +87,12 @@ def tag(e: BaseException, where: str) -> None:
 
 
 def where_text(e: BaseException) -> str:
-    """`` (in <where>)`` for a tagged exception whose message does not say it already."""
-    where = getattr(e, "sampling_where", None)
-    return f" (in {where})" if where and where not in str(e) else ""
+    """`` (in <where>)`` for a tagged exception whose message does not say it already (the
+    sampler's own checks name the env and the step themselves)."""
+    where, text = getattr(e, "sampling_where", None), str(e)
+    if not where or all(part in text for part in where.split(", ")):
+        return ""
+    return f" (in {where})"
 
 
 def locate(e: BaseException) -> None:

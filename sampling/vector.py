@@ -207,6 +207,10 @@ class VectorCollector(Collector):
                                 where=self.where) for a, _ in self.spans]
         return super()._names()
 
+    def vname(self, v: int) -> str:
+        """Vector env v's name alone (where an error happened: its header says who)."""
+        return env_name(self.g + self.spans[v][0], label=self.label, width=self.width)
+
     def _bind(self, bufs: dict) -> Views:
         views = super()._bind(bufs)
         c = views.cols
@@ -225,14 +229,14 @@ class VectorCollector(Collector):
         for v, env in enumerate(self.envs):
             a, b = self.spans[v]
             mark(self.beat, RESET, 0, a)
-            o, _ = tagged(seeded_reset, f"the first reset of {self.vnames[v]}", env,
+            o, _ = tagged(seeded_reset, f"the first reset of {self.vname(v)}", env,
                           [self.seed_of(seed, j) for j in range(a, b)])
             self.write_block(T, v, o, "its first reset")
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
         for v in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
             mark(self.beat, DECORRELATE, 0, self.spans[v][0])
-            tagged(self._decorrelate, f"decorrelation of {self.vnames[v]}", v, seed,
+            tagged(self._decorrelate, f"decorrelation of {self.vname(v)}", v, seed,
                    max_decorrelation_steps)
 
     def _decorrelate(self, v: int, seed: int, max_steps: int) -> None:
@@ -266,7 +270,7 @@ class VectorCollector(Collector):
             a, b = self.spans[v]
             mark(self.beat, EVAL_RESET, 0, a)
             seeds = [self.seed_of(seed, j) for j in range(a, b)] if first else None
-            o, _ = tagged(seeded_reset, f"the reset of {self.vnames[v]} before an "
+            o, _ = tagged(seeded_reset, f"the reset of {self.vname(v)} before an "
                                         f"evaluation", env, seeds)
             self.write_block(1, v, o, "the reset before an evaluation")
         self._restarted()
@@ -307,8 +311,7 @@ class VectorCollector(Collector):
                 if ended:
                     self._ends(t, v, o, te, tr, d, info)
         except Exception as e:
-            tag(e, f"{env_name(self.g + self.spans[v][0], label=self.label, width=width)}, "
-                   f"step {t} of the batch")
+            tag(e, f"{self.vname(v)}, step {t} of the batch")
             raise
         self._finish_step(t, flags=False)  # this loop wrote terminated, truncated and done
 
@@ -335,11 +338,12 @@ class VectorCollector(Collector):
             j = a + i
             if self.keep_final:
                 self.write_obs(t, j, f, field="final_observation",
-                               name="infos['final_obs']" if same_step else "observation")
+                               name="infos['final_obs']" if same_step else "observation",
+                               when=f"step {t} of the batch")
             self.ended.append((j, f, te[i], tr[i]))
         if not same_step:
             tagged(self._reset_ended, f"the masked reset (reset(options={{'reset_mask': "
-                   f"...}})) of {self.vnames[v]} after step {t} of the batch", t + 1, v, done,
+                   f"...}})) of {self.vname(v)} after step {t} of the batch", t + 1, v, done,
                    f"the masked reset after step {t}")
 
     def _reset_ended(self, row: int, v: int, done: np.ndarray, when: str) -> None:
