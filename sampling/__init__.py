@@ -2,12 +2,13 @@
 
 rlpyt's sampler family (serial, cpu, gpu, alternating, no_overlap_alternating) on the
 standard library's multiprocessing and shared memory; numpy and cloudpickle only.
-Importing the package has no side effects and imports neither torch nor gymnasium.
+Importing the package has no side effects and imports neither torch nor gymnasium. The
+built-in envs (:mod:`.envs`: ``CartPole``, ``VectorCartPole``) are imported on first use:
+the core never needs them, so a vendored copy may drop them, as it may drop ``bench/``.
 """
 from .agents import RandomAgent
 from .api import make_sampler
 from .collector import Segment, TrajInfo, env_seed
-from .envs import CartPole, VectorCartPole
 from .errors import (
     RemoteTraceback,
     SamplerClosedError,
@@ -27,3 +28,10 @@ __all__ = [
     "SharedMemoryFullError", "RemoteTraceback",
     "usable_cpus", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("CartPole", "VectorCartPole"):  # the built-in envs, on first use
+        from . import envs
+        return getattr(envs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

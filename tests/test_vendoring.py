@@ -74,3 +74,45 @@ def test_python_m_runs_the_vendored_benchmark_on_its_own_cartpole(vendored):
                            cwd=folder, env=env, capture_output=True, text=True,
                            timeout=RUN_TIMEOUT_S)
     assert usage.stdout.startswith("usage: python -m third_party.rlsampling"), usage.stdout
+
+
+CORE_ONLY = """
+import sys
+import numpy as np
+from third_party import rlsampling
+from third_party.rlsampling.spaces import Box, Discrete
+
+
+class Env:  # the user's own env: the built-in ones are gone from this copy
+    observation_space, action_space = Box(-1, 1, (2,), np.float32), Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(2, np.float32), 1.0, False, False, {}
+
+
+if __name__ == "__main__":
+    for kind in rlsampling.KINDS:
+        with rlsampling.make_sampler(kind, Env, lambda obs: np.zeros(len(obs), np.int64),
+                                     batch_T=4, batch_B=2, start_method="spawn") as s:
+            assert s.obtain_samples().reward.sum() == 8.0
+    print("ok")
+"""
+
+
+def test_the_core_works_without_the_built_in_envs_and_the_benchmark(vendored):
+    """envs.py and bench/ are optional: the core never imports them."""
+    folder, env = vendored
+    package = folder / "third_party" / "rlsampling"
+    (package / "envs.py").unlink()
+    shutil.rmtree(package / "bench")
+    script = folder / "core_only.py"
+    script.write_text(CORE_ONLY)
+    proc = subprocess.run([sys.executable, str(script)], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    gone = subprocess.run([sys.executable, "-m", "third_party.rlsampling"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert gone.returncode == 2 and "is not part of this copy" in gone.stderr, gone.stderr
