@@ -21,13 +21,12 @@ from .agents import AgentRunner
 from .kinds import KINDS, usable_cpus, worker_count
 from .pool import start_method_of, unpicklable
 from .probe import Probed, probe
-from .spaces import random_action_fn
-from .tree import is_tree, tree_map
+from .tree import tree_map
 from .vector import Form, random_stepper
 
 __all__ = ["Measurements", "choose_kind", "measure", "predict", "pick", "explain",
            "serial_only", "worker_counts", "ruled_out", "time_env", "agent_call_s",
-           "action_pool", "cpu_can_ship", "HANDOFF_S", "COLLECT_S",
+           "cpu_can_ship", "HANDOFF_S", "COLLECT_S",
            "PROBE_ENV_S", "PROBE_AGENT_S", "PREFER_SIMPLER"]
 
 log = logging.getLogger(__name__)
@@ -260,23 +259,10 @@ def cpu_can_ship(agent: Any, start_method: str | None) -> bool:
     return start_method_of(start_method) == "fork" or unpicklable(agent) is None
 
 
-def action_pool(space: Any, n: int, seed: int) -> list:
-    """``n`` random actions in the form the collector passes to ``env.step``."""
-    a = random_action_fn(space, np.random.default_rng(seed))(n)
-    if isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype.kind in "iub":
-        return a.tolist()
-    if is_tree(a):
-        return [tree_map(lambda v, i=i: v[i], a) for i in range(n)]
-    return list(a)
-
-
 def time_env(env: Any, form: Form) -> float:
     """Seconds per env step of the probe env (random actions; a vector env's step over its
     ``num_envs``): the median of blocks of steps, within ``PROBE_ENV_S``."""
-    if form.vector:
-        step, per_call = random_stepper(env, 0, PROBE_ACTIONS), form.width
-    else:
-        step, per_call = _single_stepper(env), 1
+    step = random_stepper(env, 0, PROBE_ACTIONS)
     t0 = time.perf_counter()
     step()  # the first step can be slow (lazy init)
     first = time.perf_counter() - t0
@@ -287,24 +273,9 @@ def time_env(env: Any, form: Form) -> float:
         t0 = time.perf_counter()
         for _ in range(block):
             step()
-        times.append((time.perf_counter() - t0) / (block * per_call))
-        n += block * per_call
+        times.append((time.perf_counter() - t0) / (block * form.width))
+        n += block * form.width
     return statistics.median(times)
-
-
-def _single_stepper(env: Any) -> Callable[[], None]:
-    """``step()`` steps ``env`` once with random actions drawn beforehand, resetting it at
-    an episode's end."""
-    pool, state = action_pool(env.action_space, PROBE_ACTIONS, 0), [0]
-    env.reset()  # the probe's step may have ended an episode
-
-    def step() -> None:
-        i = state[0]
-        _, _, te, tr, _ = env.step(pool[i])
-        state[0] = (i + 1) % len(pool)
-        if te or tr:
-            env.reset()
-    return step
 
 
 def agent_call_s(agent: Any, obs_space: Any, act_space: Any, sizes: Iterable[int],

@@ -35,8 +35,7 @@ BEAT_SEQ, BEAT_PHASE, BEAT_STEP, BEAT_ENV = range(4)  # the words of a beat
 class Numbering:
     """Global env indices of one rank's sampler, as if the envs of all ``world_size`` ranks
     were one sampler's: training envs first (rank r's are ``r * batch_B`` on), then the eval
-    envs (rank r's are ``r * eval_n`` on among them; ``env_ids`` and seeds put them after
-    every rank's training envs). One rank (the default) numbers from 0."""
+    envs of every rank in turn. One rank (the default) numbers from 0."""
 
     rank: int
     world_size: int
@@ -50,20 +49,14 @@ class Numbering:
 
     @property
     def eval_first(self) -> int:
-        """The index of this rank's first eval env among all ranks' eval envs."""
-        return self.rank * self.eval_n
-
-    @property
-    def eval_base(self) -> int:
-        """Eval env e is global env ``eval_base + e`` (its ``env_ids``, its seed offset)."""
-        return self.world_size * self.batch_B
+        """The global index of this rank's first eval env (its ``env_ids``, its seed)."""
+        return self.world_size * self.batch_B + self.rank * self.eval_n
 
     def env_ids(self) -> np.ndarray:
         return np.arange(self.first, self.first + self.batch_B)
 
     def eval_ids(self) -> np.ndarray:
-        start = self.eval_base + self.eval_first
-        return np.arange(start, start + self.eval_n)
+        return np.arange(self.eval_first, self.eval_first + self.eval_n)
 
 
 def env_seed(seed: int, b: int, restart: int = 0) -> int:

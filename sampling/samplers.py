@@ -387,7 +387,7 @@ class Sampler:
         self._group_envs = [(self._slices[ws[0]][0], self._slices[ws[-1]][1])
                             for ws in self._groups]
         # Messages name envs by their global indices (see collector.Numbering).
-        f, ef = self._num.first, self._num.eval_base + self._num.eval_first
+        f, ef = self._num.first, self._num.eval_first
         named = [(lo + f, hi + f) for lo, hi in self._slices]
         enamed = [(lo + ef, hi + ef) for lo, hi in self._eslices]
         labels = [f"{self._where}: worker {w} (envs {lo}..{hi - 1}"

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Box", "Discrete", "Dict", "random_action_fn"]
+__all__ = ["Box", "Discrete", "Dict", "random_action_fn", "action_pool"]
 
 
 class Discrete:
@@ -127,3 +127,14 @@ def random_action_fn(space: Any, rng: np.random.Generator) -> Callable[[int], An
             return {key: np.stack([x[key] for x in xs]) for key in xs[0]}
         return np.stack([np.asarray(x) for x in xs])
     return sample
+
+
+def action_pool(space: Any, n: int, seed: int) -> list:
+    """``n`` random actions in the form the collector passes to ``env.step`` (Python ints
+    for discrete spaces)."""
+    a = random_action_fn(space, np.random.default_rng(seed))(n)
+    if isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype.kind in "iub":
+        return a.tolist()
+    if isinstance(a, dict):
+        return [{k: v[i] for k, v in a.items()} for i in range(n)]
+    return list(a)

@@ -34,7 +34,7 @@ from .collector import (
     stream_key,
 )
 from .errors import env_name, missing_entry, not_a_dict, tag, tagged
-from .spaces import random_action_fn
+from .spaces import action_pool, random_action_fn
 from .tree import get, is_tree, path_text, tree_leaves, tree_map
 
 __all__ = ["Form", "is_vector", "vector_width", "env_form", "autoreset_mode", "seeded_reset",
@@ -413,26 +413,38 @@ class VectorCollector(Collector):
 
 
 def random_stepper(env: Any, seed: int, n_actions: int) -> Callable[[], None]:
-    """For timing a vector env alone (``auto``'s probe, the benchmark): ``step()`` steps it
-    once with random actions drawn beforehand (``n_actions`` rows, cycled), resetting ended
-    sub-envs in Disabled mode as the sampler does. The env is reset (seeded) here."""
-    width, mode = vector_width(env), autoreset_mode(env, "the env")
+    """For timing an env alone (``auto``'s probe, the benchmark): ``step()`` steps it once
+    with random actions drawn beforehand (``n_actions`` of them, cycled), resetting it (a
+    vector env: its ended sub-envs in Disabled mode) as the sampler does. The env is reset
+    (seeded) here."""
+    form = env_form(env, "the env")
+    if not form.vector:
+        env.reset(seed=seed)
+        actions, i = action_pool(env.action_space, n_actions, seed), -1
+
+        def step() -> None:
+            nonlocal i
+            i = i + 1 if i + 1 < n_actions else 0
+            _, _, te, tr, _ = env.step(actions[i])
+            if te or tr:
+                env.reset()
+        return step
+    width, mode = form.width, autoreset_mode(env, "the env")
     seeded_reset(env, [seed + i for i in range(width)])
     space = env.single_action_space
     rows = random_action_fn(space, np.random.default_rng(seed))(n_actions * width)
     rows = rows.reshape((n_actions, width) + tuple(getattr(space, "shape", None) or ()))
-    state = [0]
+    i = -1
 
-    def step() -> None:
-        i = state[0]
+    def vector_step() -> None:
+        nonlocal i
+        i = i + 1 if i + 1 < n_actions else 0
         _, _, te, tr, _ = env.step(rows[i])
-        state[0] = i + 1 if i + 1 < n_actions else 0
         if mode == "Disabled":
             done = te | tr
             if done.any():
                 env.reset(options={"reset_mask": done})
-
-    return step
+    return vector_step
 
 
 def collector(envs: list, lo: int, bufs: dict, form: Form, **kw: Any) -> Collector:

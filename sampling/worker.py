@@ -254,7 +254,7 @@ class Program:
         """One evaluation; the finished episodes as ``(step, env, TrajInfo)``."""
         cfg, ebufs = self.cfg, self.arrays["eval"]
         if self.ecoll is None:
-            (elo, ehi), first = cfg.eval_envs, self.num.eval_base + self.num.eval_first
+            (elo, ehi), first = cfg.eval_envs, self.num.eval_first
             built = self._make(cfg.eval_env_fn, cfg.eval_form, elo, ehi, first, "eval env",
                                EVAL_MAKE, self.spare_eval)
             self.ecoll = collector(built, elo, ebufs, cfg.eval_form, batch_T=1, wait=False,

@@ -20,11 +20,11 @@ import numpy as np
 
 from ..agents import AgentRunner
 from ..api import make_sampler
-from ..auto import action_pool, agent_call_s, per_worker
+from ..auto import agent_call_s, per_worker
 from ..errors import WorkerError, close_all
 from ..kinds import KINDS, usable_cpus, worker_count
 from ..pool import Close, Done, Link, Pool, PoolSpec, Ready, start_method_of
-from ..spaces import Box, Discrete
+from ..spaces import Box, Discrete, action_pool
 from ..vector import is_vector, random_stepper, vector_width
 from .inputs import BenchError, check_env, env_width
 from .report import ALL_KINDS, ROUNDS, pick_kind, recommendation, spread
