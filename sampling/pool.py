@@ -24,6 +24,7 @@ worker, its envs and what happened.
 """
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import logging
 import multiprocessing as mp
@@ -31,8 +32,10 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
@@ -50,7 +53,7 @@ except ImportError:  # not on every platform
     def sched_yield() -> None:
         pass
 
-__all__ = ["Started", "Ready", "Done", "Failed", "Close", "PoolSpec", "Pool", "Link",
+__all__ = ["Started", "Ready", "Done", "Failed", "Close", "PoolSpec", "Pool", "Resources", "Link",
            "Failure", "worker_entry", "acquire", "sigint_blocked", "start_method_of",
            "unpicklable"]
 
@@ -180,6 +183,71 @@ class Failure:
         """The batch row the error itself names, where it says (a value found bad after
         the step it came from: see collector.end_batch)."""
         return getattr(self.error.__cause__, "sampling_step", None)
+
+
+class Resources:
+    """Everything a sampler (or a vector env) must release: its pool, its shared segment,
+    the envs it built in this process. ``close`` is idempotent and finishes whatever
+    interrupts it; it raises nothing but such an interruption (KeyboardInterrupt), after
+    the release is complete."""
+
+    def __init__(self):
+        self.pool = Pool()
+        self.shared: SharedBuffer | None = None
+        self.envs: list = []  # the envs built in this process (serial's, a spare eval env)
+        self._lock = threading.RLock()  # one close at a time (shutdown() may come from any thread)
+
+    def close(self, graceful: bool = True) -> None:
+        interrupt, failures = None, 0
+        with self._lock:
+            while True:
+                try:
+                    self._release(graceful)
+                    break
+                except BaseException as e:  # noqa: B036 - a Ctrl-C: finish first, raise after
+                    if interrupt is None:
+                        interrupt = e
+                    graceful = False
+                    if isinstance(e, Exception):  # a bug, not an interruption: retry once
+                        failures += 1
+                        if failures > 1:
+                            break
+        if interrupt is not None:
+            raise interrupt
+
+    def _release(self, graceful: bool) -> None:
+        """Release everything. Each step drops what it released only once it is released,
+        so a step interrupted (by KeyboardInterrupt) can simply be run again."""
+        self.pool.stop(graceful)
+        with sigint_blocked():
+            if self.shared is not None:
+                self.shared.close_fd()
+                self.shared.unlink()
+                self.shared = None
+        close_all(self.envs)
+
+    def track(self, owner: Any) -> weakref.finalize:
+        """Close these (forced) when ``owner`` is garbage collected or the interpreter
+        exits with it open; the finalizer, which a normal close detaches."""
+        _open.add(owner)
+        owner._finalizer = weakref.finalize(owner, self.close, False)
+        return owner._finalizer
+
+
+# Owners (samplers, vector envs) not closed yet. multiprocessing's exit hook SIGTERMs
+# daemonic children and then joins them with no time limit: a worker still closing a stuck
+# env would hang the interpreter's exit. This hook, registered after multiprocessing's
+# (imported above; atexit runs hooks last-in first-out), runs first and closes them with the
+# bounded close.
+_open: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    for owner in list(_open):
+        owner._finalizer()
+
+
+atexit.register(_close_at_exit)
 
 
 # -- the parent's side ------------------------------------------------------------------

@@ -45,10 +45,11 @@ class Probed:
     timing: Any = None     # what probe's ``timing`` returned
 
 
-def probe(env_fn: Callable, runner: AgentRunner, seed: int, first_id: int = 0,
+def probe(env_fn: Callable, runner: AgentRunner | None, seed: int, first_id: int = 0,
           bootstrap: bool = False, timing: Callable | None = None) -> Probed:
     """Build one separate env to learn the layout: observation, action, infos; call the
-    agent once (and its ``value`` with ``bootstrap``: what the options will call).
+    agent once, if there is one (and its ``value`` with ``bootstrap``: what the options
+    will call).
 
     Training envs are never stepped before their seeded reset; this env is thrown away
     (``timing(env, form)``, if given, may use it first, e.g. to time its steps). The agent's
@@ -57,7 +58,7 @@ def probe(env_fn: Callable, runner: AgentRunner, seed: int, first_id: int = 0,
     :class:`RngGuard`: the user's random streams (global, and the agent's own generators)
     come out as they went in.
     """
-    with RngGuard(runner.agent):
+    with RngGuard(runner.agent if runner is not None else None):
         return _probe_unguarded(env_fn, runner, seed, first_id, bootstrap, timing)
 
 
@@ -114,10 +115,12 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int, first_id:
                 f"them are fine). Variable-size spaces ({', '.join(VARIABLE_SPACES)}) cannot "
                 f"be batched: wrap the env to return fixed-size arrays")
     env_info = numeric(info, what)  # a vector env's share per sub-env: see vector_infos
-    obs1 = tree_map(lambda x: x[None], obs)
     act_shape, act_dtype = tuple(shape), np.dtype(dtype).str
-    args = (obs1, np.zeros((1,) + act_shape, act_dtype), np.zeros(1, np.float32),
-            np.arange(first_id, first_id + 1))
+    if runner is None:
+        return Probed(obs, act_shape, act_dtype, env_info, {}, obs_space, space, form,
+                      own_processes, timed)
+    args = (tree_map(lambda x: x[None], obs), np.zeros((1,) + act_shape, act_dtype),
+            np.zeros(1, np.float32), np.arange(first_id, first_id + 1))
     action, agent_info = runner.step(*args)
     action = to_numpy(action)
     if action.shape != (1,) + act_shape:

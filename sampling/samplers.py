@@ -1,9 +1,9 @@
 """One sampler class for every kind: batch semantics, and the driver each kind names.
 
 Imports kinds, probe, pool, worker, collector, vector, agents, agent_state, buffers, errors
-and tree. The sampler owns what it must release in :class:`_Resources` (the worker pool,
-the shared segment, the in-process envs), whose ``close`` runs on shutdown, on every error
-path, from a finalizer and at exit. Drivers (see :data:`sampling.kinds.DRIVERS`):
+and tree. The sampler owns what it must release in a :class:`~sampling.pool.Resources` (the
+worker pool, the shared segment, the in-process envs), whose ``close`` runs on shutdown, on
+every error path, from a finalizer and at exit. Drivers (see :data:`sampling.kinds.DRIVERS`):
 
 * ``in_process``: the :class:`~sampling.worker.Program` a worker runs, run here;
 * ``worker_agents``: each worker collects its slice with its own copy of the agent; the
@@ -23,7 +23,6 @@ With ``max_restarts``, the pool absorbs worker failures; after the batch (or eva
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import numbers
@@ -71,7 +70,7 @@ from .errors import (
     warn,
 )
 from .kinds import KINDS, split, worker_count
-from .pool import BEAT_WORDS, POLL_S, Failure, Pool, PoolSpec, sigint_blocked
+from .pool import BEAT_WORDS, POLL_S, Failure, Pool, PoolSpec, Resources
 from .probe import Probed, batch_specs, contents, probe
 from .tree import to_numpy, tree_leaves, tree_map
 from .vector import Form, env_form
@@ -173,62 +172,6 @@ class Options:
 
 
 
-class _Resources:
-    """Everything a sampler must release. ``close`` is idempotent and finishes whatever
-    interrupts it; it raises nothing but such an interruption (KeyboardInterrupt), after
-    the release is complete."""
-
-    def __init__(self):
-        self.pool = Pool()
-        self.shared: SharedBuffer | None = None
-        self.envs: list = []  # the envs built in this process (serial's, a spare eval env)
-        self._lock = threading.RLock()  # one close at a time (shutdown() may come from any thread)
-
-    def close(self, graceful: bool = True) -> None:
-        interrupt, failures = None, 0
-        with self._lock:
-            while True:
-                try:
-                    self._release(graceful)
-                    break
-                except BaseException as e:  # noqa: B036 - a Ctrl-C: finish first, raise after
-                    if interrupt is None:
-                        interrupt = e
-                    graceful = False
-                    if isinstance(e, Exception):  # a bug, not an interruption: retry once
-                        failures += 1
-                        if failures > 1:
-                            break
-        if interrupt is not None:
-            raise interrupt
-
-    def _release(self, graceful: bool) -> None:
-        """Release everything. Each step drops what it released only once it is released,
-        so a step interrupted (by KeyboardInterrupt) can simply be run again."""
-        self.pool.stop(graceful)
-        with sigint_blocked():
-            if self.shared is not None:
-                self.shared.close_fd()
-                self.shared.unlink()
-                self.shared = None
-        close_all(self.envs)
-
-
-# Samplers not closed yet. multiprocessing's exit hook SIGTERMs daemonic children and then
-# joins them with no time limit: a worker still closing a stuck env would hang the
-# interpreter's exit. This hook, registered after multiprocessing's (imported above, and
-# atexit runs hooks last-in first-out), runs first and closes them with the bounded close.
-_open: weakref.WeakSet = weakref.WeakSet()
-
-
-def _close_at_exit() -> None:
-    for sampler in list(_open):
-        sampler._finalizer()
-
-
-atexit.register(_close_at_exit)
-
-
 @dataclass
 class _Flight:
     """A batch started into buffer set ``s`` (see :meth:`Sampler._launch`): ``land()``
@@ -270,10 +213,9 @@ class Sampler:
         self._busy = threading.Lock()  # held while a batch or an evaluation runs
         self._interrupted = False      # shutdown() came while another thread collected
         self._flight: _Flight | None = None  # the batch being collected (see _launch)
-        self._res = _Resources()
+        self._res = Resources()
         self._res.pool.closed = _closed_check(self)
-        self._finalizer = weakref.finalize(self, self._res.close, False)
-        _open.add(self)
+        self._finalizer = self._res.track(self)
         self._runner = AgentRunner(agent)
         try:
             self._setup(env_fn, agent, probed)
