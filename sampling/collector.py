@@ -151,13 +151,13 @@ def env_action(a: Any) -> Any:
 # Types whose values are real numbers a reward may be; others are checked one by one. Bool
 # is an int to Python but never a reward: it is what an env returns when its outputs are
 # out of order.
-_REWARD_TYPES = {float, int, np.float64, np.float32, np.float16, np.int64, np.int32,
+REWARD_TYPES = {float, int, np.float64, np.float32, np.float16, np.int64, np.int32,
                  np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64}
 
 
 def check_reward(r: Any, what: str, when: str) -> float:
     """``r`` as a float if it is a real number (a 0-d numeric array too); else an error."""
-    if r.__class__ in _REWARD_TYPES:
+    if r.__class__ in REWARD_TYPES:
         return r
     if isinstance(r, np.ndarray) and r.shape == () and r.dtype.kind in "iuf":
         return r.item()
@@ -478,7 +478,7 @@ class Collector:
         row, rewards, nxt = views.rows[t], views.rewards[t], views.obs_rows[t + 1]
         acts = row.action.tolist() if self.act_discrete else list(row.action.copy())
         ended, beat, waiting, info_leaves = self.ended, self.beat, self.waiting, views.info_leaves
-        wait, real = self.wait, _REWARD_TYPES
+        wait, real = self.wait, REWARD_TYPES
         ended.clear()
         # Row t-1 of done stays as it is until here: an agent reads it at step t (at t=0,
         # the last row of the previous batch) to learn which episodes start.

@@ -228,10 +228,18 @@ class Resources:
 
     def track(self, owner: Any) -> weakref.finalize:
         """Close these (forced) when ``owner`` is garbage collected or the interpreter
-        exits with it open; the finalizer, which a normal close detaches."""
+        exits with it open; the finalizer, which a normal close detaches. The pool's waits
+        call ``owner._check_open()`` (through a weak reference: a pool holds no reference
+        to its owner, which the finalizer must be able to collect)."""
+        ref = weakref.ref(owner)
+
+        def closed() -> None:
+            live = ref()
+            if live is not None:
+                live._check_open()
+        self.pool.closed = closed
         _open.add(owner)
-        owner._finalizer = weakref.finalize(owner, self.close, False)
-        return owner._finalizer
+        return weakref.finalize(owner, self.close, False)
 
 
 # Owners (samplers, vector envs) not closed yet. multiprocessing's exit hook SIGTERMs

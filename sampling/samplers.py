@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import numbers
 import threading
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -45,15 +44,7 @@ from .agents import AgentRunner
 from .buffers import SharedBuffer, Spec, layout, no_memory_message, spec_of, views
 from .collector import (
     AGENT,
-    BATCH_RESET,
-    DECORRELATE,
-    EVAL,
-    EVAL_MAKE,
-    EVAL_RESET,
     HANDED,
-    IDLE,
-    MAKE,
-    RESET,
     STEP,
     WAIT,
     Numbering,
@@ -65,7 +56,6 @@ from .errors import (
     SamplerError,
     WorkerError,
     close_all,
-    env_name,
     locate,
     warn,
 )
@@ -82,14 +72,13 @@ from .worker import (
     WorkerConfig,
     bootstrap,
     buffer_sets,
+    deadline,
     run,
+    stuck_text,
 )
 
 __all__ = ["Batch", "Episodes", "Options", "Restart", "Sampler"]
 
-# env_fn() builds a simulator (loads assets, compiles, connects): its deadline is this many
-# times step_timeout.
-ENV_FN_TIMEOUT_FACTOR = 10
 # "No limit" for an evaluation's steps and episodes: more than any run takes, within int64.
 UNLIMITED = 2**62
 # Waiting for the action server's thread (policy_lag) in slices this long, so that a
@@ -214,7 +203,6 @@ class Sampler:
         self._interrupted = False      # shutdown() came while another thread collected
         self._flight: _Flight | None = None  # the batch being collected (see _launch)
         self._res = Resources()
-        self._res.pool.closed = _closed_check(self)
         self._finalizer = self._res.track(self)
         self._runner = AgentRunner(agent)
         try:
@@ -340,8 +328,8 @@ class Sampler:
             labels=labels, envs=[list(range(lo, hi)) for lo, hi in named],
             start_method=o.start_method, name=f"{__package__}-{self.kind}",
             beats=beats,
-            deadline=functools.partial(_deadline, o.step_timeout),
-            stuck=functools.partial(_stuck_text, o.step_timeout, named, enamed,
+            deadline=functools.partial(deadline, o.step_timeout),
+            stuck=functools.partial(stuck_text, o.step_timeout, named, enamed,
                                     self._form, self._eform),
             close_timeout=o.shutdown_timeout, max_restarts=o.max_restarts,
             renew=functools.partial(_renew, configs, self._carry)))
@@ -668,16 +656,6 @@ def _thread_result(box: dict) -> list:
     return box["done"]
 
 
-# -- the step deadline (the pool asks; module functions, so that the pool holds no
-# reference to the sampler, which a finalizer must be able to collect) -----------------
-def _deadline(step_timeout: float | None, phase: int) -> float | None:
-    """Seconds a worker may stay in ``phase`` (None: it waits for this process, or there
-    is no deadline: beats only tell where workers are, for max_restarts)."""
-    if step_timeout is None or phase in (IDLE, WAIT):
-        return None
-    return step_timeout * (ENV_FN_TIMEOUT_FACTOR if phase in (MAKE, EVAL_MAKE) else 1)
-
-
 # -- restarts (max_restarts) -------------------------------------------------------------
 def _renew(configs: list, carry: dict, w: int, restart: int) -> WorkerConfig:
     """Worker w's config for its ``restart``-th replacement: fresh seeds, and the buffer
@@ -721,45 +699,6 @@ def _pad(bufs: dict, lo: int, hi: int, t: int) -> None:
         bufs["done"][t:T, cols] = True
     if "bootstrap_value" in bufs:
         bufs["bootstrap_value"][cols] = 0
-
-
-def _stuck_text(step_timeout: float, named: list, enamed: list, form: Form, eform: Form,
-                w: int, phase: int, t: int, j: int, limit: float) -> str:
-    """What worker w did not finish in time, for its WorkerError (``j``: the column within
-    its slice, the first of a vector env's; envs by global index)."""
-    lo, hi = named[w]
-    env = (f"envs {lo}..{hi - 1}" if j < 0 else
-           env_name(lo + j, width=form.width if form.vector else None))
-    eval_env = env_name(enamed[w][0] + max(j, 0), label="eval env",
-                        width=eform.width if eform.vector else None)
-    late = "did not return"
-    what = {MAKE: f"env_fn() for {env} {late}",
-            EVAL_MAKE: f"eval_env_fn() for {eval_env} {late}",
-            RESET: f"the first reset of {env} {late}",
-            DECORRELATE: f"{env} {late} from decorrelation step {t}",
-            AGENT: f"its copy of the agent {late} at batch step {t}",
-            STEP: f"{env} {late} from its step at batch step {t} (or the reset after an "
-                  f"episode's end)",
-            EVAL: f"{eval_env} {late} from its step at evaluation step {t}",
-            BATCH_RESET: f"the reset of {env} before a batch {late}",
-            EVAL_RESET: f"the reset of {eval_env} before an evaluation {late}",
-            HANDED: "it did not take up what this process handed it (a command, or the "
-                    "actions of a step): the process is stopped (SIGSTOP, a debugger) or "
-                    "starved of CPU,"}[phase]
-    within = (f"{limit:g} s ({ENV_FN_TIMEOUT_FACTOR} x step_timeout)"
-              if phase in (MAKE, EVAL_MAKE) else f"step_timeout={step_timeout:g} s")
-    return f"{what} within {within}"
-
-
-def _closed_check(sampler: Sampler) -> Callable[[], None]:
-    """``sampler._check_open`` through a weak reference (see _deadline)."""
-    ref = weakref.ref(sampler)
-
-    def check() -> None:
-        s = ref()
-        if s is not None:
-            s._check_open()
-    return check
 
 
 def _merge(replies: dict) -> list:

@@ -20,14 +20,35 @@ import numpy as np
 
 from .agent_state import Params, check_same_params, load_params, reseed, worker_seed
 from .agents import AgentRunner, write_checked
-from .collector import AGENT, EVAL, EVAL_MAKE, IDLE, MAKE, STEP, WAIT, Numbering, make_env, mark
+from .collector import (
+    AGENT,
+    BATCH_RESET,
+    DECORRELATE,
+    EVAL,
+    EVAL_MAKE,
+    EVAL_RESET,
+    HANDED,
+    IDLE,
+    MAKE,
+    RESET,
+    STEP,
+    WAIT,
+    Numbering,
+    make_env,
+    mark,
+)
 from .errors import env_name
 from .pool import POLL_S, Close, Done, Link, Ready
 from .tree import is_tree, tree_map
 from .vector import Form, collector
 
 __all__ = ["WorkerConfig", "Collect", "Evaluate", "LocalLink", "Program", "run", "bootstrap",
-           "buffer_sets"]
+           "buffer_sets", "limit_threads", "pin", "deadline", "stuck_text",
+           "ENV_FN_TIMEOUT_FACTOR"]
+
+# env_fn() builds a simulator (loads assets, compiles, connects): its deadline is this many
+# times step_timeout.
+ENV_FN_TIMEOUT_FACTOR = 10
 
 
 @dataclass
@@ -188,9 +209,8 @@ class Program:
         self.where = cfg.where
         lo, hi = cfg.envs
         if not cfg.in_process:
-            _limit_threads(cfg.torch_threads)
-            if cfg.cpu_affinity is not None and hasattr(os, "sched_setaffinity"):
-                os.sched_setaffinity(0, cfg.cpu_affinity)
+            limit_threads(cfg.torch_threads)
+            pin(cfg.cpu_affinity)
             # This worker's random streams: global ones (for env_fn and envs that use
             # them) and, once env_fn may have imported torch, torch's and the agent's.
             seeds = worker_seed(cfg.seed, num.first + lo, cfg.restart)
@@ -213,7 +233,7 @@ class Program:
         self.params = arrays.get("params")
         self.mirror = None
         if not cfg.in_process:
-            _limit_threads(cfg.torch_threads)  # env_fn may have imported torch
+            limit_threads(cfg.torch_threads)  # env_fn may have imported torch
             self.mirror = _mirror(self.runner, self.params)
         self.spare_eval, self.ecoll, self.first_eval = spare_eval, None, True
 
@@ -297,10 +317,57 @@ def run(link: Link, arrays: dict, cfg: WorkerConfig) -> None:
             raise TypeError(f"unknown command {cmd!r} (a bug in the sampler)")
 
 
-def _limit_threads(n) -> None:
+def limit_threads(n: int | None) -> None:
+    """torch's threads in this process, if torch is loaded (None: leave them)."""
     torch = sys.modules.get("torch")
     if n is not None and torch is not None:
         torch.set_num_threads(n)
+
+
+def pin(cpus: list | None) -> None:
+    """Pin this process to ``cpus`` (where the platform can)."""
+    if cpus is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+
+
+# -- the step deadline (the pool asks; module functions, so that the pool holds no
+# reference to its owner, which a finalizer must be able to collect) -------------------
+def deadline(step_timeout: float | None, phase: int) -> float | None:
+    """Seconds a worker may stay in ``phase`` (None: it waits for this process, or there
+    is no deadline: beats only tell where workers are, for max_restarts)."""
+    if step_timeout is None or phase in (IDLE, WAIT):
+        return None
+    return step_timeout * (ENV_FN_TIMEOUT_FACTOR if phase in (MAKE, EVAL_MAKE) else 1)
+
+
+def stuck_text(step_timeout: float, named: list, enamed: list, form: Form, eform: Form,
+                w: int, phase: int, t: int, j: int, limit: float) -> str:
+    """What worker w did not finish in time, for its WorkerError (``j``: the column within
+    its slice, the first of a vector env's; envs by global index)."""
+    lo, hi = named[w]
+    env = (f"envs {lo}..{hi - 1}" if j < 0 else
+           env_name(lo + j, width=form.width if form.vector else None))
+    eval_env = env_name(enamed[w][0] + max(j, 0), label="eval env",
+                        width=eform.width if eform.vector else None)
+    late = "did not return"
+    what = {MAKE: f"env_fn() for {env} {late}",
+            EVAL_MAKE: f"eval_env_fn() for {eval_env} {late}",
+            RESET: f"the first reset of {env} {late}",
+            DECORRELATE: f"{env} {late} from decorrelation step {t}",
+            AGENT: f"its copy of the agent {late} at batch step {t}",
+            STEP: f"{env} {late} from its step at batch step {t} (or the reset after an "
+                  f"episode's end)",
+            EVAL: f"{eval_env} {late} from its step at evaluation step {t}",
+            BATCH_RESET: f"the reset of {env} before a batch {late}",
+            EVAL_RESET: f"the reset of {eval_env} before an evaluation {late}",
+            HANDED: "it did not take up what this process handed it (a command, or the "
+                    "actions of a step): the process is stopped (SIGSTOP, a debugger) or "
+                    "starved of CPU,"}[phase]
+    within = (f"{limit:g} s ({ENV_FN_TIMEOUT_FACTOR} x step_timeout)"
+              if phase in (MAKE, EVAL_MAKE) else f"step_timeout={step_timeout:g} s")
+    return f"{what} within {within}"
+
+
 
 
 def _mirror(runner, shared: dict | None) -> Params | None:

@@ -13,7 +13,7 @@ import pytest
 
 import sampling
 from sampling.pool import DEADLINE_POLL_S, POLL_S, STACK_WAIT_S
-from sampling.samplers import ENV_FN_TIMEOUT_FACTOR
+from sampling.worker import ENV_FN_TIMEOUT_FACTOR
 from tests.helpers import METHODS, PARALLEL, CountingAgent, HangingEnv, SlowEnv, one_per
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
