@@ -38,7 +38,7 @@ from .collector import (
     make_env,
     mark,
 )
-from .errors import SamplerClosedError, env_name, locate, not_a_dict
+from .errors import SamplerClosedError, env_name, locate, not_a_dict, tag
 from .kinds import split
 from .pool import BEAT_WORDS, Done, PoolSpec, Ready, Resources, acquire
 from .probe import probe
@@ -98,6 +98,11 @@ class _Stepper:
         self.cols = slice(lo, lo + n)
         self.arrays, self.ctrl = arrays, arrays["ctrl"][cfg.index]
         self.names = [env_name(lo + j) for j in range(n)]
+        obs = arrays["obs"]
+        # Per observation set, per env: a memoryview of its row (1-D array observations;
+        # see collector.Views.obs_rows), else None (the checked path writes it).
+        self.rows = [[memoryview(r) for r in obs[s, self.cols]] if getattr(obs, "ndim", 0) == 3
+                     else None for s in (0, 1)]
         # NEXT_STEP: envs whose episode ended; their next step is a reset. A replacement
         # starts with all of them so, seeded afresh (see VectorEnv._recover), unless the
         # parent resets it at once.
@@ -144,27 +149,31 @@ class _Stepper:
             if beat is not None:
                 mark(beat, STEP, 0, j)
             when = "the reset of its autoreset" if self.pending[j] else "its step"
-            if self.pending[j]:
-                seed = env_seed(self.cfg.seed, self.cfg.lo + j, self.cfg.restart) \
-                    if self.cfg.restart else None
-                o, info = env.reset(seed=seed)
-                self.pending[j] = False
-            else:
-                o, r, te, tr, info = env.step(acts[j])
-                rewards[j] = r if r.__class__ in REWARD_TYPES else check_reward(
-                    r, self.names[j], when)
-                terms[j] = te if te is True or te is False else check_flag(
-                    te, "terminated", self.names[j], when)
-                truncs[j] = tr if tr is True or tr is False else check_flag(
-                    tr, "truncated", self.names[j], when)
-                if terms[j] or truncs[j]:
-                    if same_step:
-                        infos.append((j, None, (o, self._info(j, info, when))))
-                        o, info = env.reset()
-                        when = "the reset of its autoreset"
-                    else:
-                        self.pending[j] = True
-            self._write(s, j, o, info, infos, when)
+            try:
+                if self.pending[j]:
+                    seed = env_seed(self.cfg.seed, self.cfg.lo + j, self.cfg.restart) \
+                        if self.cfg.restart else None
+                    o, info = env.reset(seed=seed)
+                    self.pending[j] = False
+                else:
+                    o, r, te, tr, info = env.step(acts[j])
+                    rewards[j] = r if r.__class__ in REWARD_TYPES else check_reward(
+                        r, self.names[j], when)
+                    terms[j] = te if te is True or te is False else check_flag(
+                        te, "terminated", self.names[j], when)
+                    truncs[j] = tr if tr is True or tr is False else check_flag(
+                        tr, "truncated", self.names[j], when)
+                    if terms[j] or truncs[j]:
+                        if same_step:
+                            infos.append((j, None, (o, self._info(j, info, when))))
+                            o, info = env.reset()
+                            when = "the reset of its autoreset"
+                        else:
+                            self.pending[j] = True
+                self._write(s, j, o, info, infos, when)
+            except Exception as e:
+                tag(e, f"{self.names[j]}, {when}")
+                raise
         arrays["reward"][cols] = rewards
         arrays["terminated"][cols] = terms
         arrays["truncated"][cols] = truncs
@@ -173,11 +182,15 @@ class _Stepper:
 
     def _write(self, s: int, j: int, o: Any, info: Any, infos: list, when: str) -> None:
         """Env j's observation into set ``s``, checked; its info, if any, into ``infos``."""
-        for path, arr in tree_leaves(self.arrays["obs"]):
-            arr[s, self.cols.start + j] = checked_leaf(
-                o, path, arr.shape[2:], arr.dtype, self.names[j], "observation",
-                "as on its first observation", when)
-        info = self._info(j, info, when)
+        try:
+            self.rows[s][j][:] = o
+        except (TypeError, ValueError):  # not a 1-D array of this shape and dtype: checked
+            for path, arr in tree_leaves(self.arrays["obs"]):
+                arr[s, self.cols.start + j] = checked_leaf(
+                    o, path, arr.shape[2:], arr.dtype, self.names[j], "observation",
+                    "as on its first observation", when)
+        if info.__class__ is not dict:
+            info = self._info(j, info, when)
         if info:
             infos.append((j, info, None))
 
@@ -287,8 +300,7 @@ class VectorEnv(_Base):
         """Step every env with its row of ``actions``; returns ``(observations, rewards,
         terminations, truncations, infos)`` as gymnasium does (rewards float64)."""
         self._check_open()
-        self._arrays["action"][...] = _checked_actions(actions, self._arrays["action"],
-                                                       self.single_action_space)
+        _checked_actions(actions, self._arrays["action"], self.single_action_space)
         infos = self._infos(self._round(STEP_CMD))
         a = self._arrays
         return (self._observations(), a["reward"].copy(), a["terminated"].copy(),
@@ -333,7 +345,8 @@ class VectorEnv(_Base):
         a["ctrl"][workers] = [code + (options is not None), self._set]
         pool.release(workers)
         pool.wait_obs(workers)
-        return pool.gather([w for w in workers if a["has_infos"][w]])
+        sent = a["has_infos"].tolist()
+        return pool.gather([w for w in workers if sent[w]]) if any(sent) else {}
 
     def _recover(self, stepping: bool) -> dict:
         """Replace the workers that failed; the rule for their envs, in the step where it
@@ -453,19 +466,22 @@ def _seeds(seed: Any, n: int) -> list:
                     f"of {n} ints or Nones, one per env; got {seed!r:.80}")
 
 
-def _checked_actions(actions: Any, dst: np.ndarray, space: Any) -> np.ndarray:
-    """``actions`` as ``dst``'s shape and dtype, refused before any worker steps: another
-    shape, a cast that changes values, or an integer outside a Discrete, MultiDiscrete or
+def _checked_actions(actions: Any, dst: np.ndarray, space: Any) -> None:
+    """Write ``actions`` into ``dst``, refused before any worker steps: another shape, a
+    cast that changes values, or an integer outside a Discrete, MultiDiscrete or
     MultiBinary space (a Box's bounds are the env's business, as in gymnasium)."""
-    checked = np.empty_like(dst)
-    write_checked(checked, actions, f"step(actions) for {len(dst)} envs", "got")
+    a = actions
+    if a.__class__ is not np.ndarray or a.shape != dst.shape or a.dtype != dst.dtype:
+        a = np.empty_like(dst)
+        write_checked(a, actions, f"step(actions) for {len(dst)} envs", "got")
     if hasattr(space, "nvec") or hasattr(space, "n"):
-        low = np.asarray(getattr(space, "start", 0))
+        low = getattr(space, "start", 0)
         high = low + (np.asarray(space.nvec) if hasattr(space, "nvec")
                       else 2 if getattr(space, "shape", ()) else space.n)
-        bad = (checked < low) | (checked >= high)
-        if bad.any():
-            i = int(np.argwhere(bad)[0][0])
-            raise ValueError(f"step(actions): env {i}'s action {checked[i].tolist()} is "
-                             f"outside its action space {space!r}")
-    return checked
+        if a.min(initial=0) < np.min(low) or a.max(initial=0) >= np.min(high):  # rare: where
+            bad = (a < low) | (a >= high)
+            if bad.any():
+                i = int(np.argwhere(bad)[0][0])
+                raise ValueError(f"step(actions): env {i}'s action {a[i].tolist()} is "
+                                 f"outside its action space {space!r}")
+    dst[...] = a
