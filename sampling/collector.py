@@ -391,19 +391,46 @@ class Collector:
 
     # -- start -------------------------------------------------------------------------
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
-        """First (seeded) reset of every env, then optional random-action decorrelation."""
+        """First (seeded) reset of every env (a vector env's sub-env b: ``seed + b``), then
+        optional random-action decorrelation."""
         T = self.T
-        for j, env in enumerate(self.envs):
-            mark(self.beat, RESET, 0, j)
-            o = tagged(env.reset, f"the first reset of {self.name(j)}",
-                       seed=self.seed_of(seed, j))[0]
-            self.write_obs(T, j, o)
+        for v in range(len(self.envs)):
+            mark(self.beat, RESET, 0, v * self.width)
+            self._reset(v, T, "the first reset", self._seeds(seed, v))
         self.cols["prev_action_full"][T] = 0
         self.cols["prev_reward_full"][T] = 0
-        for j in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
-            mark(self.beat, DECORRELATE, 0, j)
-            tagged(self._decorrelate, f"decorrelation of {self.name(j)}",
-                   j, seed, max_decorrelation_steps)
+        for v in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
+            mark(self.beat, DECORRELATE, 0, v * self.width)
+            tagged(self._decorrelate, f"decorrelation of {self.unit_name(v)}",
+                   v, seed, max_decorrelation_steps)
+
+    def restart(self, seed: int, first: bool) -> None:
+        """Reset every env for an evaluation (seeded ``seed + b`` the first time) into row 1
+        (begin_batch carries it to row 0)."""
+        for v in range(len(self.envs)):
+            mark(self.beat, EVAL_RESET, 0, v * self.width)
+            self._reset(v, 1, "the reset", self._seeds(seed, v) if first else None,
+                        " before an evaluation")
+        c = self.cols
+        c["prev_action_full"][1] = 0
+        c["prev_reward_full"][1] = 0
+        c["done"][...] = False
+        self.waiting = [False] * self.n
+        self.trajs = [self.new_traj() for _ in range(self.n)]
+
+    def _seeds(self, seed: int, v: int) -> list:
+        """The first resets' seeds of env object v's columns."""
+        return [self.seed_of(seed, j) for j in range(v * self.width, (v + 1) * self.width)]
+
+    def _reset(self, v: int, row: int, what: str, seeds: list | None, after: str = "") -> None:
+        """Reset env v (seeded with ``seeds[0]``, if given) into ``row``; errors tagged."""
+        kw = {} if seeds is None else {"seed": seeds[0]}
+        o = tagged(self.envs[v].reset, f"{what} of {self.name(v)}{after}", **kw)[0]
+        self.write_obs(row, v, o, when=what.replace("the", "its", 1))
+
+    def unit_name(self, v: int) -> str:
+        """Env object v's name alone (a vector env's in VectorCollector)."""
+        return self.name(v)
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
         env, T = self.envs[j], self.T
@@ -577,25 +604,6 @@ class Collector:
             if not self.waiting[j] and self.ep_start[j] < self.T:
                 self.trajs[j].update(Segment(env_cols[j], self.ep_start[j], self.T))
         return self.completed
-
-    def restart(self, seed: int, first: bool) -> None:
-        """Reset every env for an evaluation (seeded ``seed + b`` the first time) into row 1
-        (begin_batch carries it to row 0)."""
-        for j, env in enumerate(self.envs):
-            mark(self.beat, EVAL_RESET, 0, j)
-            kw = {"seed": self.seed_of(seed, j)} if first else {}
-            o = tagged(env.reset, f"the reset of {self.name(j)} before an evaluation",
-                       **kw)[0]
-            self.write_obs(1, j, o)
-        self._restarted()
-
-    def _restarted(self) -> None:
-        c = self.cols
-        c["prev_action_full"][1] = 0
-        c["prev_reward_full"][1] = 0
-        c["done"][...] = False
-        self.waiting = [False] * self.n
-        self.trajs = [self.new_traj() for _ in range(self.n)]
 
     # -- writing one env's observation / info ------------------------------------------
     def zero_obs(self, row: int, j: int) -> None:

@@ -89,7 +89,8 @@ def worker_count(kind: str, batch_B: int, n_workers: int | None, width: int = 1)
         return 0
     g, units = k.groups, batch_B // width
     envs = (f"batch_B={batch_B}" if width == 1 else
-            f"the {units} vector envs (batch_B={batch_B} / num_envs={width})")
+            f"the {units} vector env{'s' if units != 1 else ''} (batch_B={batch_B} / "
+            f"num_envs={width})")
     if units < g:
         raise ValueError(f"{kind!r} needs {g} groups of workers, each with at least one env to "
                          f"step, and {envs} cannot make {g}: use batch_B >= {g * width}, or "

@@ -24,8 +24,6 @@ import numpy as np
 from .collector import (
     BEAT_ENV,
     DECORRELATE,
-    EVAL_RESET,
-    RESET,
     Collector,
     Views,
     checked_leaf,
@@ -222,22 +220,12 @@ class VectorCollector(Collector):
         return views
 
     # -- start -------------------------------------------------------------------------
-    def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
-        """First reset of every vector env, sub-env b seeded ``seed + b``; then optional
-        decorrelation (see :meth:`_decorrelate`)."""
-        T = self.T
-        for v, env in enumerate(self.envs):
-            a, b = self.spans[v]
-            mark(self.beat, RESET, 0, a)
-            o, _ = tagged(seeded_reset, f"the first reset of {self.vname(v)}", env,
-                          [self.seed_of(seed, j) for j in range(a, b)])
-            self.write_block(T, v, o, "its first reset")
-        self.cols["prev_action_full"][T] = 0
-        self.cols["prev_reward_full"][T] = 0
-        for v in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
-            mark(self.beat, DECORRELATE, 0, self.spans[v][0])
-            tagged(self._decorrelate, f"decorrelation of {self.vname(v)}", v, seed,
-                   max_decorrelation_steps)
+    def _reset(self, v: int, row: int, what: str, seeds: list | None, after: str = "") -> None:
+        """Reset vector env v (sub-env i seeded ``seeds[i]``, if given) into ``row``."""
+        o, _ = tagged(seeded_reset, f"{what} of {self.vname(v)}{after}", self.envs[v], seeds)
+        self.write_block(row, v, o, what.replace("the", "its", 1))
+
+    unit_name = vname
 
     def _decorrelate(self, v: int, seed: int, max_steps: int) -> None:
         """Sub-envs of one vector env step together, so they take the same number of
@@ -263,17 +251,6 @@ class VectorCollector(Collector):
                 self._reset_ended(T, v, done, when)
         self.cols["prev_action_full"][T, a:b] = prev_a
         self.cols["prev_reward_full"][T, a:b] = prev_r
-
-    def restart(self, seed: int, first: bool) -> None:
-        """Reset every vector env for an evaluation (seeded the first time)."""
-        for v, env in enumerate(self.envs):
-            a, b = self.spans[v]
-            mark(self.beat, EVAL_RESET, 0, a)
-            seeds = [self.seed_of(seed, j) for j in range(a, b)] if first else None
-            o, _ = tagged(seeded_reset, f"the reset of {self.vname(v)} before an "
-                                        f"evaluation", env, seeds)
-            self.write_block(1, v, o, "the reset before an evaluation")
-        self._restarted()
 
     # -- one step ----------------------------------------------------------------------
     def step_envs(self, t: int) -> None:

@@ -247,7 +247,8 @@ def test_shape_changing_env_serial(change, got):
     env_fn = functools.partial(ShapeChangingEnv, bad_env=1, at=2, change=change)
     s = make("serial", env_fn=env_fn)
     with pytest.raises(ValueError, match=rf"env 1 \(serial sampler\) returned observation with "
-                                         rf"{got}, expected shape \(4,\) dtype float32"):
+                                         rf"{got} at step 1 of the batch, expected shape \(4,\) "
+                                         rf"dtype float32"):
         s.obtain_samples(0)
     with pytest.raises(SamplerClosedError, match="closed"):
         s.obtain_samples(1)
@@ -280,8 +281,8 @@ def test_shape_changing_dict_env_names_the_field():
 
     s = make("serial", env_fn=BadImg)
     with pytest.raises(ValueError, match=r"env 1 .*returned observation\['img'\] with shape "
-                                         r"\(2, 3\) dtype float32, expected shape \(2, 3\) "
-                                         r"dtype uint8"):
+                                         r"\(2, 3\) dtype float32 at step 0 of the batch, "
+                                         r"expected shape \(2, 3\) dtype uint8"):
         s.obtain_samples(0)
     s.shutdown()
 

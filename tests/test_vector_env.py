@@ -517,14 +517,14 @@ def test_a_failing_masked_reset_is_named():
         with pytest.raises(sampling.WorkerError,
                            match=r"reset failed \(in the masked reset \(reset\(options="
                                  r"\{'reset_mask': \.\.\.\}\)\) of envs \d\.\.\d \(one vector "
-                                 r"env, worker \d\) after step \d+ of the batch\)"):
+                                 r"env\) after step \d+ of the batch\)"):
             s.obtain_samples()
 
 
 def test_alternating_needs_two_vector_envs():
     with pytest.raises(ValueError, match=r"'alternating' needs 2 groups of workers, each with "
-                                         r"at least one env to step, and batch_B=4 / "
-                                         r"num_envs=4 = 1 vector env cannot make 2: use "
+                                         r"at least one env to step, and the 1 vector env "
+                                         r"\(batch_B=4 / num_envs=4\) cannot make 2: use "
                                          r"batch_B >= 8"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # and no warning about an n_workers not given
