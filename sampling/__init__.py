@@ -7,7 +7,7 @@ built-in envs (:mod:`.envs`: ``CartPole``, ``VectorCartPole``) are imported on f
 the core never needs them, so a vendored copy may drop them, as it may drop ``bench/``.
 """
 from .agents import RandomAgent
-from .api import make_sampler, make_vector_env
+from .api import env_spaces, make_sampler, make_vector_env
 from .collector import Segment, TrajInfo, env_seed
 from .errors import (
     RemoteTraceback,
@@ -22,11 +22,10 @@ from .samplers import Batch, Episodes, Restart, Sampler
 __version__ = "0.1.0"
 
 __all__ = [
-    "make_sampler", "make_vector_env", "Sampler", "Batch", "Episodes", "Restart", "env_seed",
-    "KINDS", "TrajInfo", "Segment", "RandomAgent",
-    "CartPole", "VectorCartPole", "SamplerError", "WorkerError", "SamplerClosedError",
-    "SharedMemoryFullError", "RemoteTraceback",
-    "usable_cpus", "__version__",
+    "make_sampler", "make_vector_env", "env_spaces", "Sampler", "Batch", "Episodes", "Restart",
+    "env_seed", "KINDS", "TrajInfo", "Segment", "RandomAgent", "CartPole", "VectorCartPole",
+    "SamplerError", "WorkerError", "SamplerClosedError", "SharedMemoryFullError",
+    "RemoteTraceback", "usable_cpus", "__version__",
 ]
 
 

@@ -18,13 +18,14 @@ import numpy as np
 
 from .agent_state import RngGuard
 from .agents import check_agent
-from .collector import TrajInfo
-from .errors import needs_workers, warn
+from .collector import TrajInfo, make_env
+from .errors import close_all, needs_workers, warn
 from .kinds import KINDS, usable_cpus, worker_count
 from .pool import start_method_of, unpicklable
 from .samplers import Options, Sampler
+from .vector import env_form
 
-__all__ = ["make_sampler", "make_vector_env", "usable_cpus"]
+__all__ = ["make_sampler", "make_vector_env", "env_spaces", "usable_cpus"]
 
 RESET_MODES = ("mid_batch", "wait")
 
@@ -229,6 +230,22 @@ def make_vector_env(
             _check_picklable(fn, None, None, None, name=f"env_fns[{i}]")
     from .vector_env import VectorEnv
     return VectorEnv(list(env_fns), opts)
+
+
+def env_spaces(env_fn: Callable[[], Any]) -> tuple:
+    """``(observation_space, action_space)`` of one env from ``env_fn`` (a vector env's
+    single-env spaces), to size a network before the agent (and so the sampler) exists.
+    The env is built and closed here; no env of a sampler is ever stepped by it."""
+    if not callable(env_fn):
+        raise TypeError(f"env_fn must be a zero-argument callable that returns an env, got "
+                        f"{type(env_fn).__name__}")
+    env = make_env(env_fn, "the env env_spaces() builds")
+    try:
+        if env_form(env, "the env env_spaces() builds").vector:
+            return getattr(env, "single_observation_space", None), env.single_action_space
+        return getattr(env, "observation_space", None), env.action_space
+    finally:
+        close_all([env])
 
 
 def _check_callables(kind: str, env_fn: Any, agent: Any, eval_env_fn: Any) -> None:

@@ -380,3 +380,20 @@ def test_the_benchmark_exits_1_when_no_kind_could_run():
     proc = _bench("--kinds", "alternating", "-B", "1")
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert "no kind could run" in proc.stdout + proc.stderr
+
+
+# -- sizing a network before the sampler exists -----------------------------------------
+def test_env_spaces_gives_the_spaces_of_one_env_and_closes_it():
+    from tests.helpers import vectorized
+    closed = []
+
+    class Closing(CountingEnv):
+        def close(self):
+            closed.append(True)
+
+    obs_space, act_space = sampling.env_spaces(Closing)
+    assert obs_space.shape == (4,) and act_space.n == 3 and closed == [True]
+    obs_space, act_space = sampling.env_spaces(vectorized(CountingEnv, 2))
+    assert obs_space.shape == (4,) and act_space.n == 3  # a vector env's single spaces
+    with pytest.raises(TypeError, match="env_fn must be a zero-argument callable"):
+        sampling.env_spaces(CountingEnv())
