@@ -244,7 +244,7 @@ class VectorEnv(_Base):
         mode = "SameStep" if self._same_step else "NextStep"
         self.metadata = {"autoreset_mode": _AutoresetMode(mode) if _AutoresetMode else mode}
         self.render_mode = None
-        W = self.n_workers = min(o.n_workers or n, n)
+        W = self.n_workers = o.n_workers
         self._slices = split(n, W)
         specs = {"obs": spec_of(p.observation, (2, n)),
                  "action": Spec((n,) + p.action_shape, p.action_dtype),
@@ -277,7 +277,7 @@ class VectorEnv(_Base):
             close_timeout=o.shutdown_timeout, max_restarts=o.max_restarts,
             renew=functools.partial(_renew, configs, self._seed_box)))
         shared.unlink()  # every worker has mapped it (see Sampler._start_pool)
-        self._recover(False)
+        self.restarts += self._res.pool.take_failures()  # replaced while starting
 
     # -- the gymnasium API ---------------------------------------------------------------
     def reset(self, *, seed: int | list | None = None, options: dict | None = None) -> tuple:
