@@ -26,7 +26,7 @@ import numpy as np
 from .tree import get, to_numpy, tree_leaves
 
 __all__ = ["find", "Params", "load_params", "check_same_params", "independent_copy",
-           "unmirrored_arrays", "uses_cuda", "reseed", "RngGuard", "worker_seed"]
+           "unmirrored_arrays", "device_of", "reseed", "RngGuard", "worker_seed"]
 
 # How deep the walk goes from the agent: agent.model.net is 2, a closure's object's module
 # 3. Deeper graphs are usually datasets, environments or framework internals, not policy
@@ -249,14 +249,19 @@ def _shared_state(a: Any, b: Any) -> list:
     return out
 
 
-def uses_cuda(agent: Any) -> bool:
-    """Whether the agent holds a CUDA tensor or module anywhere the walk reaches (a policy
-    function closing over a model too); False without torch imported."""
+def device_of(agent: Any) -> str | None:
+    """The device type (``"cuda"``, ``"mps"``, ...) of a tensor or module the agent holds off
+    the CPU anywhere the walk reaches (a policy function closing over a model too); None if
+    all are on the CPU, or torch is not imported."""
     if _torch() is None:
-        return False
+        return None
     found = find(agent)
     tensors = [t for _, m in found["modules"] for t in m.state_dict(keep_vars=True).values()]
-    return any(getattr(t, "is_cuda", False) for t in tensors + [t for _, t in found["arrays"]])
+    for t in tensors + [t for _, t in found["arrays"]]:
+        device = getattr(getattr(t, "device", None), "type", "cpu")
+        if device != "cpu":
+            return device
+    return None
 
 
 def unmirrored_arrays(agent: Any) -> list:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .agent_state import RngGuard, uses_cuda
+from .agent_state import RngGuard, device_of
 from .agents import check_agent
 from .collector import TrajInfo, make_env
 from .errors import close_all, needs_workers, warn
@@ -170,12 +170,13 @@ def make_sampler(
             if getattr(opts, option) and not KINDS[kind].workers:
                 raise ValueError(f"'auto' picked {kind!r} ({reason}); "
                                  + needs_workers(option, kind, off))
-    if KINDS[kind].driver == "worker_agents" and uses_cuda(agent):
+    device = device_of(agent) if KINDS[kind].driver == "worker_agents" else None
+    if device is not None:
         raise ValueError(f"the {kind!r} kind runs a copy of the agent in every worker process, "
-                         f"and this agent holds CUDA tensors or modules, which worker "
-                         f"processes cannot share: use the 'gpu' or 'alternating' kind (this "
-                         f"process runs the agent; to_torch(batch, 'cuda') moves batches), or "
-                         f"keep the model on the CPU")
+                         f"on the CPU, and this agent holds tensors or modules on {device}: "
+                         f"use the 'gpu' or 'alternating' kind (this process runs the agent; "
+                         f"to_torch(batch, {device!r}) moves batches there), or keep the model "
+                         f"on the CPU")
     if KINDS[kind].workers and start_method_of(start_method) != "fork":
         _check_picklable(env_fn, agent, eval_env_fn, kind)
     sampler = Sampler(kind, env_fn, agent, opts, probed)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .agent_state import uses_cuda
+from .agent_state import device_of
 from .agents import AgentRunner
 from .kinds import KINDS, usable_cpus, worker_count
 from .pool import start_method_of, unpicklable
@@ -222,7 +222,7 @@ def measure(p: Probed, agent: Any, opts: Any) -> Measurements:
     """
     B, width = opts.batch_B, p.form.width
     W, W_alt = worker_counts(B, opts.n_workers, width)
-    on_gpu = uses_cuda(agent)
+    on_gpu = device_of(agent) is not None
     ships = on_gpu or cpu_can_ship(agent, opts.start_method)  # on a GPU: no need to pickle
     out = ruled_out(alternating_workers=W_alt, agent_on_gpu=on_gpu, agent_ships=ships,
                     env_processes=p.own_processes)

@@ -117,14 +117,12 @@ class TorchAgent:
         return to_numpy(value)
 
     def shared_arrays(self) -> dict:
-        """numpy views of the model's parameters and buffers (zero-copy; the ``cpu`` kind
-        copies the parent's values into every worker's model before each batch)."""
-        if self.device.type != "cpu":
-            raise RuntimeError(f"the cpu kind runs copies of the agent in worker processes, on "
-                               f"CPU; this TorchAgent is on {self.device}: use device='cpu' "
-                               f"there, or an action-server kind ('gpu', 'alternating') to "
-                               f"keep the model on {self.device}")
-        return {name: t.detach().numpy()
+        """The model's parameters and buffers, by name: numpy views on the CPU (zero-copy;
+        the ``cpu`` kind copies the parent's values into every worker's model before each
+        batch), the tensors themselves elsewhere (the action server's copy with
+        ``policy_lag=1`` takes them on the device; ``make_sampler`` refuses a CUDA agent in
+        the ``cpu`` kind)."""
+        return {name: t.detach().numpy() if self.device.type == "cpu" else t.detach()
                 for name, t in self.model.state_dict(keep_vars=True).items()}
 
     # -- for training loops ------------------------------------------------------------

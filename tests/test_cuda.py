@@ -63,6 +63,6 @@ def test_auto_keeps_a_gpu_policy_function_in_this_process():
 
 
 def test_the_cpu_kind_refuses_a_cuda_agent_with_the_fix():
-    with pytest.raises(ValueError, match=r"holds CUDA tensors or modules.*use the 'gpu' or "
+    with pytest.raises(ValueError, match=r"holds tensors or modules on cuda: use the 'gpu' or "
                                          r"'alternating' kind"):
         sampling.make_sampler("cpu", sampling.CartPole, _policy("cuda"), batch_T=8, batch_B=4)

@@ -79,9 +79,10 @@ class ArrayAgent:
 
 
 def test_warnings_point_at_the_callers_line():
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(UserWarning) as caught:
         _make("cpu", agent=ArrayAgent())
         _make("cpu", batch_B=2, n_workers=3)
+    record = [w for w in caught if w.category is UserWarning]  # not 3.12's fork warnings
     messages = [str(w.message) for w in record]
     assert any("holds float arrays outside any torch module" in m for m in messages), messages
     assert any("n_workers=3 > batch_B=2" in m for m in messages), messages
@@ -289,11 +290,11 @@ def test_auto_s_headline_is_the_deciding_reason():
     assert reason.startswith(f"cpu is ruled out ({auto.RULED_OUT_UNPICKLABLE})"), reason
 
 
-def test_uses_cuda_looks_inside_a_policy_function(monkeypatch):
+def test_the_agent_s_device_is_found_inside_a_policy_function(monkeypatch):
     """A policy function closing over a CUDA module is on the GPU (auto must not fork it
     into cpu workers). Checked with stand-ins for torch's classes, so it runs without torch
-    and without a GPU (tests/test_torch.py checks the real thing where CUDA exists)."""
-    from sampling.agent_state import uses_cuda
+    and without a GPU (tests/test_cuda.py checks the real thing where CUDA exists)."""
+    from sampling.agent_state import device_of
 
     class Module:
         def __init__(self, cuda):
@@ -304,7 +305,7 @@ def test_uses_cuda_looks_inside_a_policy_function(monkeypatch):
 
     class Tensor:
         def __init__(self, cuda):
-            self.is_cuda = cuda
+            self.device = types.SimpleNamespace(type="cuda" if cuda else "cpu")
 
     fake = types.SimpleNamespace(nn=types.SimpleNamespace(Module=Module), Tensor=Tensor,
                                  Generator=type("Generator", (), {}))
@@ -315,9 +316,10 @@ def test_uses_cuda_looks_inside_a_policy_function(monkeypatch):
             return model
         return policy
 
-    assert uses_cuda(make_policy(Module(cuda=True)))
-    assert not uses_cuda(make_policy(Module(cuda=False)))
-    assert uses_cuda(types.SimpleNamespace(net=types.SimpleNamespace(body=Module(True))))
+    assert device_of(make_policy(Module(cuda=True))) == "cuda"
+    assert device_of(make_policy(Module(cuda=False))) is None
+    assert device_of(types.SimpleNamespace(net=types.SimpleNamespace(body=Module(True)))) \
+        == "cuda"
 
 
 # -- restarts and deadlines ---------------------------------------------------------------

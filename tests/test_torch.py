@@ -244,8 +244,9 @@ def test_adapter_errors():
     with pytest.raises(TypeError, match=r"recurrent model must return \(out, value, new_state\)"):
         TorchAgent(ForgetsItsState(), recurrent=True).step(obs, a, r)
     meta = TorchAgent(nn.Linear(4, 2), device="meta")
-    with pytest.raises(RuntimeError, match="use device='cpu' there, or an action-server kind"):
-        meta.shared_arrays()
+    with pytest.raises(ValueError, match=r"holds tensors or modules on meta: use the 'gpu' or "
+                                         r"'alternating' kind"):
+        sampling.make_sampler("cpu", CountingEnv, meta, batch_T=2, batch_B=2)
 
 
 def test_a_worker_without_eval_envs_calls_the_agent_on_no_env():
