@@ -16,7 +16,7 @@ from multiprocessing import resource_tracker, shared_memory, synchronize, util
 from typing import Any
 
 __all__ = ["attach_untracked", "segment_fd", "take_mapping", "drop_semaphore_name",
-           "semaphore_name", "missing"]
+           "semaphore_name", "remove_arena_files", "missing"]
 
 SHM_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (shm_open's tmpfs)
 
@@ -87,6 +87,28 @@ def drop_semaphore_name(sem: Any) -> bool:
                 pass
             return True
     return False
+
+
+# multiprocessing.heap names its arena files SHM_DIR/pym-<pid>-<random> (tempfile.mkstemp)
+# and unlinks them at once; a process stopped in between (an env building an
+# AsyncVectorEnv's shared memory when its worker is SIGTERMed) leaves one behind.
+ARENA_PREFIX = "pym-{pid}-"
+
+
+def remove_arena_files(pid: int) -> None:
+    """Remove the arena files a process that is gone left in SHM_DIR (none, unless it was
+    stopped between multiprocessing.heap's create and unlink)."""
+    prefix = ARENA_PREFIX.format(pid=pid)
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
 
 
 def missing() -> list:

@@ -45,7 +45,7 @@ from typing import Any, Callable
 from .buffers import SegmentFd, SharedBuffer, shm_space, size_text, views
 from .collector import BEAT_PHASE, BEAT_SEQ, HANDED
 from .errors import RemoteTraceback, SamplerError, WorkerError, close_all, quietly, where_text
-from .internals import drop_semaphore_name
+from .internals import drop_semaphore_name, remove_arena_files
 
 try:
     from os import sched_yield
@@ -663,7 +663,8 @@ def _ask_to_close(conns: list, procs: list, timeout: float) -> None:
 
 def _stop(procs: list) -> None:
     """End every process in ``procs``: SIGTERM (a worker then closes its envs), at most
-    TERMINATE_GRACE_S for all of them, then SIGKILL."""
+    TERMINATE_GRACE_S for all of them, then SIGKILL; then remove what a process stopped
+    mid-statement may have left in /dev/shm (internals.remove_arena_files)."""
     live = [p for p in procs if p.exitcode is None]
     for p in live:
         quietly(p.terminate)
@@ -679,6 +680,9 @@ def _stop(procs: list) -> None:
         if p.exitcode is None:
             log.warning("worker process %d did not end %.0f s after SIGKILL",
                         p.pid, KILL_WAIT_S)
+    for p in procs:
+        if p.exitcode is not None:
+            remove_arena_files(p.pid)
 
 
 def _unreadable(e: Exception) -> Failed | None:

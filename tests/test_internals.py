@@ -71,3 +71,29 @@ def test_without_the_finalizer_registry_a_semaphore_name_is_left_to_the_exit_cle
     assert not Path("/dev/shm", "sem." + name.lstrip("/")).exists()
     sem.release()
     assert sem.acquire(timeout=1)  # works without its name
+
+
+class _ArenaThenFail:
+    """An env_fn that leaves what multiprocessing.heap leaves when stopped between its
+    mkstemp and unlink (/dev/shm/pym-<pid>-*), then fails: as a worker SIGTERMed while an
+    env built AsyncVectorEnv's shared memory."""
+
+    def __call__(self):
+        import multiprocessing as mp
+        if mp.current_process().name.endswith("worker-1"):
+            open(os.path.join(internals.SHM_DIR, f"pym-{os.getpid()}-left"), "w").close()
+            raise RuntimeError("stopped mid-arena")
+        from tests.helpers import CountingEnv
+        return CountingEnv()
+
+
+def test_what_a_stopped_worker_left_of_multiprocessing_s_arena_is_removed():
+    import sampling
+    from tests.helpers import CountingAgent
+
+    before = set(os.listdir(internals.SHM_DIR))
+    with pytest.raises(sampling.WorkerError, match="stopped mid-arena"):
+        sampling.make_sampler("cpu", _ArenaThenFail(), CountingAgent(), batch_T=2, batch_B=2,
+                              n_workers=2, start_method="fork")
+    assert not [n for n in set(os.listdir(internals.SHM_DIR)) - before
+                if n.startswith("pym-")]
