@@ -272,22 +272,47 @@ def interrupt_main_thread(how: str = "signal") -> None:
 
 
 @contextlib.contextmanager
+def ctrl_c_raises():
+    """Within the block, SIGINT raises KeyboardInterrupt in this process, as in a script run
+    from a terminal: Python's own handler (``signal.default_int_handler``) is installed, and
+    the one before it restored afterwards. A test run in the background (``tox > log &``)
+    inherits SIGINT ignored, and Python then installs no handler of its own: a Ctrl-C test
+    must not depend on how the suite was launched."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# The first lines of every child script that is sent a Ctrl-C (or sends one to itself): the
+# same as ctrl_c_raises(), for the script's whole life. (Its spawn workers, exec'ed from a
+# process that handles SIGINT, start with the default disposition, as in a terminal.)
+CTRL_C_RAISES = textwrap.dedent("""
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+""")
+
+
+@contextlib.contextmanager
 def interrupt_after(delay: float, how: str = "signal"):
     """Interrupt the main thread (:func:`interrupt_main_thread`) ``delay`` s into the
-    block. Yields a list that gets the ``time.monotonic()`` of the interrupt once sent."""
+    block, with SIGINT handled as in a terminal for the block (:func:`ctrl_c_raises`).
+    Yields a list that gets the ``time.monotonic()`` of the interrupt once sent."""
     sent: list = []
 
     def fire():
         sent.append(time.monotonic())
         interrupt_main_thread(how)
 
-    timer = threading.Timer(delay, fire)
-    try:
-        timer.start()
-        yield sent
-    finally:
-        timer.cancel()
-        timer.join()
+    with ctrl_c_raises():
+        timer = threading.Timer(delay, fire)
+        try:
+            timer.start()
+            yield sent
+        finally:
+            timer.cancel()
+            timer.join()
 
 
 def wait_until(cond, bound: float, period: float = 0.05) -> bool:

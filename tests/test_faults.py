@@ -35,6 +35,7 @@ import pytest
 import sampling
 from sampling import RemoteTraceback, SamplerClosedError, WorkerError
 from tests.fault_helpers import (
+    CTRL_C_RAISES,
     RECORD_NAMES,
     ROOT,
     SCRIPT_TIMEOUT_S,
@@ -415,7 +416,6 @@ def _three_batches(sampler) -> None:
 @pytest.mark.parametrize("start_method", METHODS)
 @pytest.mark.parametrize("kind", PARALLEL)
 def test_keyboard_interrupt_signal_during_slow_batch(kind, start_method, no_leaks):
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     env_fn = functools.partial(SlowEnv, delay=0.2)  # a batch takes >= 2 s
     with sampling.make_sampler(kind, env_fn, CountingAgent(), start_method=start_method,
                                **SMALL) as sampler:
@@ -458,7 +458,7 @@ def test_slow_env_is_not_dead(kind, no_leaks):
 
 
 # -- resource-tracker warnings: only visible when the interpreter exits ------------------------
-TRACKER_SCRIPT = textwrap.dedent("""
+TRACKER_SCRIPT = CTRL_C_RAISES + textwrap.dedent("""
     import functools, gc, os, signal, sys, time
     import multiprocessing as mp
     import sampling
@@ -552,7 +552,7 @@ def test_no_resource_tracker_warnings(start_method):
 # may strike: "construct" while the workers are still starting, "idle" between batches,
 # "batch" mid-batch (in served kinds the parent hangs in the agent, the workers wait for
 # actions; where the workers run the agent (cpu) they step a slow env).
-CHILD_SCRIPT = RECORD_NAMES + textwrap.dedent("""
+CHILD_SCRIPT = CTRL_C_RAISES + RECORD_NAMES + textwrap.dedent("""
     import sampling
     from tests.fault_helpers import ReadyThenHangAgent, SlowInitEnv
     from tests.helpers import CountingEnv, SlowEnv
@@ -710,7 +710,7 @@ def test_ctrl_c_to_the_process_group(kind, start_method, when):
         _cleanup_child(proc, family)
 
 
-SIGINT_BOOT_SCRIPT = textwrap.dedent("""
+SIGINT_BOOT_SCRIPT = CTRL_C_RAISES + textwrap.dedent("""
     import os, signal, sys, threading, time
     if __name__ == "__mp_main__":
         time.sleep(1.0)  # a slow top-level import (torch, say), re-run in every spawn worker
