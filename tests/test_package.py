@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sampling
-from tests.helpers import one_per
+from tests.helpers import ROOT, one_per
 
 
 def test_import_has_no_heavy_or_side_effects():
@@ -19,7 +19,7 @@ def test_import_has_no_heavy_or_side_effects():
             "from multiprocessing import resource_tracker as rt; "
             "assert getattr(rt._resource_tracker, '_pid', None) is None, 'tracker started'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
 
 
