@@ -7,10 +7,12 @@ import multiprocessing as mp
 import multiprocessing.process
 import multiprocessing.shared_memory
 import multiprocessing.synchronize
+import os
 import time
 
 import pytest
 
+import sampling
 from tests.helpers import alive, kill_all, shm_entries
 
 
@@ -100,6 +102,24 @@ def no_leaks(monkeypatch):
         watch.check()
     finally:
         kill_all(watch.pids)
+
+
+# auto's choice depends on the CPUs this process may use; tests of what auto does beyond
+# "1 usable CPU: serial" need at least 2, which `taskset -c 0 pytest` (or a 1-CPU container)
+# would not give them.
+PRETENDED_CPUS = 2
+
+
+@pytest.fixture
+def two_usable_cpus(monkeypatch):
+    """This process may use 2 CPUs, whatever its affinity mask: auto measures and decides
+    as on a 2-core machine (sampling.usable_cpus() reads the affinity mask, or the CPU
+    count where there is none)."""
+    cpus = set(range(PRETENDED_CPUS))
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
+    monkeypatch.setattr(os, "cpu_count", lambda: PRETENDED_CPUS)
+    assert sampling.usable_cpus() == PRETENDED_CPUS
 
 
 # Python >= 3.12 warns (DeprecationWarning "This process ... is multi-threaded, use of fork()

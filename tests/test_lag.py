@@ -370,7 +370,7 @@ def test_steps_n_is_checked(n, error):
         assert len(list(s.steps(np.int64(2)))) == 2
 
 
-def test_auto_with_policy_lag_picks_a_kind_that_can_overlap():
+def test_auto_with_policy_lag_picks_a_kind_that_can_overlap(two_usable_cpus):
     with sampling.make_sampler("auto", ENV, CountingAgent(), policy_lag=1, n_workers=2,
                                **SIZE) as s:
         assert s.kind != "serial"

@@ -389,7 +389,7 @@ def test_eval_envs_may_be_vector_envs_while_training_envs_are_single():
         assert got[1] == ref[1] and ref[1][0]
 
 
-def test_auto_measures_vector_envs_and_picks_a_kind():
+def test_auto_measures_vector_envs_and_picks_a_kind(two_usable_cpus):
     with sampling.make_sampler("auto", VCART4, cartpole_policy, batch_T=8, batch_B=16,
                                n_workers=2) as s:
         assert s.kind in sampling.KINDS
@@ -531,7 +531,7 @@ def test_alternating_needs_two_vector_envs():
             _make("alternating", batch_B=4, n_workers=None)
 
 
-def test_auto_keeps_an_env_with_its_own_processes_in_serial():
+def test_auto_keeps_an_env_with_its_own_processes_in_serial(two_usable_cpus):
     gym = pytest.importorskip("gymnasium")
     env_fn = functools.partial(gym.make_vec, "CartPole-v1", num_envs=2,
                                vectorization_mode="async",
