@@ -116,6 +116,69 @@ class SlowEnv(CountingEnv):
         return super().step(action)
 
 
+# How long a gated StepLogEnv waits for its gate before it steps anyway (and the test that
+# forgot to open it fails on the times): far longer than any test holds one closed.
+GATE_BOUND_S = 60.0
+GATE_POLL_S = 0.002
+
+
+class StepLogEnv(CountingEnv):
+    """Logs its steps to the file ``<log_dir>/log-<env_id>`` (one env per file, so any
+    process may write it): a line "begin <n> <time>" when its n-th step (from 1, over its
+    life) starts and "end <n> <time>" when it returns, with ``time.monotonic()``
+    (system-wide on Linux, so comparable across processes). :func:`read_step_log` reads
+    them.
+
+    ``gate_every=T``: step n first waits (up to GATE_BOUND_S) until the test opens gate
+    ``(n - 1) // T`` (:func:`open_gate`; with T steps per batch, the gate of batch k), and
+    logs its beginning after that. ``delay``: seconds each step takes from step
+    ``slow_from`` on. Nothing is logged or gated in the process with pid ``safe_pid`` (the
+    parent's probe env)."""
+
+    def __init__(self, log_dir, gate_every=None, delay=0.0, slow_from=1, safe_pid=None,
+                 **kw):
+        super().__init__(**kw)
+        self.log_dir, self.gate_every, self.safe_pid = log_dir, gate_every, safe_pid
+        self.delay, self.slow_from = delay, slow_from
+        self.n_steps = 0
+
+    def _log(self, what: str) -> None:
+        with open(os.path.join(self.log_dir, f"log-{self.env_id}"), "a") as f:
+            f.write(f"{what} {self.n_steps} {time.monotonic()!r}\n")
+
+    def step(self, action):
+        self.n_steps += 1
+        if os.getpid() == self.safe_pid:
+            return super().step(action)
+        if self.gate_every:
+            gate = os.path.join(self.log_dir, f"gate-{(self.n_steps - 1) // self.gate_every}")
+            deadline = time.monotonic() + GATE_BOUND_S
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(GATE_POLL_S)
+        self._log("begin")
+        if self.n_steps >= self.slow_from:
+            time.sleep(self.delay)
+        out = super().step(action)
+        self._log("end")
+        return out
+
+
+def open_gate(log_dir, k: int) -> None:
+    """Let gated :class:`StepLogEnv` steps of gate ``k`` go."""
+    Path(log_dir, f"gate-{k}").touch()
+
+
+def read_step_log(log_dir) -> dict:
+    """``{(env_id, n, "begin" | "end"): time}`` from :class:`StepLogEnv`'s files (their
+    complete lines: one may be being written)."""
+    out = {}
+    for path in Path(log_dir).glob("log-*"):
+        for line in path.read_text().split("\n")[:-1]:
+            what, n, t = line.split()
+            out[int(path.name[len("log-"):]), int(n), what] = float(t)
+    return out
+
+
 class ShapeChangingEnv(CountingEnv):
     """Env ``bad_env`` returns a wrong observation from step ``at`` on: ``change`` is
     "shape" (shape (5,)), "dtype" (float64), "broadcast" (shape (1,), which numpy would
