@@ -18,7 +18,7 @@ import pytest
 import sampling
 from sampling import WorkerError
 from sampling.samplers import Batch
-from tests.fault_helpers import worker_pid
+from tests.fault_helpers import wait_until, worker_pid
 from tests.helpers import (
     PARALLEL,
     CountingAgent,
@@ -26,7 +26,6 @@ from tests.helpers import (
     FaultEnv,
     HangingEnv,
     IdTraj,
-    SlowEnv,
     assert_runs_equal,
     in_worker,
     snapshot,
@@ -103,10 +102,16 @@ def test_a_failing_env_is_restarted_and_the_batch_goes_on(kind, caplog):
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_restarts_under_every_start_method(kind, method):
-    """A replacement maps the segment through its descriptor: the name is long gone."""
-    with sampler(kind, faulty(), start_method=method) as s:
-        restarts = [list(b.restarts) for b in s.steps(3)]
-    assert [len(r) for r in restarts] == [0, 1, 0]
+    """A replacement maps the segment through its descriptor (the name is long gone): its
+    batches are the fork run's, bit for bit, restarts included."""
+    runs = {}
+    for m in ("fork", method):
+        with sampler(kind, faulty(), start_method=m) as s:
+            runs[m] = [snap(b) for b in s.steps(3)]
+    assert [len(b["restarts"]) for b in runs["fork"]] == [0, 1, 0]
+    assert runs["fork"][1]["restarts"].tolist() == [[1, 1, FAIL_ROW, 1]]
+    assert_runs_equal(runs[method], runs["fork"])
+    assert (runs[method][2]["observation"][0, 2:4, 2] == 0).all()  # the replacement stepped
 
 
 def test_the_same_failures_give_the_same_batches_in_every_kind():
@@ -136,18 +141,39 @@ def test_wait_mode_and_vector_envs_follow_the_same_rule():
     assert (b[2]["observation"][0, 2:4, 2] == 0).all()
 
 
+KILL_T = 50  # steps per batch in the SIGKILL test
+KILL_ROW = 17  # the row of its second batch in which worker 1 is killed
+# How long the test waits for worker 1 to reach that row (a few ms of work): a bound for a
+# loaded machine.
+REACH_BOUND_S = 30.0
+
+
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_a_worker_sigkilled_mid_batch_then_20_more_batches(kind):
-    """Killed from outside, at whatever step it was: the rule holds from that step."""
-    env = functools.partial(SlowEnv, delay=0.002, lengths=(5, 7))
-    with sampler(kind, env, batch_T=50, max_restarts=1) as s:
+def test_a_worker_sigkilled_mid_batch_then_20_more_batches(kind, tmp_path):
+    """Killed from outside, mid-batch: the rule holds from that step. Env 3 stamps the
+    time and stops in row KILL_ROW of the second batch (its step KILL_T + KILL_ROW + 1),
+    and a thread SIGKILLs worker 1 once the stamp is there. (Its replacement is seeded
+    afresh, so it never stops again.)"""
+    stamp = tmp_path / "in_the_step"
+    env = functools.partial(HangingEnv, where="step", how="sleep", stuck_env=3,
+                            after=KILL_T + KILL_ROW, safe_pid=os.getpid(), stamp=str(stamp),
+                            lengths=(5, 7))
+    with sampler(kind, env, batch_T=KILL_T, max_restarts=1) as s:
         s.obtain_samples()
-        killer = threading.Timer(0.04, os.kill, (worker_pid(kind, 1), signal.SIGKILL))
-        killer.start()  # mid-batch: the batch takes 50 steps of 2 ms at least
+        victim = worker_pid(kind, 1)
+        reached: list = []
+
+        def kill_when_inside():
+            reached.append(wait_until(stamp.exists, REACH_BOUND_S, period=0.01))
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_inside)
+        killer.start()
         b = s.obtain_samples()
         killer.join()
+        assert reached == [True]
         (r,) = b.restarts
-        assert r.worker == 1 and r.during == "batch" and 0 < r.step < 50
+        assert (r.worker, r.during, r.step) == (1, "batch", KILL_ROW)
         assert "killed by signal SIGKILL" in str(r.error)
         assert_cut(b, (2, 4), r.step)
         assert not b.done[:, :2].all()
