@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import random
+import re
 import warnings
 
 import numpy as np
@@ -165,11 +166,17 @@ class SharedLinearAgent(NumpyLinearAgent):
 
 
 def test_cpu_warns_once_about_arrays_it_cannot_mirror():
-    with pytest.warns(UserWarning, match=r"float arrays outside any torch module \(w\).*"
-                                         r"shared_arrays\(\)"):
-        s = sampling.make_sampler("cpu", sampling.CartPole, NumpyLinearAgent(), batch_T=4,
-                                  batch_B=2, n_workers=2)
-    s.shutdown()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, even one already shown
+        with sampling.make_sampler("cpu", sampling.CartPole, NumpyLinearAgent(), batch_T=4,
+                                   batch_B=2, n_workers=2) as s:
+            for _ in s.steps(3):
+                pass
+    mine = [w for w in caught if "float arrays outside any torch module" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    assert mine[0].category is UserWarning
+    assert re.search(r"float arrays outside any torch module \(w\).*shared_arrays\(\)",
+                     str(mine[0].message))
 
 
 @pytest.mark.parametrize("kind,agent", [

@@ -154,7 +154,10 @@ def test_evaluation_identical_to_serial(kind, rule):
 
 @pytest.mark.parametrize("rule", list(EVAL_RULES))
 def test_cpu_evaluation_returns_full_episodes(rule):
+    """Whole episodes, and exactly serial's (same seeds, a deterministic agent): the
+    workers step in lockstep and the parent stops them all at the same step."""
     first, second = _evaluate("cpu", rule, n_workers=2, start_method="fork")
+    assert (first, second) == _evaluate("serial", rule)
     limit = EVAL_RULES[rule].get("eval_max_trajectories")
     for res in (first, second):
         assert res, "no episode finished"
