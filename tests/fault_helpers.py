@@ -204,6 +204,16 @@ class SimulatorEnv(FaultEnv):
         Path(self.pid_dir, f"{sim.pid}.closed").touch()
 
 
+class StuckCloseEnv(SimulatorEnv):
+    """A SimulatorEnv whose ``close()`` never returns in a sampler worker (a simulator that
+    hangs on exit); in the parent (the probe env) it closes as usual."""
+
+    def close(self):
+        if mp.current_process().name.startswith("sampling-"):
+            time.sleep(300)
+        super().close()
+
+
 def simulator_pids(pid_dir) -> tuple:
     """``(started, closed)``: ``{child pid: pid of the process that made the env}`` for
     every SimulatorEnv's child, and the set of those that close() stopped."""
