@@ -130,10 +130,10 @@ class StepLogEnv(CountingEnv):
     them.
 
     ``gate_every=T``: step n first waits (up to GATE_BOUND_S) until the test opens gate
-    ``(n - 1) // T`` (:func:`open_gate`; with T steps per batch, the gate of batch k), and
-    logs its beginning after that. ``delay``: seconds each step takes from step
-    ``slow_from`` on. Nothing is logged or gated in the process with pid ``safe_pid`` (the
-    parent's probe env)."""
+    ``(n - 1) // T`` (:func:`open_gate`; with T steps per batch, the gate of batch k),
+    logging "wait <n> <time>" if the gate is closed, and logs its beginning after that.
+    ``delay``: seconds each step takes from step ``slow_from`` on. Nothing is logged or
+    gated in the process with pid ``safe_pid`` (the parent's probe env)."""
 
     def __init__(self, log_dir, gate_every=None, delay=0.0, slow_from=1, safe_pid=None,
                  **kw):
@@ -152,6 +152,8 @@ class StepLogEnv(CountingEnv):
             return super().step(action)
         if self.gate_every:
             gate = os.path.join(self.log_dir, f"gate-{(self.n_steps - 1) // self.gate_every}")
+            if not os.path.exists(gate):
+                self._log("wait")
             deadline = time.monotonic() + GATE_BOUND_S
             while not os.path.exists(gate) and time.monotonic() < deadline:
                 time.sleep(GATE_POLL_S)
@@ -169,7 +171,7 @@ def open_gate(log_dir, k: int) -> None:
 
 
 def read_step_log(log_dir) -> dict:
-    """``{(env_id, n, "begin" | "end"): time}`` from :class:`StepLogEnv`'s files (their
+    """``{(env_id, n, "wait" | "begin" | "end"): time}`` from :class:`StepLogEnv`'s files (their
     complete lines: one may be being written)."""
     out = {}
     for path in Path(log_dir).glob("log-*"):
