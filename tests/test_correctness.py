@@ -179,6 +179,26 @@ def test_cpu_warns_once_about_arrays_it_cannot_mirror():
                      str(mine[0].message))
 
 
+class NothingToMirrorAgent(NumpyLinearAgent):
+    """Float arrays, and shared_arrays() saying there is nothing to mirror."""
+
+    def shared_arrays(self):
+        return {}
+
+
+def test_shared_arrays_returning_nothing_silences_the_warning():
+    """README: "shared_arrays() returning {} says 'nothing to mirror' and silences the
+    warning": no warning, and indeed nothing is mirrored (the copies keep w as it was)."""
+    agent = NothingToMirrorAgent()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sampling.make_sampler("cpu", sampling.CartPole, agent, batch_T=8, batch_B=4,
+                                   n_workers=2, start_method="fork") as s:
+            assert (s.obtain_samples()["action"] == 0).all()
+            agent.w[0] = -1e9  # would act wherever the cart is left of centre
+            assert (s.obtain_samples()["action"] == 0).all()
+
+
 @pytest.mark.parametrize("kind,agent", [
     ("cpu", SharedLinearAgent()), ("cpu", readme_policy), ("cpu", CountingAgent()),
     ("cpu", sampling.RandomAgent(Box(-1, 1, (2,), np.float32))),

@@ -7,6 +7,7 @@ batches; the budget runs out into the usual WorkerError.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import threading
@@ -84,7 +85,14 @@ def test_a_failing_env_is_restarted_and_the_batch_goes_on(kind, caplog):
     r = batches[1]["restarts"][0]
     assert (r.worker, r.envs, r.during, r.step, r.restart) == (1, [2, 3], "batch", FAIL_ROW, 1)
     assert "boom in step of env 3" in str(r.error) and r.error.remote_traceback
-    assert "restarting worker 1 (1 restart left)" in caplog.text
+    # README: "Each restart is also logged at WARNING (logger sampling.pool) with the
+    # worker's traceback."
+    (record,) = [x for x in caplog.records if "restarting worker" in x.getMessage()]
+    assert (record.name, record.levelno) == ("sampling.pool", logging.WARNING)
+    message = record.getMessage()
+    assert message.startswith("sampling: restarting worker 1 (1 restart left)"), message
+    assert r.error.remote_traceback in message
+    assert "in _inject_fault" in message and "EnvFault: boom in step of env 3" in message
     b1 = Batch({k: v for k, v in batches[1].items()})
     assert_cut(b1, (2, 4), FAIL_ROW)
     # The episodes cut after row 1 end there, truncated; their final observation is row 2's.
@@ -93,10 +101,26 @@ def test_a_failing_env_is_restarted_and_the_batch_goes_on(kind, caplog):
     # The other worker's columns are untouched; the replaced envs start afresh next batch.
     assert not b1.done[:, 0:2].any()
     nxt = batches[2]["observation"]
-    assert (nxt[0, 2:4, 2] == 0).all() and (nxt[0, 2:4, 0] != [2, 3]).all()  # fresh seeds
+    assert (nxt[0, 2:4, 2] == 0).all()
+    # fresh seeds, by sampling.env_seed's formula (CountingEnv's obs[0] is its seed)
+    assert nxt[0, 2:4, 0].tolist() == np.float32([sampling.env_seed(0, b, 1)
+                                                  for b in (2, 3)]).tolist()
     assert not batches[2]["prev_reward"][0, 2:4].any()
     # No episode stats are invented: the cut episodes are not in traj_infos.
     assert all(t["EnvId"] not in (2, 3) for t in batches[1]["traj_infos"])
+
+
+def test_env_seed_is_the_documented_formula():
+    """README: env b of a worker restarted k times is first reset with seed + b for k = 0,
+    and the first 32-bit word of numpy.random.SeedSequence([seed, b, k]) after."""
+    assert [sampling.env_seed(7, b) for b in range(3)] == [7, 8, 9]
+    assert sampling.env_seed(7, 2, 0) == 9
+    for seed, b, k in [(0, 2, 1), (0, 3, 1), (7, 2, 1), (7, 2, 2), (123, 45, 6)]:
+        want = np.random.SeedSequence([seed, b, k]).generate_state(1, dtype=np.uint32)[0]
+        got = sampling.env_seed(seed, b, k)
+        assert type(got) is int and got == int(want) and 0 <= got < 2**32, (seed, b, k)
+    # distinct for each env and each restart
+    assert len({sampling.env_seed(0, b, k) for b in range(4) for k in range(1, 4)}) == 12
 
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])

@@ -378,6 +378,29 @@ def test_decorrelation_is_the_same_in_every_kind_and_counts_per_vector_env():
         assert_runs_equal(got, ref)
 
 
+def test_decorrelation_steps_of_vector_envs_are_left_out_of_episode_stats():
+    """Worked by hand from CountingEnv's rules: env e's episode i lasts L = LENGTHS[(e + i)
+    % 4] steps with reward t at its step t. A column that starts the first batch at step t0
+    of episode i (obs[0] = [e, i, t0, .]) ends that episode after L - t0 batch steps, with
+    return t0+1 + ... + L: the t0 decorrelation steps are not counted (single envs count
+    them). Both columns of a vector env took the same number of decorrelation steps."""
+    lengths = (3, 5, 4, 7)
+    kw = dict(max_decorrelation_steps=12, traj_info=IdTraj)
+    (batches, _) = _run("serial", vectorized(COUNTING, 2), CountingAgent(), n=1, **kw)
+    obs, episodes = batches[0]["observation"][0], batches[0]["traj_infos"]
+    steps_taken = []
+    for b in range(SIZE["batch_B"]):
+        e, i, t0 = (int(x) for x in obs[b, :3])
+        assert e == SIZE["seed"] + b
+        steps_taken.append(sum(lengths[(e + j) % 4] for j in range(i)) + t0)
+        L = lengths[(e + i) % 4]
+        (ep,) = [t for t in episodes if (t["EnvId"], t["Episode"]) == (e, i)]
+        assert (ep["Length"], ep["Return"], ep["StartT"]) == (L - t0, sum(range(t0 + 1, L + 1)),
+                                                              t0), (b, ep)
+    assert steps_taken[0] == steps_taken[1] and steps_taken[2] == steps_taken[3], steps_taken
+    assert any(obs[:, 2] > 0), "no column starts mid-episode: nothing tells the rule apart"
+
+
 def test_eval_envs_may_be_vector_envs_while_training_envs_are_single():
     kw = dict(eval_n_envs=4, eval_max_steps=60, traj_info=IdTraj)
     ref = _run("serial", COUNTING, CountingAgent(), eval_env_fn=COUNTING, **kw)
