@@ -345,6 +345,64 @@ def shm_entries():
         return set()
 
 
+def descendants(pid: int) -> list:
+    """The live descendants of process ``pid`` (children, their children, ...), from /proc."""
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def shm_holders(names) -> dict:
+    """``{name: {pid, ...}}``: the live processes that hold each of the /dev/shm ``names``
+    open (a file descriptor) or mapped, by inode (/proc/<pid>/fd and /proc/<pid>/maps:
+    glibc's sem_open maps a new semaphore under a temporary name, then links it)."""
+    inodes: dict = {}
+    for n in names:
+        try:
+            st = os.stat(f"/dev/shm/{n}")
+        except OSError:
+            continue
+        inodes[st.st_dev, st.st_ino] = n
+    out: dict = {n: set() for n in names}
+    if not inodes:
+        return out
+    shm_inodes = {ino: n for (_, ino), n in inodes.items()}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        pid = int(d)
+        try:
+            for fd in os.listdir(f"/proc/{d}/fd"):
+                try:
+                    st = os.stat(f"/proc/{d}/fd/{fd}")
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in inodes:
+                    out[inodes[st.st_dev, st.st_ino]].add(pid)
+            with open(f"/proc/{d}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if (len(fields) == 6 and fields[5].startswith("/dev/shm/")
+                            and int(fields[4]) in shm_inodes):
+                        out[shm_inodes[int(fields[4])]].add(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return out
+
+
 def alive(pid: int) -> bool:
     """A process that exists and is not a zombie."""
     try:

@@ -66,6 +66,7 @@ from tests.helpers import (
     ShapeChangingEnv,
     SlowEnv,
     alive,
+    descendants,
     kill_all,
     one_per,
     read_stamp,
@@ -598,25 +599,6 @@ CHILD_SCRIPT = CTRL_C_RAISES + RECORD_NAMES + textwrap.dedent("""
 """)
 
 
-def _descendants(pid: int) -> list:
-    children: dict = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _start_child(kind, start_method, when, **popen_kw):
     return subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, kind, start_method, when],
                             cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
@@ -668,7 +650,7 @@ def test_parent_sigkill_leaves_nothing(kind, start_method, when):
         created = set(info["SHM"])
         assert len(workers) == 2 and all(alive(p) for p in workers)
         assert any(n.startswith("psm") for n in created)
-        family = _descendants(proc.pid)  # workers, forkserver, resource tracker
+        family = descendants(proc.pid)  # workers, forkserver, resource tracker
         assert set(workers) <= set(family)
         if when == "construct":  # the segment's name is still there: the tracker must unlink it
             assert {n for n in created if n.startswith("psm")} <= shm_entries()
@@ -695,7 +677,7 @@ def test_ctrl_c_to_the_process_group(kind, start_method, when):
     try:
         info = read_until_ready(proc, time.monotonic() + 30)
         created = set(info["SHM"])
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         sent = time.monotonic()
         out, err = proc.communicate(timeout=BOUND_S + 10)

@@ -714,6 +714,56 @@ def test_leak_watch_fails_on_a_left_semaphore(monkeypatch):
     assert sem.acquire(timeout=1)  # works without its name
 
 
+# A child that leaves an entry in /dev/shm as a process dies between multiprocessing.heap's
+# create and unlink: a file named as the arena's, and nothing that holds it.
+LEAVE_ENTRY_SCRIPT = "import os, sys; open(os.path.join('/dev/shm', sys.argv[1]), 'w').close()"
+# A process outside the test's family (double-forked, so no longer its descendant) that
+# holds an entry open, as another test run's sampler would, until its stdin closes.
+HOLD_ENTRY_SCRIPT = textwrap.dedent("""
+    import os, sys
+    if os.fork():
+        os._exit(0)  # the intermediate process: the holder is reparented away from the test
+    f = open(os.path.join('/dev/shm', sys.argv[1]), 'w')
+    print('READY', flush=True)
+    sys.stdin.read()
+    f.close()
+    os.unlink(f.name)
+""")
+
+
+def test_leak_watch_sees_entries_left_by_processes_the_test_started(monkeypatch):
+    watch = LeakWatch().record(monkeypatch)
+    name = f"pym-{os.getpid()}-leakwatch-test"
+    try:
+        subprocess.run([sys.executable, "-c", LEAVE_ENTRY_SCRIPT, name], check=True,
+                       timeout=SCRIPT_TIMEOUT_S)
+        assert name in shm_entries() and name not in watch.created
+        with pytest.raises(AssertionError, match=rf"left in /dev/shm after the test: "
+                                                 rf"\['{name}'\]; not created in the test's "
+                                                 rf"own process"):
+            watch.check(wait_s=0)
+    finally:
+        if name in shm_entries():
+            os.unlink(f"/dev/shm/{name}")
+    watch.check(wait_s=0)
+
+
+def test_leak_watch_leaves_entries_held_by_other_processes_alone(monkeypatch):
+    watch = LeakWatch().record(monkeypatch)
+    name = f"leakwatch-test-{os.getpid()}-held"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_ENTRY_SCRIPT, name],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"READY\n"
+        assert name in shm_entries()
+        watch.check(wait_s=0)  # someone else's, in use
+    finally:
+        holder.stdin.close()  # the holder unlinks the entry and exits
+        holder.stdout.close()
+        holder.wait(SCRIPT_TIMEOUT_S)
+    assert wait_until(lambda: name not in shm_entries(), BOUND_S)
+
+
 def test_leak_watch_fails_on_a_left_segment(monkeypatch):
     from multiprocessing import shared_memory
 
