@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import CountingEnv, FaultEnv, write_stamp
+from tests.helpers import CountingEnv, FaultEnv, in_worker, write_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 # A test's subprocess takes a few seconds; this is generous for a loaded machine, yet bounded.
@@ -212,6 +212,36 @@ class StuckCloseEnv(SimulatorEnv):
         if mp.current_process().name.startswith("sampling-"):
             time.sleep(300)
         super().close()
+
+
+# How long worker 1 stays between its arena file's creation and unlink, and how long worker 0
+# waits for it to get there: far longer than either takes.
+ARENA_WINDOW_S = 30.0
+
+
+def arena_in_the_window(stamp):
+    """env_fn of the arena-leak test (fork only): worker 1 allocates a shared array, as
+    gymnasium's AsyncVectorEnv does (multiprocessing.heap creates its arena file in /dev/shm
+    and unlinks it at once), and stays between the two (up to ARENA_WINDOW_S) after writing
+    ``stamp``; worker 0 waits for the stamp and raises, so the parent stops worker 1 with
+    SIGTERM there. Elsewhere (the parent's probe) a plain CountingEnv."""
+    if in_worker(1):
+        real_unlink = os.unlink
+
+        def unlink_later(path, *args, **kwargs):
+            if os.path.basename(str(path)).startswith("pym-"):
+                write_stamp(stamp)
+                time.sleep(ARENA_WINDOW_S)
+            return real_unlink(path, *args, **kwargs)
+
+        os.unlink = unlink_later
+        mp.get_context("fork").Array("d", 16)
+    elif in_worker(0):
+        deadline = time.monotonic() + ARENA_WINDOW_S
+        while not os.path.exists(stamp) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise RuntimeError("worker 0 fails while worker 1 makes its arena")
+    return CountingEnv()
 
 
 def simulator_pids(pid_dir) -> tuple:

@@ -48,6 +48,7 @@ from tests.fault_helpers import (
     SimulatorEnv,
     StuckCloseEnv,
     TrainingError,
+    arena_in_the_window,
     interrupt_after,
     read_until_ready,
     script_env,
@@ -355,6 +356,29 @@ def test_ctrl_c_during_a_forced_shutdown(start_method, sims, no_leaks):
     assert not no_leaks.alive(), "a worker outlived the shutdown"
     assert no_leaks.present() == set()
     _assert_all_closed(sims, 4)
+
+
+# -- 3b. a worker stopped while it makes multiprocessing's arena file ----------------------------
+@pytest.mark.xfail(strict=True, reason=(
+    "library: a worker stopped by SIGTERM between multiprocessing.heap.Arena's mkstemp and "
+    "unlink in /dev/shm (a gymnasium AsyncVectorEnv, or any mp.Array, made in env_fn) "
+    "leaves /dev/shm/pym-<worker pid>-*: sampling.pool._on_sigterm raises Terminated "
+    "wherever the worker is. test_vector_env's AsyncVectorEnv test in cpu with 2 workers "
+    "leaves one about once in 300 runs"))
+def test_a_worker_stopped_while_making_a_shared_array_leaves_no_arena_file(tmp_path,
+                                                                            no_leaks):
+    env_fn = functools.partial(arena_in_the_window, str(tmp_path / "in_the_window"))
+    try:
+        with pytest.raises(WorkerError, match="worker 0 .*worker 0 fails while worker 1"):
+            sampling.make_sampler("cpu", env_fn, CountingAgent(), start_method="fork",
+                                  **SMALL)
+        assert (tmp_path / "in_the_window").exists()  # worker 1 was stopped in the window
+        left = [n for n in shm_entries() if n.startswith(f"pym-{no_leaks.pids[1]}-")]
+        assert not left, f"left in /dev/shm: {left}"
+    finally:  # the test's own clean-up: the fixture must not fail for the known leak
+        for n in shm_entries():
+            if no_leaks.pids and n.startswith(tuple(f"pym-{p}-" for p in no_leaks.pids)):
+                os.unlink(f"/dev/shm/{n}")
 
 
 # -- 4. shutdown_timeout -------------------------------------------------------------------------
