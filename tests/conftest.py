@@ -134,6 +134,27 @@ def no_leaks(monkeypatch):
         kill_all(watch.pids)
 
 
+# SAMPLING_TEST_DEFAULT_METHOD (tox's py313 env sets "forkserver", Python 3.14's default on
+# Linux): the start method of every sampler that does not name one, for the whole session.
+DEFAULT_METHOD_VARIABLE = "SAMPLING_TEST_DEFAULT_METHOD"
+
+
+def pytest_configure(config):
+    method = os.environ.get(DEFAULT_METHOD_VARIABLE)
+    if method:
+        if method not in mp.get_all_start_methods():
+            raise pytest.UsageError(f"{DEFAULT_METHOD_VARIABLE}={method!r}: this platform's "
+                                    f"start methods are {mp.get_all_start_methods()}")
+        mp.set_start_method(method, force=True)
+
+
+def pytest_report_header(config):
+    from tests.helpers import METHODS_SETTING, SMOKE_METHOD
+    return (f"start methods: SAMPLING_TEST_METHODS={METHODS_SETTING} (fork: one {SMOKE_METHOD} "
+            f"smoke case per test); default start method: "
+            f"{mp.get_start_method(allow_none=True) or 'the platform default'}")
+
+
 # auto's choice depends on the CPUs this process may use; tests of what auto does beyond
 # "1 usable CPU: serial" need at least 2, which `taskset -c 0 pytest` (or a 1-CPU container)
 # would not give them.

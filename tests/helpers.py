@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -25,8 +26,41 @@ SERVED = [k for k, v in sampling.KINDS.items() if v.served]  # the parent acts f
 GROUPED = [k for k, v in sampling.KINDS.items() if v.groups > 1]  # worker groups take turns
 # each worker steps its envs with its own copy of the agent
 WORKER_AGENTS = [k for k, v in sampling.KINDS.items() if v.driver == "worker_agents"]
-METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 RESET_MODES = list(_RESET_MODES)
+
+# -- start methods ---------------------------------------------------------------------------
+# Every start method this platform has. Tests of what the start method changes (semaphore
+# and segment names, pickling, start-up failures, the forkserver's environment, the resource
+# tracker, restart descriptor passing, parameter mirroring under spawn, leaks under each
+# method) run each of them always, and carry the start_method_matters marker.
+ALL_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+# SAMPLING_TEST_METHODS (tox sets it): "all" (the default) runs every test under every
+# start method; "fork" runs the tests whose behaviour does not depend on it (batch
+# semantics, batch-phase faults, lag faults, env-close paths, deadlines) under fork, plus one
+# smoke case of each such test under spawn (with_methods).
+METHODS_SETTING = os.environ.get("SAMPLING_TEST_METHODS", "all")
+if METHODS_SETTING not in ("all", "fork"):
+    raise RuntimeError(f"SAMPLING_TEST_METHODS must be 'all' or 'fork', got "
+                       f"{METHODS_SETTING!r}")
+REDUCED = METHODS_SETTING == "fork" and "fork" in ALL_METHODS
+METHODS = ["fork"] if REDUCED else list(ALL_METHODS)
+SMOKE_METHOD = "spawn" if "spawn" in ALL_METHODS else ALL_METHODS[-1]
+# For a test parametrized by the start method alone: METHODS, and the smoke case's method.
+METHODS_AND_SMOKE = METHODS + ([SMOKE_METHOD] if REDUCED and SMOKE_METHOD not in METHODS
+                               else [])
+_smoke_turn = itertools.count()
+
+
+def with_methods(cases) -> list:
+    """Each of ``cases`` (tuples, or single values) with a start method appended, for
+    ``pytest.mark.parametrize``: every case under every method of METHODS, and, where
+    METHODS is reduced to fork, one case also under SMOKE_METHOD (spawn): each test takes
+    the next case in turn, so that the smoke cases of a module spread over its cases."""
+    cases = [c if isinstance(c, tuple) else (c,) for c in cases]
+    out = [c + (m,) for c in cases for m in METHODS]
+    if REDUCED and SMOKE_METHOD not in METHODS:
+        out.append(cases[next(_smoke_turn) % len(cases)] + (SMOKE_METHOD,))
+    return out
 
 
 def one_per(*fields: str, kinds=KINDS) -> list:

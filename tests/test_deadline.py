@@ -16,13 +16,13 @@ import sampling
 from sampling.pool import DEADLINE_POLL_S, POLL_S, STACK_WAIT_S
 from sampling.samplers import ENV_FN_TIMEOUT_FACTOR
 from tests.helpers import (
-    METHODS,
     PARALLEL,
     CountingAgent,
     HangingEnv,
     SlowEnv,
     one_per,
     read_stamp,
+    with_methods,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -57,14 +57,15 @@ def _expect_stuck(fn, match, stamp, deadline=DEADLINE_S):
     return info.value
 
 
-# How the env stops returning: "sleep" (Python), "stop" (SIGSTOP: the worker cannot answer)
-# under every start method, and "lock" (a C-level wait) once: the start method does not
-# change how a C-level wait looks.
-HOWS = [(m, how) for m in METHODS for how in ("sleep", "stop")] + [("fork", "lock")]
+# How the env stops returning: "sleep" (Python) and "stop" (SIGSTOP: the worker cannot
+# answer) under METHODS, and "lock" (a C-level wait) under fork: the start method does not
+# change how a stuck env looks.
+STUCK = ([(k, how, m) for k, how, m in with_methods([(k, how) for k in PARALLEL
+                                                      for how in ("sleep", "stop")])]
+         + [(k, "lock", "fork") for k in PARALLEL])
 
 
-@pytest.mark.parametrize("start_method,how", HOWS)
-@pytest.mark.parametrize("kind", PARALLEL)
+@pytest.mark.parametrize("kind,how,start_method", STUCK)
 def test_a_stuck_step_is_reported_with_the_workers_stack(kind, start_method, how, tmp_path):
     stamp = tmp_path / "stuck"
     s = _make(kind, start_method, where="step", how=how, stamp=str(stamp))

@@ -22,8 +22,8 @@ from tests.fault_helpers import (
     worker_pid,
 )
 from tests.helpers import (
+    ALL_METHODS,
     KINDS,
-    METHODS,
     PARALLEL,
     SERVED,
     CountingAgent,
@@ -39,6 +39,7 @@ from tests.helpers import (
     open_gate,
     read_step_log,
     snapshot,
+    with_methods,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -108,8 +109,14 @@ def _serial_reference() -> list:
     return _serial
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+# cpu's copies get the parameters mirrored through shared memory: under every start method
+# (spawn's copies are unpickled, fork's inherited); the other kinds under METHODS.
+LAG_CASES = ([pytest.param("cpu", m, marks=pytest.mark.start_method_matters)
+              for m in ALL_METHODS]
+             + [(k, m) for k, m in with_methods([k for k in PARALLEL if k != "cpu"])])
+
+
+@pytest.mark.parametrize("kind,start_method", LAG_CASES)
 def test_exact_lag_and_bit_identical_batches_in_every_kind(kind, start_method):
     got = _train(kind, n_workers=2, start_method=start_method)
     assert_runs_equal(got, _serial_reference())
@@ -269,8 +276,7 @@ def test_evaluation_between_batches_changes_nothing_in_flight(kind):
 
 
 # -- faults, Ctrl-C, shutdown: the fault matrix's paths with a batch in flight -------------
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
 def test_a_fault_while_the_caller_trains_surfaces_at_the_next_call(kind, start_method,
                                                                   tmp_path):
     # env 2 (env_id 3: seed=1) fails at its 9th step: in the second batch, collected while
@@ -296,8 +302,7 @@ def test_a_fault_while_the_caller_trains_surfaces_at_the_next_call(kind, start_m
     assert sampling_children() == []
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
 def test_ctrl_c_while_the_caller_trains_leaves_nothing(kind, start_method, tmp_path):
     """The Ctrl-C lands in the caller's update on batch 0 while batch 1 is in flight: an
     env is inside a step of batch 1 (logged), a step that would take NEVER_S."""
@@ -336,8 +341,7 @@ def test_ctrl_c_while_waiting_for_the_batch_in_flight(kind):
             s.obtain_samples()
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
 def test_shutdown_with_a_batch_in_flight_is_clean(kind, start_method):
     env = functools.partial(SlowEnv, delay=0.05)
     s = sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
@@ -394,8 +398,10 @@ def test_an_agent_that_cannot_be_copied_is_refused_by_the_action_server_kinds(ki
 
 
 # -- state the copies hold: recurrent state, generators, closures, module globals ----------
+@pytest.mark.start_method_matters  # the copies: inherited (fork) or unpickled (spawn)
 @pytest.mark.parametrize("kind,start_method", [("serial", None)]
-                         + [(k, m) for k in PARALLEL for m in ("fork", "spawn")])
+                         + [(k, m) for k in PARALLEL for m in ("fork", "spawn")
+                            if m in ALL_METHODS])
 def test_recurrent_state_resets_at_every_episode_start_across_batches(kind, start_method):
     extra = {} if kind == "serial" else dict(n_workers=2, start_method=start_method)
     with sampling.make_sampler(kind, ENV, RecurrentCounter(), policy_lag=1, **SIZE,

@@ -57,7 +57,8 @@ from tests.fault_helpers import (
     worker_pid,
 )
 from tests.helpers import (
-    METHODS,
+    ALL_METHODS,
+    METHODS_AND_SMOKE,
     PARALLEL,
     CountingAgent,
     CountingEnv,
@@ -66,17 +67,19 @@ from tests.helpers import (
     kill_all,
     one_per,
     shm_entries,
+    with_methods,
 )
 
 # One kind per driver and group count: the ways of laying out workers and their semaphores.
 LAYOUTS = one_per("driver", "groups", kinds=PARALLEL)
 PER_DRIVER = one_per("driver", kinds=PARALLEL)
-NAMED = [m for m in METHODS if m != "fork"]  # start methods whose semaphores have names
+NAMED = [m for m in ALL_METHODS if m != "fork"]  # start methods whose semaphores have names
 SMALL = dict(batch_T=5, batch_B=4, n_workers=2)
 BOUND_S = 5.0  # every error and every close here must come within this many seconds
 
 
 # -- 1. nothing named outlives start-up ----------------------------------------------------------
+@pytest.mark.start_method_matters
 @pytest.mark.parametrize("start_method", NAMED)
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_no_name_outlives_start_up(kind, start_method, no_leaks):
@@ -93,6 +96,7 @@ def test_no_name_outlives_start_up(kind, start_method, no_leaks):
         assert no_leaks.present() == set()
 
 
+@pytest.mark.start_method_matters
 @pytest.mark.parametrize("start_method", NAMED)
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_no_name_while_a_construction_error_is_kept(kind, start_method, no_leaks):
@@ -132,11 +136,14 @@ NAMES_SCRIPT = RECORD_NAMES + textwrap.dedent("""
 """)
 
 
-PARENT_DEATHS = ([("killpg", k, "spawn") for k in LAYOUTS] + [("killpg", "gpu", "forkserver")]
+PARENT_DEATHS = [(how, k, m) for how, k, m in
+                 [("killpg", k, "spawn") for k in LAYOUTS] + [("killpg", "gpu", "forkserver")]
                  + [(how, k, m) for how in ("kill", "term", "exit")
-                    for k, m in (("cpu", "spawn"), ("alternating", "forkserver"))])
+                    for k, m in (("cpu", "spawn"), ("alternating", "forkserver"))]
+                 if m in ALL_METHODS]
 
 
+@pytest.mark.start_method_matters
 @pytest.mark.parametrize("how,kind,start_method", PARENT_DEATHS)
 def test_parent_death_leaves_no_name_and_no_orphan(how, kind, start_method, tmp_path):
     """killpg: the script SIGKILLs its whole process group (itself, workers, resource
@@ -144,8 +151,6 @@ def test_parent_death_leaves_no_name_and_no_orphan(how, kind, start_method, tmp_
     os._exit in the parent. No name it created is left; where the workers survive their
     parent, they close their envs (no `sleep 300` left) and the resource tracker has
     nothing to warn about."""
-    if start_method not in METHODS:
-        pytest.skip(f"no {start_method} here")
     pid_dir = tmp_path / "sims"
     pid_dir.mkdir()
     proc = subprocess.Popen([sys.executable, "-c", NAMES_SCRIPT, kind, start_method, how,
@@ -206,8 +211,7 @@ ENV_PATHS = ["shutdown", "worker_fault", "body_exception", "gc", "keyboard_inter
 
 
 @pytest.mark.parametrize("path", ENV_PATHS)
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("kind,start_method", with_methods(LAYOUTS))
 def test_every_env_is_closed(kind, start_method, path, sims, no_leaks):
     fault = (dict(where="step", after=7, fail_env=3) if path == "worker_fault"
              else dict(where="none"))
@@ -240,8 +244,7 @@ def test_every_env_is_closed(kind, start_method, path, sims, no_leaks):
     _assert_all_closed(sims, 4)
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PER_DRIVER)
+@pytest.mark.parametrize("kind,start_method", with_methods(PER_DRIVER))
 def test_sigkilled_worker_cannot_close_its_envs(kind, start_method, sims, no_leaks):
     # What the README says: SIGKILL leaves no chance to run close(). The other worker's
     # envs are closed; the killed worker's children are orphans (the fixture kills them).
@@ -315,8 +318,7 @@ def test_exit_with_an_open_sampler_and_a_stuck_close_is_bounded(sims):
 
 # -- 3. Ctrl-C during a graceful shutdown ---------------------------------------------------------
 @pytest.mark.parametrize("how", ["signal", "interrupt_main"])
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PER_DRIVER)
+@pytest.mark.parametrize("kind,start_method", with_methods(PER_DRIVER))
 def test_ctrl_c_during_graceful_shutdown(kind, start_method, how, sims, no_leaks):
     # Each env's close() takes 0.5 s: the Ctrl-C comes while the workers close them.
     env_fn = functools.partial(SimulatorEnv, str(sims), where="none", close_delay=0.5)
@@ -340,7 +342,7 @@ def test_ctrl_c_during_graceful_shutdown(kind, start_method, how, sims, no_leaks
     _assert_all_closed(sims, 4)
 
 
-@pytest.mark.parametrize("start_method", METHODS)
+@pytest.mark.parametrize("start_method", METHODS_AND_SMOKE)
 def test_ctrl_c_during_a_forced_shutdown(start_method, sims, no_leaks):
     # The exception in the body stops the workers with SIGTERM; they close their slow envs
     # while the parent waits its grace period (sampling.pool.TERMINATE_GRACE_S), and the
@@ -720,7 +722,7 @@ def test_rlimit_as_for_real(kind):
 
 
 # -- the leak watch itself -----------------------------------------------------------------------
-@pytest.mark.skipif("spawn" not in METHODS, reason="no named semaphores without spawn")
+@pytest.mark.skipif("spawn" not in ALL_METHODS, reason="no named semaphores without spawn")
 def test_leak_watch_fails_on_a_left_semaphore(monkeypatch):
     from sampling.pool import _drop_semaphore_name
 

@@ -12,6 +12,7 @@ import sampling
 from tests.helpers import ROOT, one_per
 
 
+@pytest.mark.tooling
 def test_import_has_no_heavy_or_side_effects():
     code = ("import sys, sampling, sampling.envs, sampling.spaces, multiprocessing; "
             "bad = [m for m in ('torch', 'gymnasium', 'gym') if m in sys.modules]; "
@@ -23,6 +24,7 @@ def test_import_has_no_heavy_or_side_effects():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.tooling
 def test_public_names():
     assert sampling.__version__
     for name in sampling.__all__:

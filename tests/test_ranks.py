@@ -104,6 +104,7 @@ def test_two_ranks_are_one_sampler_with_twice_the_envs(kind):
     assert parts[1][0][0][0]["agent_info"]["id"][0].tolist() == list(range(B, 2 * B))
 
 
+@pytest.mark.start_method_matters  # the agent's copies and env ids, unpickled
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_ranks_add_up_under_every_start_method(method):
     one = run("cpu", 4, eval_per_rank=2, start_method=method, n_workers=2)
@@ -371,6 +372,7 @@ def restarted_forkserver():
     forkserver._forkserver._stop()
 
 
+@pytest.mark.start_method_matters  # the environment a child gets, forkserver's included
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_workers_do_not_inherit_the_launchers_rank_variables(method, tmp_path, monkeypatch,
                                                              request):

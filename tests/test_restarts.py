@@ -123,6 +123,7 @@ def test_env_seed_is_the_documented_formula():
     assert len({sampling.env_seed(0, b, k) for b in range(4) for k in range(1, 4)}) == 12
 
 
+@pytest.mark.start_method_matters  # the segment passed by descriptor to a fresh interpreter
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_restarts_under_every_start_method(kind, method):

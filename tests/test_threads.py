@@ -4,7 +4,6 @@ flight with SamplerClosedError, promptly, leaving nothing behind."""
 from __future__ import annotations
 
 import functools
-import multiprocessing as mp
 import threading
 import time
 from pathlib import Path
@@ -22,11 +21,11 @@ from tests.helpers import (
     open_gate,
     read_step_log,
     snapshot,
+    with_methods,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
-METHODS = [m for m in ("fork", "spawn") if m in mp.get_all_start_methods()]
 T = 8
 STEP_S = 0.05  # the env's sleep per step: a batch of T=8 takes ~0.4 s
 # How long a test waits for the collecting thread to be inside a step (it logs it): a bound
@@ -118,8 +117,7 @@ def test_a_second_thread_gets_a_clear_error_and_the_first_batch_is_intact(kind, 
         assert_batches_equal(snapshot(s.obtain_samples(2)), want[2])  # and still usable
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind,start_method", with_methods(KINDS))
 def test_shutdown_from_another_thread_stops_a_batch_in_flight(kind, start_method, tmp_path):
     s = _make(kind, tmp_path, start_method)
     s.obtain_samples()

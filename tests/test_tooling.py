@@ -15,6 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_RUN = os.path.join(ROOT, ".ci", "run")
+pytestmark = pytest.mark.tooling
 MINORS = ("3.9", "3.10", "3.11", "3.12", "3.13")  # the CPythons setup.cfg declares
 # The CPU wheel on local disk: any other torch request downloads a multi-GB CUDA build.
 TORCH_PIN = "torch==2.13.0"

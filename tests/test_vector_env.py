@@ -108,7 +108,7 @@ import warnings  # noqa: E402
 
 import sampling  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    METHODS,
+    ALL_METHODS,
     PARALLEL,
     CountingAgent,
     CountingEnv,
@@ -118,6 +118,7 @@ from tests.helpers import (  # noqa: E402
     cartpole_policy,
     snapshot,
     vectorized,
+    with_methods,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -190,14 +191,15 @@ def _single_reference(config: str) -> tuple:
 
 
 def _cases() -> list:
+    """serial, and every parallel kind under METHODS, for each config; where METHODS is
+    reduced to fork, each config also once under spawn."""
     out = []
     for config in CONFIGS:
         out.append(pytest.param("serial", None, config, id=f"serial-{config}"))
-        for kind in PARALLEL:
-            for method in METHODS:
-                if method == "forkserver" and config not in ("counting", "gymnasium_sync"):
-                    continue  # worker code runs the same after the start: fork and spawn cover it
-                out.append(pytest.param(kind, method, config, id=f"{kind}-{method}-{config}"))
+        for kind, method in with_methods(PARALLEL):
+            if method == "forkserver" and config not in ("counting", "gymnasium_sync"):
+                continue  # worker code runs the same after the start: fork and spawn cover it
+            out.append(pytest.param(kind, method, config, id=f"{kind}-{method}-{config}"))
     return out
 
 
@@ -351,7 +353,8 @@ MID_RUN = {
 
 
 @pytest.mark.parametrize("bad, start_method", [(b, "fork") for b in MID_RUN]
-                         + [("obs_dtype", m) for m in METHODS if m != "fork"])
+                         + [pytest.param("obs_dtype", m, marks=pytest.mark.start_method_matters)
+                            for m in ALL_METHODS if m != "fork"])  # a closure, pickled
 def test_bad_values_mid_run_name_the_vector_env_its_columns_and_the_step(bad, start_method):
     def env_fn():
         import multiprocessing as mp
