@@ -59,6 +59,59 @@ def test_numpy1_env_tests_numpy_1_and_fails_if_it_gets_numpy_2():
     assert commands[-1].startswith("pytest")
 
 
+def _setenv(section) -> dict:
+    return dict(line.split("=", 1) for line in
+                (x.replace(" ", "") for x in section.get("setenv", "").splitlines()) if line)
+
+
+def _pytest_commands(section) -> list:
+    return [c.strip() for c in section["commands"].strip().splitlines()
+            if c.strip().startswith("pytest")]
+
+
+def _env(cfg, name: str):
+    """An env's section, with [testenv]'s keys where it has none of its own (as tox does)."""
+    base = dict(cfg["testenv"])
+    base.update(cfg[f"testenv:{name}"] if cfg.has_section(f"testenv:{name}") else {})
+    return base
+
+
+def test_every_start_method_on_the_oldest_and_newest_python_fork_and_smoke_elsewhere():
+    cfg = _tox_ini()
+    methods = {env: _setenv(_env(cfg, env)).get("SAMPLING_TEST_METHODS")
+               for env in _items(cfg["tox"]["envlist"]) if env != "lint"}
+    assert methods == {"py39": "all", "py310": "fork", "py311": "fork", "py312": "fork",
+                       "py313": "all", "numpy1": "fork", "torch": "fork"}
+    defaults = {env: _setenv(_env(cfg, env)).get("SAMPLING_TEST_DEFAULT_METHOD")
+                for env in methods}
+    assert defaults == {**{env: None for env in methods}, "py313": "forkserver"}
+    for env in methods:
+        assert _setenv(_env(cfg, env))["PYTHONFAULTHANDLER"] == "1", env
+
+
+def test_every_pytest_command_prints_skip_reasons_and_tooling_runs_once():
+    cfg = _tox_ini()
+    once = []
+    for env in _items(cfg["tox"]["envlist"]):
+        if env == "lint":
+            continue
+        commands = _pytest_commands(_env(cfg, env))
+        assert commands, env
+        for c in commands:
+            assert " -rs " in c, (env, c)
+            assert "-n 2" in c, (env, c)
+        if not all('-m "not slow and not tooling"' in c for c in commands):
+            once.append(env)
+    assert once == ["py313"]
+    assert _pytest_commands(_env(cfg, "py313")) == ["pytest -n 2 -rs {posargs}"]
+
+
+def test_the_torch_env_runs_only_what_needs_torch():
+    commands = _pytest_commands(_tox_ini()["testenv:torch"])
+    assert [c.split('"not slow and not tooling" ', 1)[1] for c in commands] == [
+        "{posargs:tests/test_torch.py tests/test_distributed.py}", "tests/test_cli.py -k mlp"]
+
+
 def test_only_the_torch_env_installs_torch_and_only_the_pinned_cpu_build():
     cfg = _tox_ini()
     assert cfg["testenv:torch"]["basepython"] == "python3.11"
