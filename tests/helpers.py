@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import faulthandler
 import functools
-import itertools
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +49,19 @@ SMOKE_METHOD = "spawn" if "spawn" in ALL_METHODS else ALL_METHODS[-1]
 # For a test parametrized by the start method alone: METHODS, and the smoke case's method.
 METHODS_AND_SMOKE = METHODS + ([SMOKE_METHOD] if REDUCED and SMOKE_METHOD not in METHODS
                                else [])
-_smoke_turn = itertools.count()
-
-
-def with_methods(cases) -> list:
+def with_methods(cases, key: str = "") -> list:
     """Each of ``cases`` (tuples, or single values) with a start method appended, for
     ``pytest.mark.parametrize``: every case under every method of METHODS, and, where
-    METHODS is reduced to fork, one case also under SMOKE_METHOD (spawn): each test takes
-    the next case in turn, so that the smoke cases of a module spread over its cases."""
+    METHODS is reduced to fork, one case also under SMOKE_METHOD (spawn). Which case is
+    picked by the place of the call (file and line) and ``key`` (for calls in a loop), so
+    that the smoke cases of a module spread over its cases, and a test gets the same one
+    however the suite is invoked."""
     cases = [c if isinstance(c, tuple) else (c,) for c in cases]
     out = [c + (m,) for c in cases for m in METHODS]
     if REDUCED and SMOKE_METHOD not in METHODS:
-        out.append(cases[next(_smoke_turn) % len(cases)] + (SMOKE_METHOD,))
+        caller = sys._getframe(1)
+        where = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}:{key}"
+        out.append(cases[zlib.crc32(where.encode()) % len(cases)] + (SMOKE_METHOD,))
     return out
 
 

@@ -182,7 +182,7 @@ def _fault_cases() -> list:
             out += [pytest.param(k, m, fault, marks=pytest.mark.start_method_matters)
                     for k in kinds for m in ALL_METHODS]
         else:
-            out += [(k, m, fault) for k, m in with_methods(kinds)]
+            out += [(k, m, fault) for k, m in with_methods(kinds, key=fault)]
     return out
 
 

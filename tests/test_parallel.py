@@ -70,7 +70,7 @@ def _master_params() -> list:
     out = []
     for config in CONFIGS:
         for kind, mode, method in with_methods([(k, m) for k in PARALLEL
-                                                for m in RESET_MODES]):
+                                                for m in RESET_MODES], key=config):
             if config == "counting_decorrelated" and method == "forkserver":
                 # decorrelation is worker code that runs after env_fn(), the same under
                 # every start method: fork and spawn (fresh interpreter, everything

@@ -196,7 +196,7 @@ def _cases() -> list:
     out = []
     for config in CONFIGS:
         out.append(pytest.param("serial", None, config, id=f"serial-{config}"))
-        for kind, method in with_methods(PARALLEL):
+        for kind, method in with_methods(PARALLEL, key=config):
             if method == "forkserver" and config not in ("counting", "gymnasium_sync"):
                 continue  # worker code runs the same after the start: fork and spawn cover it
             out.append(pytest.param(kind, method, config, id=f"{kind}-{method}-{config}"))
