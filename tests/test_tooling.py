@@ -3,6 +3,7 @@ a PATH of their own), and the test suite's handling of Python's fork-with-thread
 from __future__ import annotations
 
 import configparser
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import threading
 import warnings
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,3 +276,38 @@ def test_fork_with_threads_warning_is_ignored_in_xdist_workers_only(request):
     else:
         assert action != "ignore" and len(forks) == 1
         assert issubclass(forks[0].category, DeprecationWarning)
+
+
+_SET_AFTER_IMPORT: list = []  # a forked worker inherits what the test puts here
+
+
+def _how_started(folder):
+    """Writes how its process came to be: whether it inherited this process's memory
+    (fork), and whether its parent is this process (not under forkserver); a CartPole.
+    (A module-level function: workers import it, they do not get a pickled copy.)"""
+    import sampling
+
+    with open(os.path.join(folder, f"{os.getpid()}"), "w") as f:
+        f.write(f"{bool(_SET_AFTER_IMPORT)} {os.getppid()}")
+    return sampling.CartPole()
+
+
+def test_the_default_start_method_is_the_one_tox_asks_for(tmp_path):
+    """SAMPLING_TEST_DEFAULT_METHOD (py313: forkserver) reaches the samplers that name no
+    start method: conftest sets it for the session."""
+    import sampling
+
+    want = (os.environ.get("SAMPLING_TEST_DEFAULT_METHOD")
+            or mp.get_start_method(allow_none=True) or mp.get_context().get_start_method())
+    _SET_AFTER_IMPORT.append(True)
+    try:
+        with sampling.make_sampler("cpu", functools.partial(_how_started, str(tmp_path)),
+                                   lambda o: np.zeros(len(o), np.int64), batch_T=2, batch_B=1,
+                                   n_workers=1) as s:
+            s.obtain_samples()
+    finally:
+        _SET_AFTER_IMPORT.clear()
+    (worker,) = [p for p in tmp_path.iterdir() if int(p.name) != os.getpid()]
+    inherited, ppid = worker.read_text().split()
+    assert (inherited == "True", int(ppid) == os.getpid()) == {
+        "fork": (True, True), "spawn": (False, True), "forkserver": (False, False)}[want]
