@@ -49,6 +49,8 @@ SMOKE_METHOD = "spawn" if "spawn" in ALL_METHODS else ALL_METHODS[-1]
 # For a test parametrized by the start method alone: METHODS, and the smoke case's method.
 METHODS_AND_SMOKE = METHODS + ([SMOKE_METHOD] if REDUCED and SMOKE_METHOD not in METHODS
                                else [])
+
+
 def with_methods(cases, key: str = "") -> list:
     """Each of ``cases`` (tuples, or single values) with a start method appended, for
     ``pytest.mark.parametrize``: every case under every method of METHODS, and, where
