@@ -1,5 +1,6 @@
 """Shared fixtures: ``no_leaks`` checks that a test leaves no worker process and no
-/dev/shm entry (shared-memory segment or named semaphore) that it created."""
+/dev/shm entry behind (a shared-memory segment, a named semaphore, multiprocessing's arena
+file, anything) that it or a process it started created."""
 from __future__ import annotations
 
 import gc
@@ -7,18 +8,33 @@ import multiprocessing as mp
 import multiprocessing.process
 import multiprocessing.shared_memory
 import multiprocessing.synchronize
+import os
 import time
 
 import pytest
 
-from tests.helpers import alive, kill_all, shm_entries
+import sampling
+from tests.helpers import alive, descendants, kill_all, shm_entries, shm_holders
+
+LEAK_POLL_S = 0.02  # how often check() looks again while it waits
 
 
 class LeakWatch:
-    """The /dev/shm names (shared-memory segments, and semaphores: ``sem.mp-*`` under
-    spawn/forkserver) created in this process while it watches, and the pids of the
-    processes it started (``pids``, in start order). Other processes share /dev/shm, so
-    only the names recorded here count."""
+    """Watches /dev/shm and the processes a test starts.
+
+    Every /dev/shm entry that appears while it watches and is still there at the end counts
+    (a segment ``psm_*``, a named semaphore ``sem.mp-*`` under spawn/forkserver,
+    multiprocessing.heap's arena file ``pym-<pid>-*`` that a gymnasium AsyncVectorEnv
+    creates, anything), whichever process made it: this one, a worker, or a process a worker
+    started. Other processes share /dev/shm (the other tests of an xdist run, anything else
+    on the machine): an entry that a live process outside this one's family (itself and its
+    descendants) holds open or mapped is theirs and does not count; every other new entry
+    does (a stranger's entry whose creator died while this test ran would count too: a leak
+    all the same).
+
+    ``created``: the names created in this process while it watches (SharedMemory and
+    SemLock are patched to record them); ``pids``: the processes it started
+    (multiprocessing's), in start order."""
 
     def __init__(self):
         self.before = shm_entries()
@@ -52,16 +68,27 @@ class LeakWatch:
         return self
 
     def present(self) -> set:
-        """The recorded names that exist in /dev/shm now."""
+        """The names created in this process (``created``) that exist in /dev/shm now."""
         return (shm_entries() - self.before) & self.created
+
+    def left(self) -> set:
+        """Every new /dev/shm entry that counts (see the class): made here, or by any
+        process this one started, and not held by a process outside this one's family."""
+        new = shm_entries() - self.before
+        if not new - self.created:
+            return new
+        family = {os.getpid()} | set(descendants(os.getpid()))
+        theirs = {n for n, pids in shm_holders(new - self.created).items()
+                  if pids and not pids & family}
+        return new - theirs
 
     def alive(self) -> list:
         """The recorded processes that are still alive (zombies are not)."""
         return [p for p in self.pids if alive(p)]
 
     def check(self, wait_s: float = 5.0, started: bool = False) -> None:
-        """Raise AssertionError if a child process or a recorded process is alive (after
-        up to ``wait_s`` s), or a recorded name is left in /dev/shm (after a garbage
+        """Raise AssertionError if a child process or a recorded process is alive, or an
+        entry is left in /dev/shm (:meth:`left`), after up to ``wait_s`` s (and a garbage
         collection). ``started``: also fail unless the watch saw a name created and a
         process started (the test meant to watch a sampler with workers)."""
         gc.collect()
@@ -69,16 +96,20 @@ class LeakWatch:
             assert self.created, "the watch saw no shared-memory segment being created"
             assert self.pids, "the watch saw no worker process being started"
         deadline = time.monotonic() + wait_s
-        while (mp.active_children() or self.alive()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while ((mp.active_children() or self.alive() or self.left())
+               and time.monotonic() < deadline):
+            time.sleep(LEAK_POLL_S)
         children = mp.active_children()
         assert not children, f"child processes still alive after the test: {children}"
         running = self.alive()
         assert not running, f"processes started by the test still alive: {running}"
-        leaked = self.present()
+        leaked = self.left()
         semaphores = sorted(n for n in leaked if n.startswith("sem."))
+        elsewhere = sorted(leaked - self.created)
         assert not leaked, (f"left in /dev/shm after the test: {sorted(leaked)}"
-                            + (f" ({len(semaphores)} named semaphores)" if semaphores else ""))
+                            + (f" ({len(semaphores)} named semaphores)" if semaphores else "")
+                            + (f"; not created in the test's own process: {elsewhere}"
+                               if elsewhere else ""))
 
     def assert_clean(self) -> None:
         """Nothing the sampler created is left, right now (no waiting): call after
@@ -89,17 +120,57 @@ class LeakWatch:
 
 @pytest.fixture
 def no_leaks(monkeypatch):
-    """After the test: no live child process or process the test started, and none of the
-    /dev/shm names (segments, ``sem.mp-*`` semaphores) this process created during the
-    test is left. Yields the :class:`LeakWatch`, whose ``created``, ``pids``,
-    ``present()``, ``alive()`` and ``assert_clean()`` a test may use earlier. Whatever
-    the outcome, a recorded process still alive is SIGKILLed (no orphan outlives a test)."""
+    """After the test: no live child process or process the test started, and no /dev/shm
+    entry that appeared during the test is left, unless a process outside the test's
+    family holds it (:class:`LeakWatch`). Yields the watch, whose ``created``, ``pids``,
+    ``present()``, ``left()``, ``alive()`` and ``assert_clean()`` a test may use earlier.
+    Whatever the outcome, a recorded process still alive is SIGKILLed (no orphan outlives a
+    test)."""
     watch = LeakWatch().record(monkeypatch)
     try:
         yield watch
         watch.check()
     finally:
         kill_all(watch.pids)
+
+
+# SAMPLING_TEST_DEFAULT_METHOD (tox's py313 env sets "forkserver", Python 3.14's default on
+# Linux): the start method of every sampler that does not name one, for the whole session.
+DEFAULT_METHOD_VARIABLE = "SAMPLING_TEST_DEFAULT_METHOD"
+
+
+def pytest_configure(config):
+    method = os.environ.get(DEFAULT_METHOD_VARIABLE)
+    if method:
+        if method not in mp.get_all_start_methods():
+            raise pytest.UsageError(f"{DEFAULT_METHOD_VARIABLE}={method!r}: this platform's "
+                                    f"start methods are {mp.get_all_start_methods()}")
+        mp.set_start_method(method, force=True)
+
+
+def pytest_report_header(config):
+    from tests.helpers import METHODS_SETTING, SMOKE_METHOD
+    return (f"start methods: SAMPLING_TEST_METHODS={METHODS_SETTING} (fork: one {SMOKE_METHOD} "
+            f"smoke case per test); default start method: "
+            f"{mp.get_start_method(allow_none=True) or 'the platform default'}")
+
+
+# auto's choice depends on the CPUs this process may use; tests of what auto does beyond
+# "1 usable CPU: serial" need at least 2, which `taskset -c 0 pytest` (or a 1-CPU container)
+# would not give them.
+PRETENDED_CPUS = 2
+
+
+@pytest.fixture
+def two_usable_cpus(monkeypatch):
+    """This process may use 2 CPUs, whatever its affinity mask: auto measures and decides
+    as on a 2-core machine (sampling.usable_cpus() reads the affinity mask, or the CPU
+    count where there is none)."""
+    cpus = set(range(PRETENDED_CPUS))
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
+    monkeypatch.setattr(os, "cpu_count", lambda: PRETENDED_CPUS)
+    assert sampling.usable_cpus() == PRETENDED_CPUS
 
 
 # Python >= 3.12 warns (DeprecationWarning "This process ... is multi-threaded, use of fork()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import CountingEnv, FaultEnv, write_stamp
+from tests.helpers import CountingEnv, FaultEnv, in_worker, write_stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 # A test's subprocess takes a few seconds; this is generous for a loaded machine, yet bounded.
@@ -204,6 +204,46 @@ class SimulatorEnv(FaultEnv):
         Path(self.pid_dir, f"{sim.pid}.closed").touch()
 
 
+class StuckCloseEnv(SimulatorEnv):
+    """A SimulatorEnv whose ``close()`` never returns in a sampler worker (a simulator that
+    hangs on exit); in the parent (the probe env) it closes as usual."""
+
+    def close(self):
+        if mp.current_process().name.startswith("sampling-"):
+            time.sleep(300)
+        super().close()
+
+
+# How long worker 1 stays between its arena file's creation and unlink, and how long worker 0
+# waits for it to get there: far longer than either takes.
+ARENA_WINDOW_S = 30.0
+
+
+def arena_in_the_window(stamp):
+    """env_fn of the arena-leak test (fork only): worker 1 allocates a shared array, as
+    gymnasium's AsyncVectorEnv does (multiprocessing.heap creates its arena file in /dev/shm
+    and unlinks it at once), and stays between the two (up to ARENA_WINDOW_S) after writing
+    ``stamp``; worker 0 waits for the stamp and raises, so the parent stops worker 1 with
+    SIGTERM there. Elsewhere (the parent's probe) a plain CountingEnv."""
+    if in_worker(1):
+        real_unlink = os.unlink
+
+        def unlink_later(path, *args, **kwargs):
+            if os.path.basename(str(path)).startswith("pym-"):
+                write_stamp(stamp)
+                time.sleep(ARENA_WINDOW_S)
+            return real_unlink(path, *args, **kwargs)
+
+        os.unlink = unlink_later
+        mp.get_context("fork").Array("d", 16)
+    elif in_worker(0):
+        deadline = time.monotonic() + ARENA_WINDOW_S
+        while not os.path.exists(stamp) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise RuntimeError("worker 0 fails while worker 1 makes its arena")
+    return CountingEnv()
+
+
 def simulator_pids(pid_dir) -> tuple:
     """``(started, closed)``: ``{child pid: pid of the process that made the env}`` for
     every SimulatorEnv's child, and the set of those that close() stopped."""
@@ -272,22 +312,47 @@ def interrupt_main_thread(how: str = "signal") -> None:
 
 
 @contextlib.contextmanager
+def ctrl_c_raises():
+    """Within the block, SIGINT raises KeyboardInterrupt in this process, as in a script run
+    from a terminal: Python's own handler (``signal.default_int_handler``) is installed, and
+    the one before it restored afterwards. A test run in the background (``tox > log &``)
+    inherits SIGINT ignored, and Python then installs no handler of its own: a Ctrl-C test
+    must not depend on how the suite was launched."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# The first lines of every child script that is sent a Ctrl-C (or sends one to itself): the
+# same as ctrl_c_raises(), for the script's whole life. (Its spawn workers, exec'ed from a
+# process that handles SIGINT, start with the default disposition, as in a terminal.)
+CTRL_C_RAISES = textwrap.dedent("""
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+""")
+
+
+@contextlib.contextmanager
 def interrupt_after(delay: float, how: str = "signal"):
     """Interrupt the main thread (:func:`interrupt_main_thread`) ``delay`` s into the
-    block. Yields a list that gets the ``time.monotonic()`` of the interrupt once sent."""
+    block, with SIGINT handled as in a terminal for the block (:func:`ctrl_c_raises`).
+    Yields a list that gets the ``time.monotonic()`` of the interrupt once sent."""
     sent: list = []
 
     def fire():
         sent.append(time.monotonic())
         interrupt_main_thread(how)
 
-    timer = threading.Timer(delay, fire)
-    try:
-        timer.start()
-        yield sent
-    finally:
-        timer.cancel()
-        timer.join()
+    with ctrl_c_raises():
+        timer = threading.Timer(delay, fire)
+        try:
+            timer.start()
+            yield sent
+        finally:
+            timer.cancel()
+            timer.join()
 
 
 def wait_until(cond, bound: float, period: float = 0.05) -> bool:

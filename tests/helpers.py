@@ -8,8 +8,10 @@ import functools
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,44 @@ SERVED = [k for k, v in sampling.KINDS.items() if v.served]  # the parent acts f
 GROUPED = [k for k, v in sampling.KINDS.items() if v.groups > 1]  # worker groups take turns
 # each worker steps its envs with its own copy of the agent
 WORKER_AGENTS = [k for k, v in sampling.KINDS.items() if v.driver == "worker_agents"]
-METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
 RESET_MODES = list(_RESET_MODES)
+
+# -- start methods ---------------------------------------------------------------------------
+# Every start method this platform has. Tests of what the start method changes (semaphore
+# and segment names, pickling, start-up failures, the forkserver's environment, the resource
+# tracker, restart descriptor passing, parameter mirroring under spawn, leaks under each
+# method) run each of them always, and carry the start_method_matters marker.
+ALL_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in mp.get_all_start_methods()]
+# SAMPLING_TEST_METHODS (tox sets it): "all" (the default) runs every test under every
+# start method; "fork" runs the tests whose behaviour does not depend on it (batch
+# semantics, batch-phase faults, lag faults, env-close paths, deadlines) under fork, plus one
+# smoke case of each such test under spawn (with_methods).
+METHODS_SETTING = os.environ.get("SAMPLING_TEST_METHODS", "all")
+if METHODS_SETTING not in ("all", "fork"):
+    raise RuntimeError(f"SAMPLING_TEST_METHODS must be 'all' or 'fork', got "
+                       f"{METHODS_SETTING!r}")
+REDUCED = METHODS_SETTING == "fork" and "fork" in ALL_METHODS
+METHODS = ["fork"] if REDUCED else list(ALL_METHODS)
+SMOKE_METHOD = "spawn" if "spawn" in ALL_METHODS else ALL_METHODS[-1]
+# For a test parametrized by the start method alone: METHODS, and the smoke case's method.
+METHODS_AND_SMOKE = METHODS + ([SMOKE_METHOD] if REDUCED and SMOKE_METHOD not in METHODS
+                               else [])
+
+
+def with_methods(cases, key: str = "") -> list:
+    """Each of ``cases`` (tuples, or single values) with a start method appended, for
+    ``pytest.mark.parametrize``: every case under every method of METHODS, and, where
+    METHODS is reduced to fork, one case also under SMOKE_METHOD (spawn). Which case is
+    picked by the place of the call (file and line) and ``key`` (for calls in a loop), so
+    that the smoke cases of a module spread over its cases, and a test gets the same one
+    however the suite is invoked."""
+    cases = [c if isinstance(c, tuple) else (c,) for c in cases]
+    out = [c + (m,) for c in cases for m in METHODS]
+    if REDUCED and SMOKE_METHOD not in METHODS:
+        caller = sys._getframe(1)
+        where = f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}:{key}"
+        out.append(cases[zlib.crc32(where.encode()) % len(cases)] + (SMOKE_METHOD,))
+    return out
 
 
 def one_per(*fields: str, kinds=KINDS) -> list:
@@ -114,6 +152,71 @@ class SlowEnv(CountingEnv):
     def step(self, action):
         time.sleep(self.delay)
         return super().step(action)
+
+
+# How long a gated StepLogEnv waits for its gate before it steps anyway (and the test that
+# forgot to open it fails on the times): far longer than any test holds one closed.
+GATE_BOUND_S = 60.0
+GATE_POLL_S = 0.002
+
+
+class StepLogEnv(CountingEnv):
+    """Logs its steps to the file ``<log_dir>/log-<env_id>`` (one env per file, so any
+    process may write it): a line "begin <n> <time>" when its n-th step (from 1, over its
+    life) starts and "end <n> <time>" when it returns, with ``time.monotonic()``
+    (system-wide on Linux, so comparable across processes). :func:`read_step_log` reads
+    them.
+
+    ``gate_every=T``: step n first waits (up to GATE_BOUND_S) until the test opens gate
+    ``(n - 1) // T`` (:func:`open_gate`; with T steps per batch, the gate of batch k),
+    logging "wait <n> <time>" if the gate is closed, and logs its beginning after that.
+    ``delay``: seconds each step takes from step ``slow_from`` on. Nothing is logged or
+    gated in the process with pid ``safe_pid`` (the parent's probe env)."""
+
+    def __init__(self, log_dir, gate_every=None, delay=0.0, slow_from=1, safe_pid=None,
+                 **kw):
+        super().__init__(**kw)
+        self.log_dir, self.gate_every, self.safe_pid = log_dir, gate_every, safe_pid
+        self.delay, self.slow_from = delay, slow_from
+        self.n_steps = 0
+
+    def _log(self, what: str) -> None:
+        with open(os.path.join(self.log_dir, f"log-{self.env_id}"), "a") as f:
+            f.write(f"{what} {self.n_steps} {time.monotonic()!r}\n")
+
+    def step(self, action):
+        self.n_steps += 1
+        if os.getpid() == self.safe_pid:
+            return super().step(action)
+        if self.gate_every:
+            gate = os.path.join(self.log_dir, f"gate-{(self.n_steps - 1) // self.gate_every}")
+            if not os.path.exists(gate):
+                self._log("wait")
+            deadline = time.monotonic() + GATE_BOUND_S
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(GATE_POLL_S)
+        self._log("begin")
+        if self.n_steps >= self.slow_from:
+            time.sleep(self.delay)
+        out = super().step(action)
+        self._log("end")
+        return out
+
+
+def open_gate(log_dir, k: int) -> None:
+    """Let gated :class:`StepLogEnv` steps of gate ``k`` go."""
+    Path(log_dir, f"gate-{k}").touch()
+
+
+def read_step_log(log_dir) -> dict:
+    """``{(env_id, n, "wait" | "begin" | "end"): time}`` from :class:`StepLogEnv`'s files (their
+    complete lines: one may be being written)."""
+    out = {}
+    for path in Path(log_dir).glob("log-*"):
+        for line in path.read_text().split("\n")[:-1]:
+            what, n, t = line.split()
+            out[int(path.name[len("log-"):]), int(n), what] = float(t)
+    return out
 
 
 class ShapeChangingEnv(CountingEnv):
@@ -278,6 +381,64 @@ def shm_entries():
         return set(os.listdir("/dev/shm"))
     except FileNotFoundError:
         return set()
+
+
+def descendants(pid: int) -> list:
+    """The live descendants of process ``pid`` (children, their children, ...), from /proc."""
+    children: dict = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def shm_holders(names) -> dict:
+    """``{name: {pid, ...}}``: the live processes that hold each of the /dev/shm ``names``
+    open (a file descriptor) or mapped, by inode (/proc/<pid>/fd and /proc/<pid>/maps:
+    glibc's sem_open maps a new semaphore under a temporary name, then links it)."""
+    inodes: dict = {}
+    for n in names:
+        try:
+            st = os.stat(f"/dev/shm/{n}")
+        except OSError:
+            continue
+        inodes[st.st_dev, st.st_ino] = n
+    out: dict = {n: set() for n in names}
+    if not inodes:
+        return out
+    shm_inodes = {ino: n for (_, ino), n in inodes.items()}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        pid = int(d)
+        try:
+            for fd in os.listdir(f"/proc/{d}/fd"):
+                try:
+                    st = os.stat(f"/proc/{d}/fd/{fd}")
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in inodes:
+                    out[inodes[st.st_dev, st.st_ino]].add(pid)
+            with open(f"/proc/{d}/maps") as f:
+                for line in f:
+                    fields = line.split(maxsplit=5)
+                    if (len(fields) == 6 and fields[5].startswith("/dev/shm/")
+                            and int(fields[4]) in shm_inodes):
+                        out[shm_inodes[int(fields[4])]].add(pid)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return out
 
 
 def alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import random
+import re
 import warnings
 
 import numpy as np
@@ -16,8 +17,8 @@ import pytest
 import sampling
 from sampling.spaces import Box, Discrete
 from tests.helpers import (
+    ALL_METHODS,
     KINDS,
-    METHODS,
     PARALLEL,
     CountingAgent,
     CountingEnv,
@@ -65,10 +66,11 @@ def _cpu_batches(agent, start_method, n=2, **kw) -> list:
 
 
 # -- random streams ----------------------------------------------------------------------
+@pytest.mark.start_method_matters  # fork's workers inherit the parent's streams; spawn's not
 @pytest.mark.parametrize("policy", [readme_policy, random_module_policy])
 def test_workers_draw_distinct_streams_the_same_under_every_start_method(policy):
-    runs = {m: _cpu_batches(policy, m) for m in METHODS}
-    first = runs[METHODS[0]]
+    runs = {m: _cpu_batches(policy, m) for m in ALL_METHODS}
+    first = runs[ALL_METHODS[0]]
     for batch in first:
         assert _halves_differ(batch["action"]), "both workers drew the same actions"
     for batches in runs.values():  # reproducible, and the same whatever the start method
@@ -76,7 +78,8 @@ def test_workers_draw_distinct_streams_the_same_under_every_start_method(policy)
             assert_batches_equal(a, b)
 
 
-@pytest.mark.parametrize("start_method", METHODS)
+@pytest.mark.start_method_matters  # the agent's generators: inherited or unpickled
+@pytest.mark.parametrize("start_method", ALL_METHODS)
 def test_generators_the_agent_holds_are_reseeded_per_worker(start_method):
     a = _cpu_batches(OwnGeneratorsAgent(), start_method)
     b = _cpu_batches(OwnGeneratorsAgent(), start_method)
@@ -88,10 +91,11 @@ def test_generators_the_agent_holds_are_reseeded_per_worker(start_method):
         assert_batches_equal(x, y)
 
 
+@pytest.mark.start_method_matters  # a fork copy and an unpickled copy draw the same
 def test_random_agent_differs_per_worker_and_is_reproducible():
     space = sampling.CartPole().action_space
     a = _cpu_batches(sampling.RandomAgent(space, seed=0), "fork")
-    b = _cpu_batches(sampling.RandomAgent(space, seed=0), METHODS[-1])
+    b = _cpu_batches(sampling.RandomAgent(space, seed=0), ALL_METHODS[-1])
     for x, y in zip(a, b):
         assert _halves_differ(x["action"])
         assert_batches_equal(x, y)
@@ -165,11 +169,37 @@ class SharedLinearAgent(NumpyLinearAgent):
 
 
 def test_cpu_warns_once_about_arrays_it_cannot_mirror():
-    with pytest.warns(UserWarning, match=r"float arrays outside any torch module \(w\).*"
-                                         r"shared_arrays\(\)"):
-        s = sampling.make_sampler("cpu", sampling.CartPole, NumpyLinearAgent(), batch_T=4,
-                                  batch_B=2, n_workers=2)
-    s.shutdown()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, even one already shown
+        with sampling.make_sampler("cpu", sampling.CartPole, NumpyLinearAgent(), batch_T=4,
+                                   batch_B=2, n_workers=2) as s:
+            for _ in s.steps(3):
+                pass
+    mine = [w for w in caught if "float arrays outside any torch module" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    assert mine[0].category is UserWarning
+    assert re.search(r"float arrays outside any torch module \(w\).*shared_arrays\(\)",
+                     str(mine[0].message))
+
+
+class NothingToMirrorAgent(NumpyLinearAgent):
+    """Float arrays, and shared_arrays() saying there is nothing to mirror."""
+
+    def shared_arrays(self):
+        return {}
+
+
+def test_shared_arrays_returning_nothing_silences_the_warning():
+    """README: "shared_arrays() returning {} says 'nothing to mirror' and silences the
+    warning": no warning, and indeed nothing is mirrored (the copies keep w as it was)."""
+    agent = NothingToMirrorAgent()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sampling.make_sampler("cpu", sampling.CartPole, agent, batch_T=8, batch_B=4,
+                                   n_workers=2, start_method="fork") as s:
+            assert (s.obtain_samples()["action"] == 0).all()
+            agent.w[0] = -1e9  # would act wherever the cart is left of centre
+            assert (s.obtain_samples()["action"] == 0).all()
 
 
 @pytest.mark.parametrize("kind,agent", [
@@ -186,10 +216,11 @@ def test_no_warning_where_nothing_would_be_frozen(kind, agent):
             pass
 
 
+@pytest.mark.start_method_matters  # parameter mirroring into workers that were not forked
 def test_shared_arrays_agent_updates_reach_cpu_workers():
     agent = SharedLinearAgent()
     with sampling.make_sampler("cpu", sampling.CartPole, agent, batch_T=8, batch_B=4,
-                               n_workers=2, start_method=METHODS[-1]) as s:
+                               n_workers=2, start_method=ALL_METHODS[-1]) as s:
         assert (s.obtain_samples()["action"] == 0).all()
         agent.w[:] = [0, 0, 0, 0]
         agent.w[0] = -1e9  # obs @ w > 0 wherever the cart is left of centre

@@ -35,6 +35,7 @@ import pytest
 import sampling
 from sampling import RemoteTraceback, SamplerClosedError, WorkerError
 from tests.fault_helpers import (
+    CTRL_C_RAISES,
     RECORD_NAMES,
     ROOT,
     SCRIPT_TIMEOUT_S,
@@ -54,7 +55,8 @@ from tests.fault_helpers import (
     worker_pid,
 )
 from tests.helpers import (
-    METHODS,
+    ALL_METHODS,
+    METHODS_AND_SMOKE,
     PARALLEL,
     SERVED,
     WORKER_AGENTS,
@@ -65,10 +67,12 @@ from tests.helpers import (
     ShapeChangingEnv,
     SlowEnv,
     alive,
+    descendants,
     kill_all,
     one_per,
     read_stamp,
     shm_entries,
+    with_methods,
     write_stamp,
 )
 
@@ -166,12 +170,24 @@ def _run_fault(kind, method, fault, tmp_path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+def _fault_cases() -> list:
+    """(kind, start method, fault): a fault at construction under every start method (the
+    workers are starting: names exist, the start method's machinery is at work); the others
+    (workers started, names gone) under METHODS. The worker's own agent fails only in the
+    kinds whose workers run one (the parent's agent: test_parent_agent_*)."""
+    out = []
+    for fault, (phase, _, _) in FAULTS.items():
+        kinds = WORKER_AGENTS if fault == "worker_agent" else PARALLEL
+        if phase == "construct":
+            out += [pytest.param(k, m, fault, marks=pytest.mark.start_method_matters)
+                    for k in kinds for m in ALL_METHODS]
+        else:
+            out += [(k, m, fault) for k, m in with_methods(kinds, key=fault)]
+    return out
+
+
+@pytest.mark.parametrize("kind,start_method,fault", _fault_cases())
 def test_fault_matrix(kind, start_method, fault, tmp_path, no_leaks):
-    if fault == "worker_agent" and kind not in WORKER_AGENTS:
-        pytest.skip("the agent runs in the parent in this kind (see test_parent_agent_*)")
     phase, _, where = FAULTS[fault]
     r = _run_fault(kind, start_method, fault, tmp_path)
 
@@ -307,7 +323,7 @@ def test_exception_in_loop_body_shuts_down(kind, no_leaks):
     no_leaks.assert_clean()
 
 
-@pytest.mark.parametrize("start_method", METHODS)
+@pytest.mark.parametrize("start_method", METHODS_AND_SMOKE)
 def test_forgotten_sampler_is_cleaned_up_by_gc(start_method, no_leaks):
     sampler = sampling.make_sampler("gpu", CountingEnv, CountingAgent(),
                                     start_method=start_method, **SMALL)
@@ -339,8 +355,7 @@ def test_eval_fault_message_names_the_eval_env(kind, no_leaks):
 
 
 # -- the agent in the parent ------------------------------------------------------------------
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
 def test_parent_agent_exception_propagates_unchanged(kind, start_method, no_leaks):
     # Served kinds: agent.step raises in the parent mid-batch (call 1 is the probe).
     # Worker agents (cpu): the parent only runs the agent's hooks; sample_mode raises on the
@@ -379,8 +394,7 @@ def test_parent_agent_exception_during_eval(kind, no_leaks):
 
 
 # -- KeyboardInterrupt -------------------------------------------------------------------------
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", SERVED)
+@pytest.mark.parametrize("kind,start_method", with_methods(SERVED))
 def test_keyboard_interrupt_from_agent(kind, start_method, no_leaks):
     agent = ParentFaultAgent(os.getpid(), fail_at=3, exc=KeyboardInterrupt)
     with sampling.make_sampler(kind, CountingEnv, agent, start_method=start_method,
@@ -412,10 +426,8 @@ def _three_batches(sampler) -> None:
         pass
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
 def test_keyboard_interrupt_signal_during_slow_batch(kind, start_method, no_leaks):
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     env_fn = functools.partial(SlowEnv, delay=0.2)  # a batch takes >= 2 s
     with sampling.make_sampler(kind, env_fn, CountingAgent(), start_method=start_method,
                                **SMALL) as sampler:
@@ -458,7 +470,7 @@ def test_slow_env_is_not_dead(kind, no_leaks):
 
 
 # -- resource-tracker warnings: only visible when the interpreter exits ------------------------
-TRACKER_SCRIPT = textwrap.dedent("""
+TRACKER_SCRIPT = CTRL_C_RAISES + textwrap.dedent("""
     import functools, gc, os, signal, sys, time
     import multiprocessing as mp
     import sampling
@@ -535,7 +547,8 @@ TRACKER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("start_method", METHODS)
+@pytest.mark.start_method_matters
+@pytest.mark.parametrize("start_method", ALL_METHODS)
 def test_no_resource_tracker_warnings(start_method):
     proc = subprocess.run([sys.executable, "-c", TRACKER_SCRIPT, start_method], cwd=ROOT,
                           env=script_env(), capture_output=True, text=True,
@@ -552,7 +565,7 @@ def test_no_resource_tracker_warnings(start_method):
 # may strike: "construct" while the workers are still starting, "idle" between batches,
 # "batch" mid-batch (in served kinds the parent hangs in the agent, the workers wait for
 # actions; where the workers run the agent (cpu) they step a slow env).
-CHILD_SCRIPT = RECORD_NAMES + textwrap.dedent("""
+CHILD_SCRIPT = CTRL_C_RAISES + RECORD_NAMES + textwrap.dedent("""
     import sampling
     from tests.fault_helpers import ReadyThenHangAgent, SlowInitEnv
     from tests.helpers import CountingEnv, SlowEnv
@@ -598,25 +611,6 @@ CHILD_SCRIPT = RECORD_NAMES + textwrap.dedent("""
 """)
 
 
-def _descendants(pid: int) -> list:
-    children: dict = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _start_child(kind, start_method, when, **popen_kw):
     return subprocess.Popen([sys.executable, "-c", CHILD_SCRIPT, kind, start_method, when],
                             cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
@@ -645,19 +639,21 @@ def _cleanup_child(proc, pids) -> None:
 def _in_turn(kinds, methods) -> list:
     """``(kind, start method)``: each of ``kinds`` with the next of ``methods`` (those here)
     in turn, so that a few subprocess tests cover every such kind and several methods."""
-    here = [m for m in methods if m in METHODS]
+    here = [m for m in methods if m in ALL_METHODS]
     return [(k, here[i % len(here)]) for i, k in enumerate(kinds)]
 
 
 # The kinds whose workers run the agent (cpu) idle, constructing and mid-batch (20 s of env
 # steps: such a worker must look for its parent by itself), every served kind mid-batch.
-PARENT_KILL_CASES = ([(k, m, "idle") for k in WORKER_AGENTS for m in METHODS]
-                     + [(k, m, "construct") for k in WORKER_AGENTS for m in METHODS]
+PARENT_KILL_CASES = ([(k, m, "idle") for k in WORKER_AGENTS for m in ALL_METHODS]
+                     + [(k, m, "construct") for k in WORKER_AGENTS for m in ALL_METHODS]
                      + [(k, m, "batch") for k, m in _in_turn(SERVED, ["fork", "forkserver",
                                                                        "spawn"])]
-                     + [(k, m, "batch") for k in WORKER_AGENTS for m in ("fork", "spawn")])
+                     + [(k, m, "batch") for k in WORKER_AGENTS for m in ("fork", "spawn")
+                        if m in ALL_METHODS])
 
 
+@pytest.mark.start_method_matters
 @pytest.mark.parametrize("kind,start_method,when", PARENT_KILL_CASES)
 def test_parent_sigkill_leaves_nothing(kind, start_method, when):
     proc = _start_child(kind, start_method, when)
@@ -668,7 +664,7 @@ def test_parent_sigkill_leaves_nothing(kind, start_method, when):
         created = set(info["SHM"])
         assert len(workers) == 2 and all(alive(p) for p in workers)
         assert any(n.startswith("psm") for n in created)
-        family = _descendants(proc.pid)  # workers, forkserver, resource tracker
+        family = descendants(proc.pid)  # workers, forkserver, resource tracker
         assert set(workers) <= set(family)
         if when == "construct":  # the segment's name is still there: the tracker must unlink it
             assert {n for n in created if n.startswith("psm")} <= shm_entries()
@@ -683,11 +679,12 @@ def test_parent_sigkill_leaves_nothing(kind, start_method, when):
         _cleanup_child(proc, family)
 
 
+@pytest.mark.start_method_matters
 @pytest.mark.parametrize("kind,start_method,when",
-                         [(k, m, "batch") for k in WORKER_AGENTS for m in METHODS]
+                         [(k, m, "batch") for k in WORKER_AGENTS for m in ALL_METHODS]
                          + [(k, m, "batch") for k, m in _in_turn(SERVED, ["spawn", "fork",
                                                                           "forkserver"])]
-                         + [(k, m, "construct") for k in WORKER_AGENTS for m in METHODS])
+                         + [(k, m, "construct") for k in WORKER_AGENTS for m in ALL_METHODS])
 def test_ctrl_c_to_the_process_group(kind, start_method, when):
     # What a terminal does on Ctrl-C: SIGINT to every process of the foreground group.
     proc = _start_child(kind, start_method, when, start_new_session=True)
@@ -695,7 +692,7 @@ def test_ctrl_c_to_the_process_group(kind, start_method, when):
     try:
         info = read_until_ready(proc, time.monotonic() + 30)
         created = set(info["SHM"])
-        family = _descendants(proc.pid)
+        family = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         sent = time.monotonic()
         out, err = proc.communicate(timeout=BOUND_S + 10)
@@ -710,7 +707,7 @@ def test_ctrl_c_to_the_process_group(kind, start_method, when):
         _cleanup_child(proc, family)
 
 
-SIGINT_BOOT_SCRIPT = textwrap.dedent("""
+SIGINT_BOOT_SCRIPT = CTRL_C_RAISES + textwrap.dedent("""
     import os, signal, sys, threading, time
     if __name__ == "__mp_main__":
         time.sleep(1.0)  # a slow top-level import (torch, say), re-run in every spawn worker
@@ -736,6 +733,7 @@ SIGINT_BOOT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.start_method_matters
 def test_sigint_to_a_starting_spawn_worker_is_ignored(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SIGINT_BOOT_SCRIPT)
@@ -755,7 +753,8 @@ STARTUP_CAUSES = (r"the cause is printed on the worker's stderr above\. Usually 
                   r"env_fn and the agent in an importable module")
 
 
-@pytest.mark.parametrize("start_method", METHODS)
+@pytest.mark.start_method_matters
+@pytest.mark.parametrize("start_method", ALL_METHODS)
 @pytest.mark.parametrize("case", ["exit_before", "killed_before", "exit_after_started"])
 def test_worker_dying_before_it_started(case, start_method, monkeypatch, no_leaks):
     # The worker's target is swapped for a stand-in that dies before worker_main would run
@@ -824,9 +823,10 @@ def _tagged_pids(tag: str) -> list:
     return [p for p in out if alive(p)]
 
 
+@pytest.mark.start_method_matters
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs /proc")
-@pytest.mark.parametrize("how,start_method", [("file", m) for m in METHODS]
-                         + [("stdin", m) for m in METHODS if m != "fork"])
+@pytest.mark.parametrize("how,start_method", [("file", m) for m in ALL_METHODS]
+                         + [("stdin", m) for m in ALL_METHODS if m != "fork"])
 def test_startup_failure_in_a_real_script(how, start_method, tmp_path):
     tag_value = f"{os.getpid()}-{how}-{start_method}-{time.monotonic_ns()}"
     tag = f"SAMPLING_STARTUP_TEST={tag_value}"  # as it appears in /proc/<pid>/environ

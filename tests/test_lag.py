@@ -5,6 +5,7 @@ until the next call; evaluation, faults, Ctrl-C and shutdown with a batch in fli
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import numpy as np
@@ -12,9 +13,17 @@ import pytest
 
 import sampling
 from sampling import SamplerClosedError, WorkerError
-from tests.fault_helpers import interrupt_after, sampling_children, worker_pid
+from tests.fault_helpers import (
+    ctrl_c_raises,
+    interrupt_after,
+    interrupt_main_thread,
+    sampling_children,
+    wait_until,
+    worker_pid,
+)
 from tests.helpers import (
-    METHODS,
+    ALL_METHODS,
+    KINDS,
     PARALLEL,
     SERVED,
     CountingAgent,
@@ -24,9 +33,13 @@ from tests.helpers import (
     IdTraj,
     RecurrentCounter,
     SlowEnv,
+    StepLogEnv,
     assert_batches_equal,
     assert_runs_equal,
+    open_gate,
+    read_step_log,
     snapshot,
+    with_methods,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -34,6 +47,17 @@ pytestmark = pytest.mark.usefixtures("no_leaks")
 BOUND_S = 5.0  # a fault or a Ctrl-C must surface within this many seconds
 ENV = functools.partial(CountingEnv, lengths=(3, 5, 4))
 SIZE = dict(batch_T=6, batch_B=4, seed=1, traj_info=IdTraj, final_observation=True)
+T, B = SIZE["batch_T"], SIZE["batch_B"]
+ENV_IDS = [SIZE["seed"] + b for b in range(B)]  # CountingEnv's env id is its seed
+# How long a test waits for a batch collected in the background (a few ms of work): a
+# bound for a loaded machine, never a nominal time.
+COLLECT_BOUND_S = 30.0
+# Without the lag nothing may step while the caller holds its batch: how long it holds.
+NO_LAG_HOLD_S = 0.5
+# A step that takes this long never returns within the test: closing the sampler must not
+# wait for it (BOUND_S is far shorter). Also the shutdown_timeout of those tests, so that a
+# close that waited for the batch (and then forced it) could not pass either.
+NEVER_S = 60.0
 
 
 class VersionAgent:
@@ -85,44 +109,143 @@ def _serial_reference() -> list:
     return _serial
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+# cpu's copies get the parameters mirrored through shared memory: under every start method
+# (spawn's copies are unpickled, fork's inherited); the other kinds under METHODS.
+LAG_CASES = ([pytest.param("cpu", m, marks=pytest.mark.start_method_matters)
+              for m in ALL_METHODS]
+             + [(k, m) for k, m in with_methods([k for k in PARALLEL if k != "cpu"])])
+
+
+@pytest.mark.parametrize("kind,start_method", LAG_CASES)
 def test_exact_lag_and_bit_identical_batches_in_every_kind(kind, start_method):
     got = _train(kind, n_workers=2, start_method=start_method)
     assert_runs_equal(got, _serial_reference())
     assert sum(len(b["traj_infos"]) for b in got) > 5
 
 
+def _no_lag(versions) -> list:
+    """Serial batches without the lag, batch k acting with parameter version
+    ``versions[k]`` (set by the "update" after batch k-1)."""
+    agent = VersionAgent()
+    out = []
+    with sampling.make_sampler("serial", ENV, agent, bootstrap_value=True, **SIZE) as s:
+        for k, batch in enumerate(s.steps(len(versions))):
+            assert (batch.agent_info["version"] == versions[k]).all(), (k, batch.agent_info)
+            out.append(snapshot(batch))
+            agent.v[:] = versions[k + 1] if k + 1 < len(versions) else -1
+    return out
+
+
 def test_lag_differs_from_no_lag_by_exactly_the_parameters():
-    """The same loop without the lag: batch k acts with version k (the same envs, seeds and
-    episode boundaries; only what depends on the parameters changes)."""
-    agent = VersionAgent()
-    with sampling.make_sampler("serial", ENV, agent, **SIZE) as s:
-        for k, batch in enumerate(s.steps(3)):
-            assert (batch.agent_info["version"] == k).all()
-            agent.v += 1
+    """The same loop without the lag acts with version k in batch k; given instead the
+    parameters the lag run acted with (one update behind: 0, 0, 1, 2, ...), it collects
+    the lag run's batches bit for bit (the same envs, seeds and episode boundaries: only
+    the parameters differ)."""
+    lagged = _serial_reference()
+    n = len(lagged)
+    plain = _no_lag(list(range(n)))
+    assert_runs_equal(_no_lag([max(k - 1, 0) for k in range(n)]), lagged)
+    assert_batches_equal(plain[0], lagged[0], "batch 0")  # both act with version 0
+    for k in range(1, n):  # with version k instead of k - 1, the actions differ
+        assert plain[k]["action"].tobytes() != lagged[k]["action"].tobytes(), k
+        for field in ("reward", "done", "terminated", "truncated"):  # the env's own course
+            assert plain[k][field].tobytes() == lagged[k][field].tobytes(), (k, field)
 
 
-@pytest.mark.parametrize("kind", ["serial", "cpu", "gpu"])
+class ItrAgent(VersionAgent):
+    """agent_info["itr"]: the ``sample_mode`` itr of the copy that acted."""
+
+    itr = -1
+
+    def sample_mode(self, itr):
+        super().sample_mode(itr)
+        self.itr = itr
+
+    def step(self, observation, prev_action, prev_reward):
+        action, info = super().step(observation, prev_action, prev_reward)
+        info["itr"] = np.full(len(observation), self.itr, np.int64)
+        return action, info
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_the_next_batch_gets_the_next_itr(kind):
-    agent = VersionAgent()
+    """obtain_samples(itr) returns the batch collected since the previous call and starts
+    the next one, whose sample_mode gets itr + 1 (README): batches acted with itrs 10,
+    11 (started by the call with 10), 21 (started by the call with 20)."""
+    agent = ItrAgent()
     extra = {} if kind == "serial" else dict(n_workers=2, start_method="fork")
     with sampling.make_sampler(kind, ENV, agent, policy_lag=1, **SIZE, **extra) as s:
-        s.obtain_samples(10)
-        s.obtain_samples(11)
-    if kind != "gpu":  # gpu serves actions with a copy of the agent, which gets the calls
-        assert agent.modes == [10, 11, 12]
+        itrs = [np.unique(s.obtain_samples(itr).agent_info["itr"]).tolist()
+                for itr in (10, 20, 30)]
+    assert itrs == [[10], [11], [21]]
+    if not sampling.KINDS[kind].served:  # served kinds act with a copy, which gets the calls
+        assert agent.modes == [10, 11, 21, 31]
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu", "alternating"])
-def test_a_batch_stays_valid_while_the_next_is_collected(kind):
-    env = functools.partial(SlowEnv, delay=0.002)
-    with sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
-                               start_method="fork", **SIZE) as s:
+# -- the overlap itself: batch k+1 is collected while the caller holds batch k -------------
+def _steps_of(log: dict, k: int, what: str) -> list:
+    """The times at which the steps of batch k began or ended ("begin"/"end"), for every
+    env (its steps k*T+1 .. (k+1)*T; None where not logged)."""
+    return [log.get((e, n, what)) for e in ENV_IDS for n in range(k * T + 1, (k + 1) * T + 1)]
+
+
+def _gated(log_dir, **kw):
+    """StepLogEnvs whose batch k steps once the test opens gate k (and batch 0 at once)."""
+    open_gate(log_dir, 0)
+    return functools.partial(StepLogEnv, str(log_dir), gate_every=T, safe_pid=os.getpid(),
+                             lengths=(3, 5, 4), **kw)
+
+
+def _hold(log_dir, k: int, policy_lag: int) -> tuple:
+    """The caller holds batch k: it lets batch k+1's steps go (opens their gate) and,
+    with the lag, waits until the whole of batch k+1 has been collected; without it, it
+    holds NO_LAG_HOLD_S. Returns when it began and ended holding."""
+    held_from = time.monotonic()
+    open_gate(log_dir, k + 1)
+    if policy_lag:
+        assert wait_until(lambda: None not in _steps_of(read_step_log(log_dir), k + 1, "end"),
+                          COLLECT_BOUND_S), f"batch {k + 1} was not collected while the " \
+                                            f"caller held batch {k}"
+    else:
+        time.sleep(NO_LAG_HOLD_S)
+    return held_from, time.monotonic()
+
+
+@pytest.mark.parametrize("policy_lag", [0, 1])
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_the_next_batch_is_collected_while_the_caller_holds_this_one(kind, policy_lag,
+                                                                     tmp_path):
+    """Steps log their wall-clock times; the steps of batch k+1 may only begin once the
+    caller holds batch k (their gate). With policy_lag=1 all of them begin and end while
+    the caller holds batch k (it never calls the sampler meanwhile); without it none
+    happens then: they all come after the caller asks for batch k+1."""
+    with sampling.make_sampler(kind, _gated(tmp_path), CountingAgent(), policy_lag=policy_lag,
+                               n_workers=2, start_method="fork", **SIZE) as s:
+        it = s.steps(3)
+        next(it)
+        for k in (0, 1):
+            held_from, held_until = _hold(tmp_path, k, policy_lag)
+            log = read_step_log(tmp_path)
+            times = _steps_of(log, k + 1, "begin") + _steps_of(log, k + 1, "end")
+            if policy_lag:
+                assert all(held_from <= t <= held_until for t in times), (held_from, times)
+            else:
+                assert times == [None] * (2 * T * B), f"batch {k + 1} stepped before it " \
+                                                      f"was asked for"
+            next(it)
+            if not policy_lag:
+                begun = _steps_of(read_step_log(tmp_path), k + 1, "begin")
+                assert all(t > held_until for t in begun), (held_until, begun)
+
+
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_a_batch_stays_valid_while_the_next_is_collected(kind, tmp_path):
+    with sampling.make_sampler(kind, _gated(tmp_path), CountingAgent(), policy_lag=1,
+                               n_workers=2, start_method="fork", **SIZE) as s:
         it = s.steps()
         batch = next(it)
         held = snapshot(batch)
-        time.sleep(0.3)  # the next batch (6 steps x 2 ms) is collected meanwhile
+        _hold(tmp_path, 0, policy_lag=1)  # the next batch is collected meanwhile, in full
         assert_batches_equal(snapshot(batch), held)
         nxt = next(it)
         assert nxt.observation.tobytes() != held["observation"].tobytes()
@@ -153,17 +276,19 @@ def test_evaluation_between_batches_changes_nothing_in_flight(kind):
 
 
 # -- faults, Ctrl-C, shutdown: the fault matrix's paths with a batch in flight -------------
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
-def test_a_fault_while_the_caller_trains_surfaces_at_the_next_call(kind, start_method):
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
+def test_a_fault_while_the_caller_trains_surfaces_at_the_next_call(kind, start_method,
+                                                                  tmp_path):
     # env 2 (env_id 3: seed=1) fails at its 9th step: in the second batch, collected while
     # the caller trains
-    env = functools.partial(FaultEnv, where="step", after=8, fail_env=3)
+    stamp = tmp_path / "fault_time"
+    env = functools.partial(FaultEnv, where="step", after=8, fail_env=3, stamp=str(stamp))
     with sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
                                start_method=start_method, **SIZE) as s:
         it = s.steps()
         next(it)  # batch 0; batch 1 is collected from now on
-        time.sleep(0.5)  # "training": the fault happens meanwhile
+        # "training": the fault happens meanwhile (the env stamps the time as it fails)
+        assert wait_until(stamp.exists, COLLECT_BOUND_S)
         t0 = time.monotonic()
         with pytest.raises(WorkerError) as ei:
             next(it)
@@ -177,18 +302,27 @@ def test_a_fault_while_the_caller_trains_surfaces_at_the_next_call(kind, start_m
     assert sampling_children() == []
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
-def test_ctrl_c_while_the_caller_trains_leaves_nothing(kind, start_method):
-    env = functools.partial(SlowEnv, delay=0.05)  # a batch takes >= 0.3 s
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
+def test_ctrl_c_while_the_caller_trains_leaves_nothing(kind, start_method, tmp_path):
+    """The Ctrl-C lands in the caller's update on batch 0 while batch 1 is in flight: an
+    env is inside a step of batch 1 (logged), a step that would take NEVER_S."""
+    env = functools.partial(StepLogEnv, str(tmp_path), delay=NEVER_S, slow_from=T + 1,
+                            safe_pid=os.getpid(), lengths=(3, 5, 4))
     with pytest.raises(KeyboardInterrupt):
         with sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
-                                   start_method=start_method, **SIZE) as s:
-            with interrupt_after(0.1) as sent:
-                next(s.steps())
-                time.sleep(BOUND_S)  # "training" while the next batch is collected
-    assert sent and time.monotonic() - sent[0] < BOUND_S
-    assert sampling_children() == []
+                                   start_method=start_method, shutdown_timeout=NEVER_S,
+                                   **SIZE) as s:
+            next(s.steps())
+            # the update: batch 1 is being collected meanwhile; Ctrl-C once a step of it runs
+            assert wait_until(lambda: any(_steps_of(read_step_log(tmp_path), 1, "begin")),
+                              COLLECT_BOUND_S)
+            with ctrl_c_raises():
+                sent = time.monotonic()
+                interrupt_main_thread()
+                time.sleep(BOUND_S)  # the rest of the update
+    assert time.monotonic() - sent < BOUND_S  # shutdown included
+    assert not any(_steps_of(read_step_log(tmp_path), 1, "end")), "batch 1 was not in flight"
+    assert sampling_children() == []  # and no_leaks: nothing in /dev/shm, no process
 
 
 @pytest.mark.parametrize("kind", PARALLEL)
@@ -207,8 +341,7 @@ def test_ctrl_c_while_waiting_for_the_batch_in_flight(kind):
             s.obtain_samples()
 
 
-@pytest.mark.parametrize("start_method", METHODS)
-@pytest.mark.parametrize("kind", PARALLEL)
+@pytest.mark.parametrize("kind,start_method", with_methods(PARALLEL))
 def test_shutdown_with_a_batch_in_flight_is_clean(kind, start_method):
     env = functools.partial(SlowEnv, delay=0.05)
     s = sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
@@ -265,11 +398,11 @@ def test_an_agent_that_cannot_be_copied_is_refused_by_the_action_server_kinds(ki
 
 
 # -- state the copies hold: recurrent state, generators, closures, module globals ----------
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
-@pytest.mark.parametrize("kind", ["serial"] + PARALLEL)
+@pytest.mark.start_method_matters  # the copies: inherited (fork) or unpickled (spawn)
+@pytest.mark.parametrize("kind,start_method", [("serial", None)]
+                         + [(k, m) for k in PARALLEL for m in ("fork", "spawn")
+                            if m in ALL_METHODS])
 def test_recurrent_state_resets_at_every_episode_start_across_batches(kind, start_method):
-    if kind == "serial" and start_method != "fork":
-        pytest.skip("no workers")
     extra = {} if kind == "serial" else dict(n_workers=2, start_method=start_method)
     with sampling.make_sampler(kind, ENV, RecurrentCounter(), policy_lag=1, **SIZE,
                                **extra) as s:
@@ -334,31 +467,43 @@ def test_an_agent_reading_module_globals_is_refused_with_the_reason():
 
 
 # -- steps(n) and closing: no batch left collecting for nobody ----------------------------
+def _slow_from_batch_2(log_dir):
+    """Batches 0 and 1 are quick; batch 2's steps take NEVER_S."""
+    return functools.partial(StepLogEnv, str(log_dir), delay=NEVER_S, slow_from=2 * T + 1,
+                             safe_pid=os.getpid(), lengths=(3, 5, 4))
+
+
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_steps_n_leaves_no_batch_in_flight_and_closing_is_prompt(kind):
-    env = functools.partial(SlowEnv, delay=0.3)  # a batch takes >= 1.8 s
-    with sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
-                               start_method="fork", **SIZE) as s:
-        t0 = time.monotonic()
+def test_steps_n_leaves_no_batch_in_flight_and_closing_is_prompt(kind, tmp_path):
+    with sampling.make_sampler(kind, _slow_from_batch_2(tmp_path), CountingAgent(),
+                               policy_lag=1, n_workers=2, start_method="fork",
+                               shutdown_timeout=NEVER_S, **SIZE) as s:
         for _ in s.steps(1):
             pass
-        took = time.monotonic() - t0
         assert s._flight is None
-        assert took < 2 * 1.8 + BOUND_S  # the first call collects one batch, not two
-        s.obtain_samples()  # now the next one is in flight: closing does not wait for it
+        time.sleep(NO_LAG_HOLD_S)  # a batch 1 started by steps(1) would be stepping now
+        assert not any(_steps_of(read_step_log(tmp_path), 1, "begin")), "steps(1) started " \
+                                                                          "a second batch"
+        s.obtain_samples()  # batch 1, and batch 2 in flight: closing does not wait for it
+        assert wait_until(lambda: any(_steps_of(read_step_log(tmp_path), 2, "begin")),
+                          COLLECT_BOUND_S)
         t0 = time.monotonic()
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < BOUND_S  # not NEVER_S
+    assert not any(_steps_of(read_step_log(tmp_path), 2, "end"))
     assert sampling_children() == []
 
 
-def test_a_sampler_dropped_with_a_batch_in_flight_is_closed_at_once():
+def test_a_sampler_dropped_with_a_batch_in_flight_is_closed_at_once(tmp_path):
     import gc
-    s = sampling.make_sampler("gpu", functools.partial(SlowEnv, delay=0.3), CountingAgent(),
-                              policy_lag=1, n_workers=2, start_method="fork", **SIZE)
+    s = sampling.make_sampler("gpu", _slow_from_batch_2(tmp_path), CountingAgent(),
+                              policy_lag=1, n_workers=2, start_method="fork",
+                              shutdown_timeout=NEVER_S, **SIZE)
     s.obtain_samples()
+    s.obtain_samples()  # batch 2 in flight, its steps take NEVER_S
+    assert wait_until(lambda: any(_steps_of(read_step_log(tmp_path), 2, "begin")),
+                      COLLECT_BOUND_S)
     del s
     gc.collect()
-    from tests.fault_helpers import wait_until
     assert wait_until(lambda: sampling_children() == [], BOUND_S)
 
 
@@ -370,7 +515,7 @@ def test_steps_n_is_checked(n, error):
         assert len(list(s.steps(np.int64(2)))) == 2
 
 
-def test_auto_with_policy_lag_picks_a_kind_that_can_overlap():
+def test_auto_with_policy_lag_picks_a_kind_that_can_overlap(two_usable_cpus):
     with sampling.make_sampler("auto", ENV, CountingAgent(), policy_lag=1, n_workers=2,
                                **SIZE) as s:
         assert s.kind != "serial"

@@ -15,7 +15,7 @@ import sampling
 from sampling import SamplerClosedError, WorkerError
 from sampling.spaces import Box, Dict, Discrete
 from tests.fault_helpers import worker_pid
-from tests.helpers import METHODS, CountingEnv, EnvFault, FaultEnv, HangingEnv
+from tests.helpers import ALL_METHODS, CountingEnv, EnvFault, FaultEnv, HangingEnv
 
 gym = pytest.importorskip("gymnasium")
 AutoresetMode = gym.vector.AutoresetMode
@@ -116,7 +116,8 @@ def test_identical_to_sync_vector_env_on_cartpole(mode):
     _side_by_side([lambda: gym.make("CartPole-v1")] * N_ENVS, mode, steps=600, n_actions=2)
 
 
-@pytest.mark.parametrize("start_method", [m for m in METHODS if m != "fork"])
+@pytest.mark.start_method_matters  # the program and its configs cross by pickling
+@pytest.mark.parametrize("start_method", [m for m in ALL_METHODS if m != "fork"])
 def test_identical_under_spawn_and_forkserver(start_method):
     _side_by_side([info_env(i) for i in range(N_ENVS)], "next_step", start_method, steps=50)
 

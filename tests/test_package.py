@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import sampling
-from tests.helpers import one_per
+from tests.helpers import ROOT, one_per
 
 
+@pytest.mark.tooling
 def test_import_has_no_heavy_or_side_effects():
     code = ("import sys, sampling, sampling.envs, sampling.spaces, multiprocessing; "
             "bad = [m for m in ('torch', 'gymnasium', 'gym') if m in sys.modules]; "
@@ -19,10 +20,11 @@ def test_import_has_no_heavy_or_side_effects():
             "from multiprocessing import resource_tracker as rt; "
             "assert getattr(rt._resource_tracker, '_pid', None) is None, 'tracker started'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.tooling
 def test_public_names():
     assert sampling.__version__
     for name in sampling.__all__:

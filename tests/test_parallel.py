@@ -17,9 +17,9 @@ import pytest
 
 import sampling
 from tests.helpers import (
+    ALL_METHODS,
     GROUPED,
     KINDS,
-    METHODS,
     PARALLEL,
     RESET_MODES,
     SERVED,
@@ -33,6 +33,7 @@ from tests.helpers import (
     cartpole_policy,
     gym_cartpole,
     snapshot,
+    with_methods,
 )
 
 pytestmark = pytest.mark.usefixtures("no_leaks")
@@ -64,18 +65,19 @@ CONFIGS = {
 
 
 def _master_params() -> list:
+    """Every kind, reset mode and config, under METHODS; where METHODS is reduced to fork,
+    each config also once under spawn (everything pickled into a fresh interpreter)."""
     out = []
-    for kind in PARALLEL:
-        for method in METHODS:
-            for mode in RESET_MODES:
-                for config in CONFIGS:
-                    if config == "counting_decorrelated" and method == "forkserver":
-                        # decorrelation is worker code that runs after env_fn(), the same
-                        # under every start method: fork and spawn (fresh interpreter,
-                        # everything pickled) cover it and keep this file's time down
-                        continue
-                    out.append(pytest.param(kind, method, mode, config,
-                                            id=f"{kind}-{method}-{mode}-{config}"))
+    for config in CONFIGS:
+        for kind, mode, method in with_methods([(k, m) for k in PARALLEL
+                                                for m in RESET_MODES], key=config):
+            if config == "counting_decorrelated" and method == "forkserver":
+                # decorrelation is worker code that runs after env_fn(), the same under
+                # every start method: fork and spawn (fresh interpreter, everything
+                # pickled) cover it and keep this file's time down
+                continue
+            out.append(pytest.param(kind, method, mode, config,
+                                    id=f"{kind}-{method}-{mode}-{config}"))
     return out
 
 
@@ -154,7 +156,10 @@ def test_evaluation_identical_to_serial(kind, rule):
 
 @pytest.mark.parametrize("rule", list(EVAL_RULES))
 def test_cpu_evaluation_returns_full_episodes(rule):
+    """Whole episodes, and exactly serial's (same seeds, a deterministic agent): the
+    workers step in lockstep and the parent stops them all at the same step."""
     first, second = _evaluate("cpu", rule, n_workers=2, start_method="fork")
+    assert (first, second) == _evaluate("serial", rule)
     limit = EVAL_RULES[rule].get("eval_max_trajectories")
     for res in (first, second):
         assert res, "no episode finished"
@@ -277,7 +282,8 @@ class ParamAgent:
         return a, {"w": np.full(n, self.params["w"].sum()), "pid": np.full(n, os.getpid())}
 
 
-@pytest.mark.parametrize("start_method", [m for m in ("fork", "spawn") if m in METHODS])
+@pytest.mark.start_method_matters  # parameter mirroring under spawn
+@pytest.mark.parametrize("start_method", [m for m in ("fork", "spawn") if m in ALL_METHODS])
 def test_cpu_workers_pick_up_new_parameters(start_method):
     agent = ParamAgent()
     with sampling.make_sampler("cpu", COUNTING, agent, batch_T=6, batch_B=4, n_workers=2,

@@ -102,6 +102,7 @@ def _pool(tmp_path, method, n=2):
     return pool
 
 
+@pytest.mark.start_method_matters  # the program and its configs travel to each worker
 @pytest.mark.parametrize("method", METHODS)
 def test_pool_runs_a_program_and_closes_what_it_built(method, tmp_path):
     pool = _pool(tmp_path, method)
@@ -114,6 +115,7 @@ def test_pool_runs_a_program_and_closes_what_it_built(method, tmp_path):
     assert all((tmp_path / f"closed-{w}").read_text() == "closed" for w in range(2))
 
 
+@pytest.mark.start_method_matters
 @pytest.mark.parametrize("method", METHODS)
 def test_pool_raises_a_programs_error_with_its_traceback(method, tmp_path):
     pool = _pool(tmp_path, method)
@@ -130,6 +132,7 @@ def test_pool_raises_a_programs_error_with_its_traceback(method, tmp_path):
     assert all((tmp_path / f"closed-{w}").read_text() == "closed" for w in range(2))
 
 
+@pytest.mark.start_method_matters
 @pytest.mark.parametrize("method", METHODS)
 def test_pool_reports_a_death(method, tmp_path):
     pool = _pool(tmp_path, method)

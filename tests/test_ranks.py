@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import sampling.distributed as sd
 from sampling import WorkerError
 from tests.helpers import (
     KINDS,
+    ROOT,
     CountingEnv,
     FailingEnv,
     IdTraj,
@@ -102,6 +104,7 @@ def test_two_ranks_are_one_sampler_with_twice_the_envs(kind):
     assert parts[1][0][0][0]["agent_info"]["id"][0].tolist() == list(range(B, 2 * B))
 
 
+@pytest.mark.start_method_matters  # the agent's copies and env ids, unpickled
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_ranks_add_up_under_every_start_method(method):
     one = run("cpu", 4, eval_per_rank=2, start_method=method, n_workers=2)
@@ -124,25 +127,27 @@ def test_ranks_add_up_with_policy_lag(kind):
     assert_ranks_add_up(one, parts, 2)
 
 
-class OwnIdsAgent:
-    """Keeps state for its own rank's envs only: any other env id is a KeyError."""
+class IdsSeenAgent:
+    """Records every env id it is called with (in this process: the served kinds, serial,
+    the probe and auto's timing calls run it here)."""
 
-    def __init__(self, ids):
-        self.state = {int(i): 0 for i in ids}
+    def __init__(self):
+        self.seen: set = set()
 
     def step(self, observation, prev_action, prev_reward, env_ids):
-        for i in env_ids:
-            self.state[int(i)] += 1
+        self.seen.update(int(i) for i in env_ids)
         return np.zeros(len(observation), np.int64), None
 
 
 @pytest.mark.parametrize("kind", ["serial", "gpu", "auto"])
 def test_the_agent_only_ever_sees_its_ranks_env_ids(kind):
-    """Also in the sampler's probe call and auto's timing calls."""
-    agent = OwnIdsAgent(range(4, 8))
+    """Also in the sampler's probe call and auto's timing calls: rank 1 of 2 with 4 envs
+    each holds global envs 4..7, and the agent sees exactly those."""
+    agent = IdsSeenAgent()
     with sampling.make_sampler(kind, ENV, agent, batch_T=3, batch_B=4, rank=1,
                                world_size=2) as s:
         s.obtain_samples()
+    assert agent.seen == {4, 5, 6, 7}
 
 
 class NumpyRandomPolicy:
@@ -177,8 +182,12 @@ def test_errors_name_the_rank_and_the_global_env():
                                    batch_T=5, batch_B=4, n_workers=2, rank=1,
                                    world_size=2) as s:
             s.obtain_samples()
+    # README, "Many machines": "cpu sampler of rank 1: worker 0 (envs 4..5) raised
+    # RuntimeError: ... (in env 5, step 2 of the batch)"
     text = str(info.value)
-    assert "rank 1" in text and "env 5" in text, text
+    assert re.match(r"cpu sampler of rank 1: worker 0 \(envs 4\.\.5\) raised RuntimeError: "
+                    r"boom in step of env 5 \(in env 5, step 2 of the batch\)", text), text
+    assert (info.value.worker, list(info.value.envs)) == (0, [4, 5])
 
 
 def test_serial_errors_name_the_global_env():
@@ -326,7 +335,7 @@ def test_launch_needs_no_torch_and_the_core_never_imports_distributed():
             "import sampling.distributed as sd; assert sd.launch({}).world_size == 1; "
             "assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                         timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
 
 
@@ -349,16 +358,28 @@ class EnvRecordingEnv(CountingEnv):
             json.dump({k: v for k, v in os.environ.items() if k in names}, f)
 
 
+@pytest.fixture
+def restarted_forkserver():
+    """This process's forkserver restarted now, with the environment as the test set it
+    (the worst case: a forkserver started before the sampler, by anything, while the
+    launcher's variables were set, hands them to its children). Stopped again afterwards,
+    before the test's environment is restored: the next sampler of this process (the rest of
+    an xdist worker's session) starts a fresh one, from the environment as it was."""
+    from multiprocessing import forkserver
+    forkserver._forkserver._stop()
+    forkserver.ensure_running()
+    yield
+    forkserver._forkserver._stop()
+
+
+@pytest.mark.start_method_matters  # the environment a child gets, forkserver's included
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_workers_do_not_inherit_the_launchers_rank_variables(method, tmp_path, monkeypatch):
+def test_workers_do_not_inherit_the_launchers_rank_variables(method, tmp_path, monkeypatch,
+                                                             request):
     for k, v in {**LAUNCHER_ENV, **KEPT_ENV}.items():
         monkeypatch.setenv(k, v)
     if method == "forkserver":
-        # The worst case: a forkserver started before the sampler (by anything), with the
-        # launcher's variables, hands them to its children.
-        from multiprocessing import forkserver
-        forkserver._forkserver._stop()
-        forkserver.ensure_running()
+        request.getfixturevalue("restarted_forkserver")  # with the variables set above
     env = functools.partial(EnvRecordingEnv, str(tmp_path))
     with sampling.make_sampler("cpu", env, lambda o: np.zeros(len(o), np.int64), batch_T=2,
                                batch_B=2, n_workers=2, start_method=method, **sd.launch(

@@ -7,6 +7,7 @@ batches; the budget runs out into the usual WorkerError.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import threading
@@ -18,7 +19,7 @@ import pytest
 import sampling
 from sampling import WorkerError
 from sampling.samplers import Batch
-from tests.fault_helpers import worker_pid
+from tests.fault_helpers import wait_until, worker_pid
 from tests.helpers import (
     PARALLEL,
     CountingAgent,
@@ -26,7 +27,6 @@ from tests.helpers import (
     FaultEnv,
     HangingEnv,
     IdTraj,
-    SlowEnv,
     assert_runs_equal,
     in_worker,
     snapshot,
@@ -85,7 +85,14 @@ def test_a_failing_env_is_restarted_and_the_batch_goes_on(kind, caplog):
     r = batches[1]["restarts"][0]
     assert (r.worker, r.envs, r.during, r.step, r.restart) == (1, [2, 3], "batch", FAIL_ROW, 1)
     assert "boom in step of env 3" in str(r.error) and r.error.remote_traceback
-    assert "restarting worker 1 (1 restart left)" in caplog.text
+    # README: "Each restart is also logged at WARNING (logger sampling.pool) with the
+    # worker's traceback."
+    (record,) = [x for x in caplog.records if "restarting worker" in x.getMessage()]
+    assert (record.name, record.levelno) == ("sampling.pool", logging.WARNING)
+    message = record.getMessage()
+    assert message.startswith("sampling: restarting worker 1 (1 restart left)"), message
+    assert r.error.remote_traceback in message
+    assert "in _inject_fault" in message and "EnvFault: boom in step of env 3" in message
     b1 = Batch({k: v for k, v in batches[1].items()})
     assert_cut(b1, (2, 4), FAIL_ROW)
     # The episodes cut after row 1 end there, truncated; their final observation is row 2's.
@@ -94,19 +101,42 @@ def test_a_failing_env_is_restarted_and_the_batch_goes_on(kind, caplog):
     # The other worker's columns are untouched; the replaced envs start afresh next batch.
     assert not b1.done[:, 0:2].any()
     nxt = batches[2]["observation"]
-    assert (nxt[0, 2:4, 2] == 0).all() and (nxt[0, 2:4, 0] != [2, 3]).all()  # fresh seeds
+    assert (nxt[0, 2:4, 2] == 0).all()
+    # fresh seeds, by sampling.env_seed's formula (CountingEnv's obs[0] is its seed)
+    assert nxt[0, 2:4, 0].tolist() == np.float32([sampling.env_seed(0, b, 1)
+                                                  for b in (2, 3)]).tolist()
     assert not batches[2]["prev_reward"][0, 2:4].any()
     # No episode stats are invented: the cut episodes are not in traj_infos.
     assert all(t["EnvId"] not in (2, 3) for t in batches[1]["traj_infos"])
 
 
+def test_env_seed_is_the_documented_formula():
+    """README: env b of a worker restarted k times is first reset with seed + b for k = 0,
+    and the first 32-bit word of numpy.random.SeedSequence([seed, b, k]) after."""
+    assert [sampling.env_seed(7, b) for b in range(3)] == [7, 8, 9]
+    assert sampling.env_seed(7, 2, 0) == 9
+    for seed, b, k in [(0, 2, 1), (0, 3, 1), (7, 2, 1), (7, 2, 2), (123, 45, 6)]:
+        want = np.random.SeedSequence([seed, b, k]).generate_state(1, dtype=np.uint32)[0]
+        got = sampling.env_seed(seed, b, k)
+        assert type(got) is int and got == int(want) and 0 <= got < 2**32, (seed, b, k)
+    # distinct for each env and each restart
+    assert len({sampling.env_seed(0, b, k) for b in range(4) for k in range(1, 4)}) == 12
+
+
+@pytest.mark.start_method_matters  # the segment passed by descriptor to a fresh interpreter
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_restarts_under_every_start_method(kind, method):
-    """A replacement maps the segment through its descriptor: the name is long gone."""
-    with sampler(kind, faulty(), start_method=method) as s:
-        restarts = [list(b.restarts) for b in s.steps(3)]
-    assert [len(r) for r in restarts] == [0, 1, 0]
+    """A replacement maps the segment through its descriptor (the name is long gone): its
+    batches are the fork run's, bit for bit, restarts included."""
+    runs = {}
+    for m in ("fork", method):
+        with sampler(kind, faulty(), start_method=m) as s:
+            runs[m] = [snap(b) for b in s.steps(3)]
+    assert [len(b["restarts"]) for b in runs["fork"]] == [0, 1, 0]
+    assert runs["fork"][1]["restarts"].tolist() == [[1, 1, FAIL_ROW, 1]]
+    assert_runs_equal(runs[method], runs["fork"])
+    assert (runs[method][2]["observation"][0, 2:4, 2] == 0).all()  # the replacement stepped
 
 
 def test_the_same_failures_give_the_same_batches_in_every_kind():
@@ -136,18 +166,39 @@ def test_wait_mode_and_vector_envs_follow_the_same_rule():
     assert (b[2]["observation"][0, 2:4, 2] == 0).all()
 
 
+KILL_T = 50  # steps per batch in the SIGKILL test
+KILL_ROW = 17  # the row of its second batch in which worker 1 is killed
+# How long the test waits for worker 1 to reach that row (a few ms of work): a bound for a
+# loaded machine.
+REACH_BOUND_S = 30.0
+
+
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_a_worker_sigkilled_mid_batch_then_20_more_batches(kind):
-    """Killed from outside, at whatever step it was: the rule holds from that step."""
-    env = functools.partial(SlowEnv, delay=0.002, lengths=(5, 7))
-    with sampler(kind, env, batch_T=50, max_restarts=1) as s:
+def test_a_worker_sigkilled_mid_batch_then_20_more_batches(kind, tmp_path):
+    """Killed from outside, mid-batch: the rule holds from that step. Env 3 stamps the
+    time and stops in row KILL_ROW of the second batch (its step KILL_T + KILL_ROW + 1),
+    and a thread SIGKILLs worker 1 once the stamp is there. (Its replacement is seeded
+    afresh, so it never stops again.)"""
+    stamp = tmp_path / "in_the_step"
+    env = functools.partial(HangingEnv, where="step", how="sleep", stuck_env=3,
+                            after=KILL_T + KILL_ROW, safe_pid=os.getpid(), stamp=str(stamp),
+                            lengths=(5, 7))
+    with sampler(kind, env, batch_T=KILL_T, max_restarts=1) as s:
         s.obtain_samples()
-        killer = threading.Timer(0.04, os.kill, (worker_pid(kind, 1), signal.SIGKILL))
-        killer.start()  # mid-batch: the batch takes 50 steps of 2 ms at least
+        victim = worker_pid(kind, 1)
+        reached: list = []
+
+        def kill_when_inside():
+            reached.append(wait_until(stamp.exists, REACH_BOUND_S, period=0.01))
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_inside)
+        killer.start()
         b = s.obtain_samples()
         killer.join()
+        assert reached == [True]
         (r,) = b.restarts
-        assert r.worker == 1 and r.during == "batch" and 0 < r.step < 50
+        assert (r.worker, r.during, r.step) == (1, "batch", KILL_ROW)
         assert "killed by signal SIGKILL" in str(r.error)
         assert_cut(b, (2, 4), r.step)
         assert not b.done[:, :2].all()

@@ -3,6 +3,7 @@ a PATH of their own), and the test suite's handling of Python's fork-with-thread
 from __future__ import annotations
 
 import configparser
+import functools
 import multiprocessing as mp
 import os
 import shutil
@@ -11,10 +12,12 @@ import sys
 import threading
 import warnings
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI_RUN = os.path.join(ROOT, ".ci", "run")
+pytestmark = pytest.mark.tooling
 MINORS = ("3.9", "3.10", "3.11", "3.12", "3.13")  # the CPythons setup.cfg declares
 # The CPU wheel on local disk: any other torch request downloads a multi-GB CUDA build.
 TORCH_PIN = "torch==2.13.0"
@@ -56,6 +59,59 @@ def test_numpy1_env_tests_numpy_1_and_fails_if_it_gets_numpy_2():
     commands = env["commands"].strip().splitlines()
     assert "numpy.__version__" in commands[0] and "sys.exit" in commands[0]
     assert commands[-1].startswith("pytest")
+
+
+def _setenv(section) -> dict:
+    return dict(line.split("=", 1) for line in
+                (x.replace(" ", "") for x in section.get("setenv", "").splitlines()) if line)
+
+
+def _pytest_commands(section) -> list:
+    return [c.strip() for c in section["commands"].strip().splitlines()
+            if c.strip().startswith("pytest")]
+
+
+def _env(cfg, name: str):
+    """An env's section, with [testenv]'s keys where it has none of its own (as tox does)."""
+    base = dict(cfg["testenv"])
+    base.update(cfg[f"testenv:{name}"] if cfg.has_section(f"testenv:{name}") else {})
+    return base
+
+
+def test_every_start_method_on_the_oldest_and_newest_python_fork_and_smoke_elsewhere():
+    cfg = _tox_ini()
+    methods = {env: _setenv(_env(cfg, env)).get("SAMPLING_TEST_METHODS")
+               for env in _items(cfg["tox"]["envlist"]) if env != "lint"}
+    assert methods == {"py39": "all", "py310": "fork", "py311": "fork", "py312": "fork",
+                       "py313": "all", "numpy1": "fork", "torch": "fork"}
+    defaults = {env: _setenv(_env(cfg, env)).get("SAMPLING_TEST_DEFAULT_METHOD")
+                for env in methods}
+    assert defaults == {**{env: None for env in methods}, "py313": "forkserver"}
+    for env in methods:
+        assert _setenv(_env(cfg, env))["PYTHONFAULTHANDLER"] == "1", env
+
+
+def test_every_pytest_command_prints_skip_reasons_and_tooling_runs_once():
+    cfg = _tox_ini()
+    once = []
+    for env in _items(cfg["tox"]["envlist"]):
+        if env == "lint":
+            continue
+        commands = _pytest_commands(_env(cfg, env))
+        assert commands, env
+        for c in commands:
+            assert " -rs " in c, (env, c)
+            assert "-n 2" in c, (env, c)
+        if not all('-m "not slow and not tooling"' in c for c in commands):
+            once.append(env)
+    assert once == ["py313"]
+    assert _pytest_commands(_env(cfg, "py313")) == ["pytest -n 2 -rs {posargs}"]
+
+
+def test_the_torch_env_runs_only_what_needs_torch():
+    commands = _pytest_commands(_tox_ini()["testenv:torch"])
+    assert [c.split('"not slow and not tooling" ', 1)[1] for c in commands] == [
+        "{posargs:tests/test_torch.py tests/test_distributed.py}", "tests/test_cli.py -k mlp"]
 
 
 def test_only_the_torch_env_installs_torch_and_only_the_pinned_cpu_build():
@@ -220,3 +276,38 @@ def test_fork_with_threads_warning_is_ignored_in_xdist_workers_only(request):
     else:
         assert action != "ignore" and len(forks) == 1
         assert issubclass(forks[0].category, DeprecationWarning)
+
+
+_SET_AFTER_IMPORT: list = []  # a forked worker inherits what the test puts here
+
+
+def _how_started(folder):
+    """Writes how its process came to be: whether it inherited this process's memory
+    (fork), and whether its parent is this process (not under forkserver); a CartPole.
+    (A module-level function: workers import it, they do not get a pickled copy.)"""
+    import sampling
+
+    with open(os.path.join(folder, f"{os.getpid()}"), "w") as f:
+        f.write(f"{bool(_SET_AFTER_IMPORT)} {os.getppid()}")
+    return sampling.CartPole()
+
+
+def test_the_default_start_method_is_the_one_tox_asks_for(tmp_path):
+    """SAMPLING_TEST_DEFAULT_METHOD (py313: forkserver) reaches the samplers that name no
+    start method: conftest sets it for the session."""
+    import sampling
+
+    want = (os.environ.get("SAMPLING_TEST_DEFAULT_METHOD")
+            or mp.get_start_method(allow_none=True) or mp.get_context().get_start_method())
+    _SET_AFTER_IMPORT.append(True)
+    try:
+        with sampling.make_sampler("cpu", functools.partial(_how_started, str(tmp_path)),
+                                   lambda o: np.zeros(len(o), np.int64), batch_T=2, batch_B=1,
+                                   n_workers=1) as s:
+            s.obtain_samples()
+    finally:
+        _SET_AFTER_IMPORT.clear()
+    (worker,) = [p for p in tmp_path.iterdir() if int(p.name) != os.getpid()]
+    inherited, ppid = worker.read_text().split()
+    assert (inherited == "True", int(ppid) == os.getpid()) == {
+        "fork": (True, True), "spawn": (False, True), "forkserver": (False, False)}[want]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import METHODS
+from tests.helpers import ALL_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 # A fresh interpreter per start method and kind imports numpy in every spawned worker.
@@ -49,14 +49,15 @@ def vendored(tmp_path) -> tuple:
     return tmp_path, env
 
 
+@pytest.mark.start_method_matters  # pickling by module name, the forkserver's imports
 def test_the_vendored_copy_runs_every_kind_under_every_start_method(vendored):
     folder, env = vendored
     proc = subprocess.run(
         [sys.executable, "-c", EVERY_KIND, str(folder / "third_party" / "rlsampling"),
-         ",".join(METHODS)], cwd=folder, env=env, capture_output=True, text=True,
+         ",".join(ALL_METHODS)], cwd=folder, env=env, capture_output=True, text=True,
         timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.split("\n")) - 1 == len(METHODS) * (len(__import__(
+    assert len(proc.stdout.split("\n")) - 1 == len(ALL_METHODS) * (len(__import__(
         "sampling").KINDS) + 1), proc.stdout
 
 
