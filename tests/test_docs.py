@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -119,14 +120,16 @@ def test_the_readme_stays_short():
 
 
 # -- the example scripts ----------------------------------------------------------------------
-def run_script(*args: str, launcher: tuple = (), cwd: Path = ROOT) -> str:
+def run_script(*args: str, launcher: tuple = (), cwd: Path | None = None) -> str:
     """Run a script of docs/examples as a user would (one torch thread: on a small machine
-    the trainer's threads otherwise contend with the workers); its stdout."""
+    the trainer's threads otherwise contend with the workers), in a scratch folder (the
+    CleanRL scripts write runs/ there where tensorboard is installed); its stdout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    done = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+    with tempfile.TemporaryDirectory() as scratch:
+        done = subprocess.run([sys.executable, *launcher, *args], cwd=cwd or scratch, env=env,
+                              capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
     assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stderr[-6000:]}"
     return done.stdout
 
