@@ -146,7 +146,7 @@ def find(agent: Any) -> dict:
 # -- parameters -------------------------------------------------------------------------
 class Params:
     """The parameters a ``cpu``-kind worker's copy of ``agent`` must receive before each
-    batch, by the rule documented in the README:
+    batch, by the rule documented in docs/agents.md:
 
     * ``agent.shared_arrays()`` if the agent has it (a nested dict of arrays or tensors);
     * otherwise the parameters and buffers (``state_dict``) of every torch module the walk

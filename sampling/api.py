@@ -1,7 +1,8 @@
 """``make_sampler``: the front door. Validates every argument before a process starts.
 
-Imports kinds, samplers, collector, agents, agent_state, errors and pool (and, for
-``"auto"``, :mod:`sampling.auto` lazily).
+Imports kinds, samplers, collector, agents, agent_state, errors, pool and vector (and
+lazily :mod:`sampling.auto` for ``"auto"``, :mod:`sampling.vector_env` for
+``make_vector_env``).
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def make_sampler(
         raises WorkerError with the worker's stack and kills it (None: no deadline).
     policy_lag: 0, or 1 to collect the next batch while the caller trains on this one:
         each batch is collected with the agent's parameters as they were when the caller
-        asked for the previous batch (exactly one update behind; see the README).
+        asked for the previous batch (exactly one update behind; see docs/policy-lag.md).
     rank, world_size: this sampler is rank ``rank`` of ``world_size`` copies of the
         training script (``sampling.distributed.launch()`` reads them from torchrun,
         Slurm or MPI). Env b is global env ``rank * batch_B + b`` (its seed, its
@@ -152,7 +153,7 @@ def make_sampler(
         envs (same seed, deterministic agent).
     max_restarts: how many worker failures (an exception, a death, a missed step
         deadline) the sampler survives in all by replacing the worker; 0: the first
-        failure raises WorkerError. See ``batch.restarts`` and the README for the rule.
+        failure raises WorkerError. See ``batch.restarts`` and docs/failures.md for the rule.
     """
     given = dict(locals())
     _check_callables(kind, env_fn, agent, eval_env_fn)

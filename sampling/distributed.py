@@ -206,7 +206,7 @@ def init(backend: str = "gloo", timeout_s: float | None = None) -> Launch:
     """Set up torch.distributed's default process group from the launcher's variables
     (:func:`launch`) and return them; if a group exists, check that it agrees. Many ranks
     need ``MASTER_ADDR`` and ``MASTER_PORT`` (torchrun sets them; under srun or mpirun,
-    export them: the README shows how). One process gets a group of its own, in memory.
+    export them: docs/many-machines.md shows how). One process gets a group of its own, in memory.
     ``backend``: "gloo" (CPU tensors) or "nccl" (CUDA tensors)."""
     dist, where = _dist(), launch()
     if dist.is_initialized():

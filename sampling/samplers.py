@@ -104,7 +104,7 @@ class Batch(dict):
 @dataclass(frozen=True)
 class Restart:
     """A worker that failed and was replaced (``max_restarts``): where, why, and what its
-    columns of the batch hold. See the README's failure section for the rule."""
+    columns of the batch hold. See docs/failures.md for the rule."""
 
     worker: int
     envs: list          # the global indices of its training envs (all rebuilt)

@@ -682,15 +682,6 @@ def _make_vectorized(env_fn, n, autoreset_mode):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_example(marker: str) -> str:
-    """The ```python block after the ``marker`` line in README.md."""
-    text = (ROOT / "README.md").read_text()
-    assert marker in text, f"README.md has no {marker!r} example"
-    block = text.split(marker, 1)[1].lstrip()
-    assert block.startswith("```python\n"), "the example marker must precede a ```python block"
-    return block[len("```python\n"):].split("\n```", 1)[0]
-
-
 class RecurrentCounter:
     """Counts the steps of each env's episode in its "recurrent state", reset by reset_one:
     at every step the count must equal CountingEnv's obs[2] (the step in the episode)."""

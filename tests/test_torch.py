@@ -1,6 +1,6 @@
 """Torch agents: the adapter's protocol, zero-copy batches, parameter sharing with the
-``cpu`` kind's workers, worker threads, recurrent state per env, and the README's
-training example learning CartPole end to end.
+``cpu`` kind's workers, worker threads, recurrent state per env (the
+PPO examples of docs/examples/ are run by tests/test_docs.py).
 """
 from __future__ import annotations
 
@@ -30,11 +30,9 @@ from tests.helpers import (  # noqa: E402
     CountingEnv,
     DictObsEnv,
     one_per,
-    readme_example,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKER = "<!-- example: a2c -->"
 
 
 class ActorCritic(nn.Module):
@@ -370,30 +368,6 @@ def test_lstm_batch_replays_from_its_recorded_initial_state(kind):
                 state = tuple(s * keep for s in state)
 
 
-# -- the README example ----------------------------------------------------------------
-def _readme_example() -> str:
-    return readme_example(MARKER)
-
-
-@pytest.mark.parametrize("kind", one_per("driver", kinds=PARALLEL))
-def test_readme_example_learns_cartpole(kind, capsys):
-    namespace = {"__name__": "readme_example"}
-    threads = torch.get_num_threads()
-    try:
-        exec(compile(_readme_example(), "README.md (example: a2c)", "exec"), namespace)
-        assert namespace["KIND"] == "cpu"
-        curve = namespace["train"](kind=kind)
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert out.count("mean return") == len(curve) == namespace["ITERATIONS"]
-    with capsys.disabled():
-        print(f"\n{kind}: " + " ".join(f"{i}:{r:.0f}" for i, r in enumerate(curve) if i % 5 == 0
-                                       or i == len(curve) - 1))
-    assert curve[0] < 60  # a random policy lasts ~20 steps
-    assert np.mean(curve[-5:]) >= 300, curve  # learned: solved is 195; the cap is 500
-
-
 # -- plain agents: a torch module held by an object with none of our hooks ---------------
 class PlainAgent:
     """What a port of a training script writes: the step protocol around its own module,
@@ -716,17 +690,3 @@ def test_policy_lag_with_a_torch_agent_in_the_action_server_copies_no_pickles(mo
         torch.testing.assert_close(copy.model.pi.bias, model.pi.bias - 1.0)
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_readme_example_learns_cartpole_with_policy_lag(kind, capsys):
-    namespace = {"__name__": "readme_example"}
-    threads = torch.get_num_threads()
-    try:
-        exec(compile(_readme_example(), "README.md (example: a2c)", "exec"), namespace)
-        curve = namespace["train"](kind=kind, policy_lag=1)
-    finally:
-        torch.set_num_threads(threads)
-    with capsys.disabled():
-        print(f"\n{kind} policy_lag=1: " + " ".join(
-            f"{i}:{r:.0f}" for i, r in enumerate(curve) if i % 5 == 0 or i == len(curve) - 1))
-    assert curve[0] < 60
-    assert np.mean(curve[-5:]) >= 300, curve
