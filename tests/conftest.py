@@ -17,6 +17,11 @@ import sampling
 from tests.helpers import alive, descendants, kill_all, shm_entries, shm_holders
 
 LEAK_POLL_S = 0.02  # how often check() looks again while it waits
+# multiprocessing.heap's arena files: pym-<pid of the process that made it>-<random>.
+ARENA_PREFIX = "pym-"
+# Names only a test process makes (a SharedMemory segment, a named semaphore): made
+# anywhere but here, they are another test's.
+OTHERS_NAMES = ("psm_", "sem.mp-")
 
 
 class LeakWatch:
@@ -72,15 +77,23 @@ class LeakWatch:
         return (shm_entries() - self.before) & self.created
 
     def left(self) -> set:
-        """Every new /dev/shm entry that counts (see the class): made here, or by any
-        process this one started, and not held by a process outside this one's family."""
+        """Every new /dev/shm entry that counts (see the class): a segment or a semaphore
+        this process created (no worker creates one: a ``psm_*`` or ``sem.mp-*`` name made
+        elsewhere is another test's, from another xdist worker or a script it runs, whose
+        clean-up may lag); an arena file ``pym-<pid>-*`` of this process or one it started;
+        any other new entry not held by a process outside this one's family."""
         new = shm_entries() - self.before
-        if not new - self.created:
-            return new
-        family = {os.getpid()} | set(descendants(os.getpid()))
-        theirs = {n for n, pids in shm_holders(new - self.created).items()
+        family = {os.getpid()} | set(self.pids) | set(descendants(os.getpid()))
+        counted = new & self.created
+        for n in new - self.created:
+            if n.startswith(ARENA_PREFIX):
+                if int(n.split("-")[1]) in family:
+                    counted.add(n)
+            elif not n.startswith(OTHERS_NAMES):
+                counted.add(n)
+        theirs = {n for n, pids in shm_holders(counted - self.created).items()
                   if pids and not pids & family}
-        return new - theirs
+        return counted - theirs
 
     def alive(self) -> list:
         """The recorded processes that are still alive (zombies are not)."""

@@ -90,7 +90,7 @@ def test_a_failing_env_is_restarted_and_the_batch_goes_on(kind, caplog):
     (record,) = [x for x in caplog.records if "restarting worker" in x.getMessage()]
     assert (record.name, record.levelno) == ("sampling.pool", logging.WARNING)
     message = record.getMessage()
-    assert message.startswith("sampling: restarting worker 1 (1 restart left)"), message
+    assert message.startswith("restarting worker 1 (1 restart left)"), message
     assert r.error.remote_traceback in message
     assert "in _inject_fault" in message and "EnvFault: boom in step of env 3" in message
     b1 = Batch({k: v for k, v in batches[1].items()})
