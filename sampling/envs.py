@@ -21,6 +21,7 @@ class CartPole:
     """Balance a pole on a cart; reward 1 per step, truncated at ``max_episode_steps``."""
 
     metadata: dict = {}
+    render_mode = None  # gymnasium's Env attribute: this env renders nothing
 
     def __init__(self, max_episode_steps: int = 500, step_cost_us: float = 0.0):
         self.gravity, self.masscart, self.masspole, self.length = 9.8, 1.0, 0.1, 0.5

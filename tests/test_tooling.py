@@ -111,7 +111,8 @@ def test_every_pytest_command_prints_skip_reasons_and_tooling_runs_once():
 def test_the_torch_env_runs_only_what_needs_torch():
     commands = _pytest_commands(_tox_ini()["testenv:torch"])
     assert [c.split('"not slow and not tooling" ', 1)[1] for c in commands] == [
-        "{posargs:tests/test_torch.py tests/test_distributed.py}", "tests/test_cli.py -k mlp"]
+        "{posargs:tests/test_torch.py tests/test_distributed.py tests/test_cuda.py "
+        "tests/test_docs.py}", "tests/test_cli.py -k mlp"]
 
 
 def test_only_the_torch_env_installs_torch_and_only_the_pinned_cpu_build():

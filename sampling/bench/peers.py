@@ -7,8 +7,8 @@ load from other processes hits every figure alike (a rate is the median over the
 The references: one env alone in this process, and W envs alone in W processes (what this
 machine gives W workers right now). Contestants that step envs for a script
 (``envs.step(actions)``): gymnasium's SyncVectorEnv and AsyncVectorEnv(shared_memory=True),
-``sampling.make_vector_env``, SB3's SubprocVecEnv; and this library's sampler kinds with a
-random agent (``--kinds``).
+``sampling.make_vector_env``, SB3's SubprocVecEnv, EnvPool's C++ version of a gymnasium id
+(sync and async); and this library's sampler kinds with a random agent (``--kinds``).
 """
 from __future__ import annotations
 
@@ -58,8 +58,40 @@ def _vector_chunks(envs: Any, space: Any, n: int) -> Callable[[float], tuple]:
     return chunk
 
 
+def _envpool_chunks(env_id: str, space: Any, n: int, threads: int) -> dict:
+    """EnvPool's own (C++) version of the env, where envpool is installed and has it: its
+    synchronous step, and its asynchronous mode (half the envs per recv), on ``threads``
+    threads."""
+    try:
+        import envpool
+        sync = envpool.make(env_id, env_type="gymnasium", num_envs=n, num_threads=threads,
+                            seed=0)
+        pool = envpool.make(env_id, env_type="gymnasium", num_envs=n, batch_size=n // 2,
+                            num_threads=threads, seed=0)
+    except Exception:  # not installed, or not one of its envs
+        return {}
+    draw = random_action_fn(space, np.random.default_rng(0))
+    pool.async_reset()
+
+    def async_chunk(target: float) -> tuple:
+        import time
+        units, t0 = 0, time.perf_counter()
+        while True:
+            for _ in range(CALLS_PER_CLOCK):
+                *_, info = pool.recv()
+                ids = info["env_id"]
+                pool.send(draw(len(ids)), ids)
+                units += len(ids)
+            dt = time.perf_counter() - t0
+            if dt >= target:
+                return units, dt
+    async_chunk(0.02)
+    return {"EnvPool (C++) sync": _vector_chunks(sync, space, n),
+            "EnvPool (C++) async": async_chunk}
+
+
 def _contestants(env_fn: Callable, n: int, workers: int, kinds: list, start_method: Any,
-                 stack: ExitStack) -> dict:
+                 stack: ExitStack, env_id: str | None = None) -> dict:
     """``{name: chunk runner}``, each started (and closed by ``stack``)."""
     chunks: dict = {}
     env = env_fn()
@@ -88,6 +120,8 @@ def _contestants(env_fn: Callable, n: int, workers: int, kinds: list, start_meth
         envs = make()
         stack.callback(envs.close)
         chunks[name] = _vector_chunks(envs, space, n)
+    if env_id is not None:
+        chunks.update(_envpool_chunks(env_id, space, n, workers))
     for kind in kinds:
         s = stack.enter_context(make_sampler(
             kind, env_fn, RandomAgent(space), batch_T=128, batch_B=n,
@@ -115,11 +149,12 @@ class _Sb3:
 
 
 def side_by_side(env_fn: Callable, n: int, workers: int, kinds: list, seconds: float,
-                 start_method: Any = None, progress: Callable = lambda msg: None) -> dict:
+                 start_method: Any = None, progress: Callable = lambda msg: None,
+                 env_id: str | None = None) -> dict:
     """Rates of every contestant (env steps per second: median and quartiles over
     ``ROUNDS`` interleaved rounds), and their ratios to the env alone and to W envs alone."""
     with ExitStack() as stack:
-        chunks = _contestants(env_fn, n, workers, kinds, start_method, stack)
+        chunks = _contestants(env_fn, n, workers, kinds, start_method, stack, env_id)
         rates, _, _ = _rounds(chunks, seconds, workers, progress)
     alone = statistics.median(rates["env alone"])
     par = statistics.median(rates[f"{workers} envs alone"])
@@ -160,7 +195,8 @@ def main(argv: list | None = None) -> int:
         check_env(env_fn, args.env)
         rep = side_by_side(env_fn, args.num_envs, args.workers,
                            [k for k in args.kinds.split(",") if k], args.seconds,
-                           args.start_method, lambda m: print(m, file=sys.stderr, flush=True))
+                           args.start_method, lambda m: print(m, file=sys.stderr, flush=True),
+                           None if ":" in args.env else args.env)
     except BenchError as e:
         p.error(str(e))
     print(json.dumps(rep, indent=1) if args.json else _table(rep))
