@@ -19,9 +19,10 @@ from tests.helpers import alive, descendants, kill_all, shm_entries, shm_holders
 LEAK_POLL_S = 0.02  # how often check() looks again while it waits
 # multiprocessing.heap's arena files: pym-<pid of the process that made it>-<random>.
 ARENA_PREFIX = "pym-"
-# Names only a test process makes (a SharedMemory segment, a named semaphore, and glibc's
-# temporary name of one being made): made anywhere but here, they are another test's.
-OTHERS_NAMES = ("psm_", "sem.")
+# Names only a test process makes (a SharedMemory segment, a named semaphore, glibc's
+# temporary name of one being made, the leak watch's own tests' files): made anywhere but
+# here, they are another test's.
+OTHERS_NAMES = ("psm_", "sem.", "leakwatch-")
 
 
 class LeakWatch:

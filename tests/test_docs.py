@@ -144,7 +144,9 @@ def report(capsys, name: str, values: list) -> None:
         print(f"\n{name}: " + " ".join(f"{v:.0f}" for v in values))
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+# One kind each (CI time): ppo.py in cpu (a copy of the agent per worker), policy_lag.py in
+# gpu (the action server in a thread); both scripts take --kind for the others.
+@pytest.mark.parametrize("kind", ["cpu"])
 def test_ppo_example_learns_cartpole(kind, capsys):
     pytest.importorskip("torch")
     out = run_script(str(EXAMPLES / "ppo.py"), "--kind", kind)
@@ -155,7 +157,7 @@ def test_ppo_example_learns_cartpole(kind, capsys):
     assert np.mean(c[-5:]) >= 300, c  # learned: solved is 195; the cap is 500
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+@pytest.mark.parametrize("kind", ["gpu"])
 def test_policy_lag_example_learns_cartpole_and_evaluates(kind, capsys):
     pytest.importorskip("torch")
     out = run_script(str(EXAMPLES / "policy_lag.py"), "--kind", kind)

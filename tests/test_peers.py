@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("gymnasium")
+# A check of the package as a tool (vendoring, the peers script): tox runs it once.
+pytestmark = pytest.mark.tooling
 ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 180
 

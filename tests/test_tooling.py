@@ -101,11 +101,11 @@ def test_every_pytest_command_prints_skip_reasons_and_tooling_runs_once():
         assert commands, env
         for c in commands:
             assert " -rs " in c, (env, c)
-            assert "-n 2" in c, (env, c)
+            assert "-n 4" in c, (env, c)
         if not all('-m "not slow and not tooling"' in c for c in commands):
             once.append(env)
     assert once == ["py313"]
-    assert _pytest_commands(_env(cfg, "py313")) == ["pytest -n 2 -rs {posargs}"]
+    assert _pytest_commands(_env(cfg, "py313")) == ["pytest -n 4 -rs {posargs}"]
 
 
 def test_the_torch_env_runs_only_what_needs_torch():
@@ -253,7 +253,7 @@ def _action_for(text: str, category: type, module: str) -> str:
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="Python warns about this from 3.12 on")
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="no fork here")
 def test_fork_with_threads_warning_is_ignored_in_xdist_workers_only(request):
-    """Under pytest-xdist (tox runs -n 2) execnet's thread makes every fork warn: conftest
+    """Under pytest-xdist (tox runs -n 4) execnet's thread makes every fork warn: conftest
     ignores that there. Without xdist the warning still shows a fork from a threaded parent."""
     action = _action_for(FORK_WARNING.format(os.getpid()), DeprecationWarning,
                          "multiprocessing.popen_fork")

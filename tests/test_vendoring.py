@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import ALL_METHODS
 
+# A check of the package as a tool (vendoring, the peers script): tox runs it once.
+pytestmark = pytest.mark.tooling
 ROOT = Path(__file__).resolve().parents[1]
 # A fresh interpreter per start method and kind imports numpy in every spawned worker.
 RUN_TIMEOUT_S = 240
