@@ -43,7 +43,7 @@ from time import perf_counter
 from typing import Any, Callable
 
 from .buffers import SegmentFd, SharedBuffer, shm_space, size_text, views
-from .collector import BEAT_PHASE, BEAT_SEQ, HANDED
+from .collector import BEAT_PHASE, BEAT_SEQ, HANDED, IDLE
 from .errors import RemoteTraceback, SamplerError, WorkerError, close_all, quietly, where_text
 from .internals import drop_semaphore_name, remove_arena_files
 
@@ -317,6 +317,9 @@ class Pool:
         or a SegmentFd once the name is gone."""
         ctx, spec = self.ctx, self.spec
         payload = cfg if self.method == "fork" else _dumps(cfg)
+        if spec.beats is not None:  # a replacement starts idle, not where its predecessor was
+            spec.beats[w, BEAT_PHASE] = IDLE
+            spec.beats[w, BEAT_SEQ] += 1
         parent_conn, child_conn = ctx.Pipe()
         sems = (ctx.Semaphore(0), ctx.Semaphore(0))  # the per-step handoff
         self.sems[w] = sems  # named (spawn, forkserver): see drop_names

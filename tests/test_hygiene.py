@@ -399,3 +399,40 @@ def test_env_spaces_gives_the_spaces_of_one_env_and_closes_it():
     assert obs_space.shape == (4,) and act_space.n == 3  # a vector env's single spaces
     with pytest.raises(TypeError, match="env_fn must be a zero-argument callable"):
         sampling.env_spaces(CountingEnv())
+
+
+class SlowToUnpickle:
+    """A cpu-kind agent whose copy takes longer to unpickle (in a spawned worker, before any
+    sampling code runs) than the step deadline."""
+
+    def __init__(self):
+        self.n_actions = 3  # a state to unpickle (an empty one skips __setstate__)
+
+    def __call__(self, observation):
+        return np.zeros(len(observation), np.int64)
+
+    def __setstate__(self, state):
+        time.sleep(SLOW_START_S)
+        self.__dict__.update(state)
+
+
+SLOW_START_S = 0.6  # longer than step_timeout below: a start is not a step
+
+
+class FailsOnce(CountingEnv):
+    """Env 3 raises at its 5th step, in its first life only (seeded 3; a replacement's env
+    is reseeded)."""
+
+    def step(self, action):
+        if self.env_id == 3 and self.t == 4:
+            raise EnvFault("once")
+        return super().step(action)
+
+
+def test_a_replacement_starting_slowly_is_not_taken_for_a_stuck_step():
+    """The replacement's beat starts idle: its start-up (unpickling, imports) has no step
+    deadline, whatever its predecessor was doing when it failed."""
+    with _make("cpu", env_fn=FailsOnce, agent=SlowToUnpickle(), batch_B=4, batch_T=8,
+               start_method="spawn", step_timeout=0.2, max_restarts=1) as s:
+        batches = list(s.steps(3))
+    assert [len(b.restarts) for b in batches] == [1, 0, 0]
