@@ -17,6 +17,9 @@ from sampling.agents import RandomAgent
 from sampling.envs import make_cartpole
 from tests.helpers import CountingEnv
 
+# The benchmark is a tool: its checks run once (tox: py313), its torch agent in the torch env.
+pytestmark = pytest.mark.tooling
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--seconds", "0.2", "-T", "8", "-B", "4", "--workers", "2"]
 

@@ -27,7 +27,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.usefixtures("no_leaks")
 
 T = 8
-STEP_S = 0.05  # the env's sleep per step: a batch of T=8 takes ~0.4 s
+STEP_S = 0.02  # the env's sleep per step: a batch of T=8 takes ~0.16 s
 # How long a test waits for the collecting thread to be inside a step (it logs it): a bound
 # for a loaded machine, not a nominal time.
 IN_FLIGHT_BOUND_S = 30.0
