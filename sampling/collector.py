@@ -323,7 +323,7 @@ class Collector:
         self.g = first + lo
         self.restart_count = restart
         self.beat = beat
-        self.T = batch_T
+        self.batch_T = batch_T
         self.wait = wait
         self.new_traj = traj_info
         self.where = where  # "worker 1" or "serial sampler", for error messages
@@ -352,7 +352,7 @@ class Collector:
 
     def _bind(self, bufs: dict) -> Views:
         """The views of this slice into one set of batch buffers."""
-        sl, T, n = slice(self.lo, self.hi), self.T, self.n
+        sl, T, n = slice(self.lo, self.hi), self.batch_T, self.n
         cols = {k: tree_map(lambda a: a[:, sl], v) for k, v in bufs.items()
                 if k not in ("bootstrap_value", "env_ids")}
         cols["observation"] = cols["observation_full"]
@@ -393,7 +393,7 @@ class Collector:
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
         """First (seeded) reset of every env (a vector env's sub-env b: ``seed + b``), then
         optional random-action decorrelation."""
-        T = self.T
+        T = self.batch_T
         for v in range(len(self.envs)):
             mark(self.beat, RESET, 0, v * self.width)
             self._reset(v, T, "the first reset", self._seeds(seed, v))
@@ -433,7 +433,7 @@ class Collector:
         return self.name(v)
 
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
-        env, T = self.envs[j], self.T
+        env, T = self.envs[j], self.batch_T
         # independent of kind and worker count
         rng = np.random.default_rng(stream_key(seed, self.g + j, 0xDEC0, self.restart_count))
         n_steps = int(rng.integers(0, max_steps + 1))
@@ -468,7 +468,7 @@ class Collector:
     def begin_batch(self) -> None:
         """Carry the last batch's row T into row 0 (resetting envs that wait, in wait
         mode)."""
-        c, T = self.cols, self.T
+        c, T = self.cols, self.batch_T
         last = self._sets[self._prev].cols  # the same set unless batches alternate
         for (_, src), (_, dst) in zip(tree_leaves(last["observation_full"]),
                                       tree_leaves(c["observation_full"])):
@@ -601,8 +601,8 @@ class Collector:
             raise e
         env_cols = self.views.env_cols
         for j in range(self.n):
-            if not self.waiting[j] and self.ep_start[j] < self.T:
-                self.trajs[j].update(Segment(env_cols[j], self.ep_start[j], self.T))
+            if not self.waiting[j] and self.ep_start[j] < self.batch_T:
+                self.trajs[j].update(Segment(env_cols[j], self.ep_start[j], self.batch_T))
         return self.completed
 
     # -- writing one env's observation / info ------------------------------------------

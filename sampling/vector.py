@@ -216,7 +216,7 @@ class VectorCollector(Collector):
         views.blocks = [[Block(a, c["action"][t, a:b], c["reward"][t, a:b],
                                c["terminated"][t, a:b], c["truncated"][t, a:b],
                                c["done"][t, a:b], None if is_tree(obs) else obs[t + 1, a:b])
-                         for a, b in self.spans] for t in range(self.T)]
+                         for a, b in self.spans] for t in range(self.batch_T)]
         return views
 
     # -- start -------------------------------------------------------------------------
@@ -231,7 +231,7 @@ class VectorCollector(Collector):
         """Sub-envs of one vector env step together, so they take the same number of
         random steps, drawn from ``[seed, first column]``; each draws its own random
         actions. These steps are not in any episode's stats."""
-        env, (a, b), T = self.envs[v], self.spans[v], self.T
+        env, (a, b), T = self.envs[v], self.spans[v], self.batch_T
         rng = np.random.default_rng(stream_key(seed, self.g + a, 0xDEC0, self.restart_count))
         n_steps = int(rng.integers(0, max_steps + 1))
         random_action = random_action_fn(env.single_action_space, rng)

@@ -130,7 +130,7 @@ def run_batch(coll, runner: AgentRunner | None, link: Any, bufs: dict) -> list:
     coll.begin_batch()
     lo, hi, wait, where, beat = coll.lo, coll.hi, coll.wait, coll.where, coll.beat
     check_at = perf_counter() + POLL_S
-    for t in range(coll.T):
+    for t in range(coll.batch_T):
         if runner is None:
             mark(beat, WAIT, t)  # the parent computes actions (see pool.Pool.hand)
             link.exchange()
@@ -265,7 +265,7 @@ class Program:
         self.coll.use(buf)
         done = run_batch(self.coll, runner, self.link, bufs)
         if runner is not None and "bootstrap_value" in bufs:
-            mark(beat, AGENT, self.coll.T)
+            mark(beat, AGENT, self.coll.batch_T)
             bootstrap(bufs, runner, *self.cfg.envs, self.num, self.where)
         mark(beat, IDLE)
         return done
