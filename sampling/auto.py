@@ -1,6 +1,6 @@
 """``make_sampler("auto", ...)``: a short probe of the env and the agent, and a pure cost model.
 
-Imports agents, agent_state, kinds, pool, probe, spaces, tree and vector; never api (which
+Imports agents, agent_state, kinds, pool, probe, tree and vector; never api (which
 calls in here) nor the benchmark subpackage (which reuses the probes). :func:`predict` and
 :func:`pick` are pure: they can be read and tested on figures made up by hand. Non-goal:
 timing inside worker processes.

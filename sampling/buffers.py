@@ -1,6 +1,6 @@
 """Nested numpy arrays, optionally laid out in one shared-memory segment.
 
-Imports numpy, the standard library, errors and tree. A *spec* is a tree whose leaves
+Imports numpy, the standard library, errors, internals and tree. A *spec* is a tree whose leaves
 are :class:`Spec`; :func:`layout` turns it into offsets, and every process
 builds identical views from the same layout, so a batch is one contiguous segment
 that crosses processes without copying. Only the creating process unlinks.

@@ -1,9 +1,9 @@
 """Episode stats, and the collector that steps a slice of envs into its columns of a batch.
 
 Imports numpy and :mod:`sampling.buffers`, :mod:`sampling.errors`, :mod:`sampling.spaces`,
-:mod:`sampling.tree`. The collector is the same object in the serial sampler and in every
-worker process: kinds differ in who calls the agent between two :meth:`Collector.step_envs`
-calls, never in how envs step.
+:mod:`sampling.tree` (nothing above it: pool, worker and vector import it). The collector
+is the same object in the serial sampler and in every worker process: kinds differ in who
+calls the agent between two :meth:`Collector.step_envs` calls, never in how envs step.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The worker pool: processes, their pipes, semaphores, liveness and close. Knows no batches.
 
-Imports buffers and errors. Nothing else in the package touches a pipe, a process
-sentinel or a semaphore. What crosses, and when (parent P, worker w)::
+Imports buffers, collector (the beat's words), errors and internals. Nothing else in the
+package touches a pipe, a process sentinel or a semaphore. What crosses, and when (parent P,
+worker w)::
 
     start    P: Process(target=worker_entry, PoolSpec.configs[w])    w -> P: Started()
              w: attaches the segment, runs PoolSpec.program(link, arrays, config),

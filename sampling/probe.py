@@ -1,7 +1,7 @@
 """What a batch holds: probe one env and one agent call, and lay out the batch's arrays.
 
-Imports agents, agent_state, buffers, collector, spaces, tree and vector. The probe builds one
-separate env (never a training env), steps it once and calls the agent once, under
+Imports agents, agent_state, buffers, collector, errors, spaces, tree and vector. The probe
+builds one separate env (never a training env), steps it once and calls the agent once, under
 :class:`~sampling.agent_state.RngGuard`: the user's random streams come out as they went in.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Torch agents: an ``nn.Module`` policy as a sampler agent, and batches as torch tensors.
 
 The only module of the package that imports torch, and nothing imports it implicitly:
-``import sampling`` stays torch-free. Imports :mod:`sampling.buffers` for tree helpers.
+``import sampling`` stays torch-free. Imports :mod:`sampling.tree` for tree helpers.
 Non-goals: training algorithms, action clipping, models on devices other than CPU in
 the ``cpu`` kind (its workers run copies of the agent on CPU).
 """

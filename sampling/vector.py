@@ -1,7 +1,7 @@
 """Vector envs: one env object that steps ``num_envs`` sub-envs in one call, filling as many
 consecutive columns of the batch.
 
-Imports buffers, collector, errors, spaces and tree. The sampler recognises a vector env by
+Imports collector, errors, spaces and tree. The sampler recognises a vector env by
 duck typing (``num_envs`` and ``single_action_space``, as gymnasium's ``VectorEnv`` has), so
 gymnasium stays optional. :class:`VectorCollector` is a :class:`~sampling.collector.Collector` whose
 per-step work is per vector env, not per sub-env: one ``step`` call and one checked numpy

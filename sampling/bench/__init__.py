@@ -1,11 +1,13 @@
 """The benchmark (``python -m sampling``): measure every kind on one env and agent, recommend one.
 
 An optional subpackage: the core never imports it, and a vendored copy of ``sampling``
-works without it. It imports the public core only; torch and gymnasium only when asked
-for (``--agent mlp``, a gymnasium env id). Modules: :mod:`.inputs` (env and agent from
-command-line strings), :mod:`.mlp` (the torch agent), :mod:`.measure` (the timed rounds),
-:mod:`.report` (the verdict and the table), :mod:`.lag` (a training loop with and without
-``policy_lag``), :mod:`.cli` (argparse and ``main``).
+works without it. It imports the core's modules (make_sampler, and the pool, probes and
+checks it times the references with: :mod:`.measure`'s imports list them); torch and
+gymnasium only when asked for (``--agent mlp``, a gymnasium env id). Modules: :mod:`.inputs`
+(env and agent from command-line strings), :mod:`.mlp` (the torch agent), :mod:`.measure`
+(the timed rounds), :mod:`.report` (the verdict and the table), :mod:`.lag` (a training loop
+with and without ``policy_lag``), :mod:`.cli` (argparse and ``main``), :mod:`.peers` (the
+library side by side with its peers: ``python -m sampling.bench.peers``).
 """
 from __future__ import annotations
 
