@@ -207,36 +207,26 @@ def learned(capsys, name: str, eps: list) -> None:
 
 
 @pytest.mark.timeout(SEVERAL_SCRIPTS_TIMEOUT_S)
-def test_cleanrl_port_reproduces_cleanrl_in_serial_and_learns_in_cpu(capsys):
-    """In serial the agent draws from this process's torch generator, as CleanRL's loop does,
-    so the port's episodes are CleanRL's (with make_vector_env, itself SyncVectorEnv's) one
-    for one; the done alignment and the truncation rule would show here if the port got
-    them wrong. In cpu each worker draws its own streams: other episodes, the same learning."""
+def test_the_cleanrl_scripts_reproduce_cleanrl_and_learn(capsys):
+    """Seed 1, each script once (in one test: CI time). CleanRL's PPO on make_vector_env
+    prints what it prints on SyncVectorEnv, episode for episode. The port to make_sampler in
+    serial draws from this process's torch generator, as CleanRL's loop does, so its
+    episodes are CleanRL's one for one: the done alignment and the truncation rule would
+    show here if the port got them wrong. In cpu each worker draws its own streams: other
+    episodes, the same learning."""
     pytest.importorskip("torch")
     pytest.importorskip("gymnasium")
     common = ("--total-timesteps", str(CLEANRL_STEPS), "--seed", "1", "--cuda", "False")
-    original = episodes(run_script(str(EXAMPLES / "cleanrl_ppo_vector_env.py"), *common))
-    serial = episodes(run_script(str(EXAMPLES / "cleanrl_ppo.py"), *common, "--kind", "serial"))
-    assert len(serial) > 100
-    assert [r for _, r in serial] == [r for _, r in original]
+    vector, port = str(EXAMPLES / "cleanrl_ppo_vector_env.py"), str(EXAMPLES / "cleanrl_ppo.py")
+    ours = episodes(run_script(vector, *common, "--num-workers", "2"))
+    assert len(ours) > 100 and ours == episodes(run_script(vector, *common, "--sync"))
+    learned(capsys, "cleanrl_ppo_vector_env.py", ours)
+    serial = episodes(run_script(port, *common, "--kind", "serial"))
+    assert [r for _, r in serial] == [r for _, r in ours]
     learned(capsys, "cleanrl_ppo.py --kind serial", serial)
-    cpu = episodes(run_script(str(EXAMPLES / "cleanrl_ppo.py"), *common, "--kind", "cpu",
-                              "--num-workers", "2"))
+    cpu = episodes(run_script(port, *common, "--kind", "cpu", "--num-workers", "2"))
     assert [r for _, r in cpu] != [r for _, r in serial]
     learned(capsys, "cleanrl_ppo.py --kind cpu", cpu)
-
-
-@pytest.mark.timeout(SEVERAL_SCRIPTS_TIMEOUT_S)
-def test_cleanrl_ppo_on_make_vector_env_is_cleanrl_ppo_on_sync_vector_env(capsys):
-    pytest.importorskip("torch")
-    pytest.importorskip("gymnasium")
-    common = ("--total-timesteps", str(CLEANRL_STEPS), "--seed", "2", "--cuda", "False")
-    ours = episodes(run_script(str(EXAMPLES / "cleanrl_ppo_vector_env.py"), *common,
-                               "--num-workers", "2"))
-    sync = episodes(run_script(str(EXAMPLES / "cleanrl_ppo_vector_env.py"), *common,
-                               "--sync"))
-    assert len(ours) > 100 and ours == sync
-    learned(capsys, "cleanrl_ppo_vector_env.py", ours)
 
 
 def test_cleanrl_port_bootstraps_truncated_episodes_on_request():
