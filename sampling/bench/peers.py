@@ -117,7 +117,11 @@ def _contestants(env_fn: Callable, n: int, workers: int, kinds: list, start_meth
     except ImportError:
         pass
     for name, make in makers.items():
-        envs = make()
+        try:
+            envs = make()
+        except Exception as e:  # e.g. gymnasium's wrappers need gymnasium's spaces
+            print(f"{name}: left out ({type(e).__name__}: {e})", file=sys.stderr)
+            continue
         stack.callback(envs.close)
         chunks[name] = _vector_chunks(envs, space, n)
     if env_id is not None:
