@@ -25,6 +25,7 @@ import numpy as np
 from .agents import write_checked
 from .buffers import SharedBuffer, Spec, layout, spec_of, views
 from .collector import (
+    BEAT_ENV,
     IDLE,
     MAKE,
     RESET,
@@ -132,69 +133,90 @@ class _Stepper:
         for j, env in enumerate(self.envs):
             mark(self.link.beat, RESET, 0, j)
             o, info = env.reset(seed=int(seeds[j]) if seeded[j] else None, options=options)
-            self._write(s, j, o, info, infos, "its reset")
+            self._write(s, j, o, "its reset")
+            if self._info(j, info, "its reset"):
+                infos.append((j, info, None))
         self.pending = [False] * len(self.envs)
         self.cfg.restart = 0
         return infos
 
     def step(self, s: int) -> list:
         """Step every env with its action (NEXT_STEP: reset those whose episode ended at the
-        last step instead); write the results into observation set ``s``; the infos."""
-        arrays, cols, beat, same_step = self.arrays, self.cols, self.link.beat, self.cfg.same_step
+        last step instead); write the results into observation set ``s``; the infos.
+
+        The usual path per env: the step, type tests of the reward and the flags, a
+        memoryview copy of the observation and a test of the info; episode ends, autoreset
+        steps, wrong types and non-array observations take the methods below."""
+        arrays, cols, beat, rows = self.arrays, self.cols, self.link.beat, self.rows[s]
         acts = arrays["action"][cols]
         acts = acts.tolist() if self.discrete else list(acts.copy())
-        rewards, terms, truncs, infos = [0.0] * len(acts), [False] * len(acts), \
-            [False] * len(acts), []
-        for j, env in enumerate(self.envs):
-            if beat is not None:
-                mark(beat, STEP, 0, j)
-            when = "the reset of its autoreset" if self.pending[j] else "its step"
-            try:
-                if self.pending[j]:
-                    seed = env_seed(self.cfg.seed, self.cfg.lo + j, self.cfg.restart) \
-                        if self.cfg.restart else None
-                    o, info = env.reset(seed=seed)
-                    self.pending[j] = False
+        n, pending, real = len(acts), self.pending, REWARD_TYPES
+        rewards, terms, truncs, infos = [0.0] * n, [False] * n, [False] * n, []
+        mark(beat, STEP, 0, 0)
+        j, when = 0, "its step"
+        try:
+            for j, env in enumerate(self.envs):
+                if beat is not None:
+                    beat[BEAT_ENV] = j
+                if pending[j]:
+                    when = "the reset of its autoreset"
+                    o, info = self._autoreset(j)
                 else:
                     o, r, te, tr, info = env.step(acts[j])
-                    rewards[j] = r if r.__class__ in REWARD_TYPES else check_reward(
+                    rewards[j] = r if r.__class__ in real else check_reward(
                         r, self.names[j], when)
-                    terms[j] = te if te is True or te is False else check_flag(
-                        te, "terminated", self.names[j], when)
-                    truncs[j] = tr if tr is True or tr is False else check_flag(
-                        tr, "truncated", self.names[j], when)
-                    if terms[j] or truncs[j]:
-                        if same_step:
-                            infos.append((j, None, (o, self._info(j, info, when))))
-                            o, info = env.reset()
-                            when = "the reset of its autoreset"
-                        else:
-                            self.pending[j] = True
-                self._write(s, j, o, info, infos, when)
-            except Exception as e:
-                tag(e, f"{self.names[j]}, {when}")
-                raise
+                    if (te is not False and te is not True) or (tr is not False
+                                                                and tr is not True):
+                        te, tr = (check_flag(te, "terminated", self.names[j], when),
+                                  check_flag(tr, "truncated", self.names[j], when))
+                    terms[j], truncs[j] = te, tr
+                    if te or tr:
+                        when = "the reset of its autoreset"
+                        o, info = self._ended(j, o, info, infos)
+                try:
+                    rows[j][:] = o
+                except (TypeError, ValueError):  # not a 1-D array of this shape and dtype
+                    self._write(s, j, o, when)
+                if info.__class__ is not dict:
+                    info = self._info(j, info, when)
+                if info:
+                    infos.append((j, info, None))
+                when = "its step"
+        except Exception as e:
+            tag(e, f"{self.names[j]}, {when}")
+            raise
         arrays["reward"][cols] = rewards
         arrays["terminated"][cols] = terms
         arrays["truncated"][cols] = truncs
         self.cfg.restart = 0  # its first resets are done
         return infos
 
-    def _write(self, s: int, j: int, o: Any, info: Any, infos: list, when: str) -> None:
-        """Env j's observation into set ``s``, checked; its info, if any, into ``infos``."""
-        try:
-            self.rows[s][j][:] = o
-        except (TypeError, ValueError):  # not a 1-D array of this shape and dtype: checked
-            for path, arr in tree_leaves(self.arrays["obs"]):
-                arr[s, self.cols.start + j] = checked_leaf(
-                    o, path, arr.shape[2:], arr.dtype, self.names[j], "observation",
-                    "as on its first observation", when)
-        if info.__class__ is not dict:
-            info = self._info(j, info, when)
-        if info:
-            infos.append((j, info, None))
+    def _autoreset(self, j: int) -> tuple:
+        """NEXT_STEP: env j's episode ended at the last step; this step resets it (a
+        replacement's first reset is seeded afresh: see VectorEnv._recover)."""
+        cfg = self.cfg
+        self.pending[j] = False
+        seed = env_seed(cfg.seed, cfg.lo + j, cfg.restart) if cfg.restart else None
+        return self.envs[j].reset(seed=seed)
+
+    def _ended(self, j: int, o: Any, info: Any, infos: list) -> tuple:
+        """Env j's episode ended: SAME_STEP resets it now (its final observation and info go
+        into ``infos``); NEXT_STEP resets it at the next step."""
+        if not self.cfg.same_step:
+            self.pending[j] = True
+            return o, info
+        infos.append((j, None, (o, self._info(j, info, "its step"))))
+        return self.envs[j].reset()
+
+    def _write(self, s: int, j: int, o: Any, when: str) -> None:
+        """Env j's observation into set ``s``, leaf by leaf, checked."""
+        for path, arr in tree_leaves(self.arrays["obs"]):
+            arr[s, self.cols.start + j] = checked_leaf(
+                o, path, arr.shape[2:], arr.dtype, self.names[j], "observation",
+                "as on its first observation", when)
 
     def _info(self, j: int, info: Any, when: str) -> dict:
+        """``info``, checked to be a dict."""
         if not isinstance(info, dict):
             raise TypeError(not_a_dict(self.names[j], "info", info, when))
         return info
@@ -244,6 +266,7 @@ class VectorEnv(_Base):
         mode = "SameStep" if self._same_step else "NextStep"
         self.metadata = {"autoreset_mode": _AutoresetMode(mode) if _AutoresetMode else mode}
         self.render_mode = None
+        self._bounds = _action_bounds(p.action_space)
         W = self.n_workers = o.n_workers
         self._slices = split(n, W)
         specs = {"obs": spec_of(p.observation, (2, n)),
@@ -300,7 +323,7 @@ class VectorEnv(_Base):
         """Step every env with its row of ``actions``; returns ``(observations, rewards,
         terminations, truncations, infos)`` as gymnasium does (rewards float64)."""
         self._check_open()
-        _checked_actions(actions, self._arrays["action"], self.single_action_space)
+        _checked_actions(actions, self._arrays["action"], self._bounds)
         infos = self._infos(self._round(STEP_CMD))
         a = self._arrays
         return (self._observations(), a["reward"].copy(), a["terminated"].copy(),
@@ -339,10 +362,13 @@ class VectorEnv(_Base):
 
     def _hand(self, code: int, workers: Any, options: Any = None) -> dict:
         pool, a = self._res.pool, self._arrays
-        workers = [w for w in workers if w not in pool.out]
+        if pool.out:
+            workers = [w for w in workers if w not in pool.out]
         if options is not None:
             pool.send(options)
-        a["ctrl"][workers] = [code + (options is not None), self._set]
+        ctrl = a["ctrl"]
+        ctrl[workers, 0] = code + (options is not None)
+        ctrl[workers, 1] = self._set
         pool.release(workers)
         pool.wait_obs(workers)
         sent = a["has_infos"].tolist()
@@ -396,7 +422,10 @@ class VectorEnv(_Base):
         return infos
 
     def _observations(self) -> Any:
-        obs = tree_map(lambda a: a[self._set], self._arrays["obs"])
+        obs, s = self._arrays["obs"], self._set
+        if obs.__class__ is np.ndarray:  # the usual case: one array
+            return obs[s].copy() if self.copy else obs[s]
+        obs = tree_map(lambda a: a[s], obs)
         return tree_map(np.copy, obs) if self.copy else obs
 
     def _check_open(self) -> None:
@@ -466,22 +495,34 @@ def _seeds(seed: Any, n: int) -> list:
                     f"of {n} ints or Nones, one per env; got {seed!r:.80}")
 
 
-def _checked_actions(actions: Any, dst: np.ndarray, space: Any) -> None:
+def _checked_actions(actions: Any, dst: np.ndarray, bounds: tuple | None) -> None:
     """Write ``actions`` into ``dst``, refused before any worker steps: another shape, a
-    cast that changes values, or an integer outside a Discrete, MultiDiscrete or
-    MultiBinary space (a Box's bounds are the env's business, as in gymnasium)."""
+    cast that changes values, or an integer outside ``bounds`` (``_action_bounds``)."""
     a = actions
     if a.__class__ is not np.ndarray or a.shape != dst.shape or a.dtype != dst.dtype:
         a = np.empty_like(dst)
         write_checked(a, actions, f"step(actions) for {len(dst)} envs", "got")
-    if hasattr(space, "nvec") or hasattr(space, "n"):
-        low = getattr(space, "start", 0)
-        high = low + (np.asarray(space.nvec) if hasattr(space, "nvec")
-                      else 2 if getattr(space, "shape", ()) else space.n)
-        if a.min(initial=0) < np.min(low) or a.max(initial=0) >= np.min(high):  # rare: where
+    if bounds is not None:
+        low, high, space = bounds
+        scalar = low.__class__ is int and high.__class__ is int
+        if not scalar or a.min(initial=low) < low or a.max(initial=low) >= high:
             bad = (a < low) | (a >= high)
             if bad.any():
                 i = int(np.argwhere(bad)[0][0])
                 raise ValueError(f"step(actions): env {i}'s action {a[i].tolist()} is "
                                  f"outside its action space {space!r}")
     dst[...] = a
+
+
+def _action_bounds(space: Any) -> tuple | None:
+    """``(low, high, space)``: the integers of a Discrete, MultiDiscrete or MultiBinary space
+    lie in [low, high) (Python ints, or arrays per entry); None for a Box, whose bounds are
+    the env's business, as in gymnasium."""
+    if not (hasattr(space, "nvec") or hasattr(space, "n")):
+        return None
+    low = np.asarray(getattr(space, "start", 0))
+    high = low + (np.asarray(space.nvec) if hasattr(space, "nvec")
+                  else 2 if getattr(space, "shape", ()) else space.n)
+    if low.ndim or high.ndim:
+        return low, high, space
+    return low.item(), high.item(), space
