@@ -237,9 +237,14 @@ class TrajInfo:
         self._cur_discount = 1.0
 
     def update(self, segment: Segment) -> None:
+        self.add_rewards(segment.reward.tolist())
+
+    def add_rewards(self, r: list) -> None:
+        """Add one segment's rewards (Python floats, in order) to the stats. The collector
+        calls this directly, once per segment at the end of a batch, for a class that keeps
+        TrajInfo's ``update`` and ``terminate`` (see :attr:`Collector.deferred`)."""
         # Python floats: an episode's segment is short, and numpy's per-call cost would
         # make these stats the most expensive thing the sampler does per episode.
-        r = segment.reward.tolist()
         n = len(r)
         self.Length += n
         self.Return += sum(r)
@@ -338,6 +343,14 @@ class Collector:
         self.ended: list = []          # (env, final observation, terminated, truncated) per step
         self.ended_as = [(False, False)] * n  # wait mode: (terminated, truncated) of the end
         self.trajs = [traj_info() for _ in range(n)]
+        # Stats that only need rewards (TrajInfo's update and terminate, not overridden)
+        # are added at the end of the batch from one list of the batch's rewards: per
+        # episode that saves a Segment, its views and a tolist (~1.5 us of a CartPole
+        # episode's ~25 steps). Other classes get update(segment) as each episode ends.
+        cls = type(self.trajs[0])
+        self.deferred = (getattr(cls, "update", None) is TrajInfo.update
+                         and getattr(cls, "terminate", None) is TrajInfo.terminate)
+        self.segments: list = []     # deferred: (TrajInfo, column, t0, t1) to add at batch end
         self.ep_start = [0] * n      # step where each open episode's segment begins
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
@@ -492,6 +505,7 @@ class Collector:
             for _, arr in tree_leaves(c["final_observation"]):
                 arr[...] = 0
         self.completed = []
+        self.segments.clear()  # left by a batch an error cut short
         self.ep_start = [0] * self.n
 
     def step_envs(self, t: int) -> None:
@@ -570,7 +584,10 @@ class Collector:
             row.next_prev_action[j] = 0
             row.next_prev_reward[j] = 0
             traj = self.trajs[j]
-            traj.update(Segment(env_cols[j], self.ep_start[j], t + 1))
+            if self.deferred:
+                self.segments.append((traj, j, self.ep_start[j], t + 1))
+            else:
+                traj.update(Segment(env_cols[j], self.ep_start[j], t + 1))
             self.completed.append((t, self.g + j, traj.terminate(final)))
             self.trajs[j] = self.new_traj()
             self.ep_start[j] = t + 1
@@ -599,10 +616,18 @@ class Collector:
                 f"rewards within that range (scale or clip them in the env or a wrapper)")
             e.sampling_step = t  # the row it happened in (a restart cuts the batch there)
             raise e
-        env_cols = self.views.env_cols
+        env_cols, T, segments = self.views.env_cols, self.batch_T, self.segments
         for j in range(self.n):
-            if not self.waiting[j] and self.ep_start[j] < self.batch_T:
-                self.trajs[j].update(Segment(env_cols[j], self.ep_start[j], self.batch_T))
+            if not self.waiting[j] and self.ep_start[j] < T:
+                if self.deferred:
+                    segments.append((self.trajs[j], j, self.ep_start[j], T))
+                else:
+                    self.trajs[j].update(Segment(env_cols[j], self.ep_start[j], T))
+        if segments:
+            rewards = reward.T.tolist()  # per column, its T rewards as Python floats
+            for traj, j, t0, t1 in segments:
+                traj.add_rewards(rewards[j][t0:t1])
+            segments.clear()
         return self.completed
 
     # -- writing one env's observation / info ------------------------------------------

@@ -297,6 +297,46 @@ def test_returns_across_batch_boundaries(reset_mode):
     assert any(len(ep[2]) > 5 for eps in finished for ep in eps), "no episode spans batches"
 
 
+class EachUpdate(sampling.TrajInfo):
+    """Overrides update, so the collector calls it with a Segment as each episode ends;
+    counts the calls (a stat of its own)."""
+
+    def update(self, segment):
+        self.Updates = getattr(self, "Updates", 0) + 1
+        super().update(segment)
+
+
+class Extra(sampling.TrajInfo):
+    """Adds a stat in __init__ only: its stats are added at the end of each batch."""
+
+    def __init__(self, discount=0.99):
+        super().__init__(discount)
+        self.Tag = "x"
+
+
+@pytest.mark.parametrize("kind", ["serial", "cpu"])
+@pytest.mark.parametrize("reset_mode", RESET_MODES)
+def test_stats_at_batch_end_equal_stats_per_episode(kind, reset_mode):
+    """TrajInfo (and a subclass that keeps update and terminate) gets its rewards at the end
+    of the batch; a class with its own update gets a Segment as each episode ends. Both give
+    the same floats, bit for bit, over episodes that span batches (rewards vary per step)."""
+    kw = dict(env_fn=functools.partial(CountingEnv, lengths=(3, 7, 4, 9)), n=6, batch_T=5,
+              batch_B=4, reset_mode=reset_mode, discount=0.9, kind=kind)
+    got = {cls: [bt["traj_infos"] for bt in collect(traj_info=cls, **kw)]
+           for cls in (sampling.TrajInfo, EachUpdate, Extra)}
+    assert sum(map(len, got[sampling.TrajInfo])) >= 6
+    for cls, own in ((EachUpdate, "Updates"), (Extra, "Tag")):
+        assert [[{k: v for k, v in s.items() if k != own} for s in bt] for bt in got[cls]] \
+            == got[sampling.TrajInfo]
+
+
+def test_own_update_is_called_as_each_episode_ends():
+    bt, = collect(env_fn=functools.partial(CountingEnv, lengths=(3,)), n=1, batch_T=4,
+                  batch_B=2, traj_info=EachUpdate)
+    assert len(bt["traj_infos"]) == 2
+    assert [t["Updates"] for t in bt["traj_infos"]] == [1, 1]  # one segment each, here
+
+
 class CheckedIdTraj(IdTraj):
     """IdTraj (tests/helpers.py) that also checks each segment it is given."""
 
