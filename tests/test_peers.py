@@ -20,15 +20,28 @@ RUN_TIMEOUT_S = 180
 def test_peers_reports_every_contestant_against_both_references():
     proc = subprocess.run(
         [sys.executable, "-m", "sampling.bench.peers", "--env", "CartPole-v1",
-         "-B", "4", "--workers", "2", "--kinds", "serial", "--seconds", "0.3", "--json"],
+         "-B", "4", "--workers", "2", "--kinds", "serial", "--seconds", "0.3", "--json",
+         "--vector-env", "sampling.envs:make_vector_cartpole"],
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
         env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     rows = {r["name"]: r for r in rep["results"]}
     assert {"env alone", "2 envs alone", "sampling make_vector_env", "gymnasium SyncVectorEnv",
-            "gymnasium AsyncVectorEnv", "sampling serial"} <= set(rows)
+            "gymnasium AsyncVectorEnv", "sampling serial", "sampling serial, 1x4 vector"} \
+        <= set(rows)
     assert rows["env alone"]["x_env_alone"] == 1.0
     assert rows["2 envs alone"]["share_of_w_alone"] == 1.0
     for r in rows.values():
         assert r["steps_per_s"] > 0 and r["steps_per_s_iqr"][0] <= r["steps_per_s_iqr"][1]
+
+
+def test_vector_env_that_does_not_split_is_refused():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sampling.bench.peers", "--env", "sampling.envs:make_cartpole",
+         "-B", "5", "--workers", "2", "--kinds", "cpu", "--seconds", "0.1",
+         "--vector-env", "sampling.envs:make_vector_cartpole"],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    assert proc.returncode == 2
+    assert "-B 5 does not split into 2 vector envs" in proc.stderr

@@ -8,7 +8,8 @@ The references: one env alone in this process, and W envs alone in W processes (
 machine gives W workers right now). Contestants that step envs for a script
 (``envs.step(actions)``): gymnasium's SyncVectorEnv and AsyncVectorEnv(shared_memory=True),
 ``sampling.make_vector_env``, SB3's SubprocVecEnv, EnvPool's C++ version of a gymnasium id
-(sync and async); and this library's sampler kinds with a random agent (``--kinds``).
+(sync and async); and this library's sampler kinds with a random agent (``--kinds``), on
+the env and, with ``--vector-env``, on a vector version of it (one per worker).
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def _envpool_chunks(env_id: str, space: Any, n: int, threads: int) -> dict:
 
 
 def _contestants(env_fn: Callable, n: int, workers: int, kinds: list, start_method: Any,
-                 stack: ExitStack, env_id: str | None = None) -> dict:
+                 stack: ExitStack, env_id: str | None = None,
+                 vector_env: str | None = None) -> dict:
     """``{name: chunk runner}``, each started (and closed by ``stack``)."""
     chunks: dict = {}
     env = env_fn()
@@ -132,6 +134,17 @@ def _contestants(env_fn: Callable, n: int, workers: int, kinds: list, start_meth
             n_workers=workers if kind != "serial" else None, start_method=start_method))
         s.obtain_samples(0)
         chunks[f"sampling {kind}"] = _sampler_chunks(s)
+    for kind in kinds if vector_env else ():
+        # the same n columns as one vector env per worker (serial: one of all n)
+        w = 1 if kind == "serial" else workers
+        if n % w:
+            raise BenchError(f"--vector-env: -B {n} does not split into {w} vector envs")
+        s = stack.enter_context(make_sampler(
+            kind, resolve_env(vector_env, {"num_envs": n // w}), RandomAgent(space),
+            batch_T=128, batch_B=n, n_workers=None if kind == "serial" else w,
+            start_method=start_method))
+        s.obtain_samples(0)
+        chunks[f"sampling {kind}, {w}x{n // w} vector"] = _sampler_chunks(s)
     return chunks
 
 
@@ -154,11 +167,12 @@ class _Sb3:
 
 def side_by_side(env_fn: Callable, n: int, workers: int, kinds: list, seconds: float,
                  start_method: Any = None, progress: Callable = lambda msg: None,
-                 env_id: str | None = None) -> dict:
+                 env_id: str | None = None, vector_env: str | None = None) -> dict:
     """Rates of every contestant (env steps per second: median and quartiles over
     ``ROUNDS`` interleaved rounds), and their ratios to the env alone and to W envs alone."""
     with ExitStack() as stack:
-        chunks = _contestants(env_fn, n, workers, kinds, start_method, stack, env_id)
+        chunks = _contestants(env_fn, n, workers, kinds, start_method, stack, env_id,
+                              vector_env)
         rates, _, _ = _rounds(chunks, seconds, workers, progress)
     alone = statistics.median(rates["env alone"])
     par = statistics.median(rates[f"{workers} envs alone"])
@@ -191,6 +205,10 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--kinds", default="", help="sampler kinds to add, e.g. serial,cpu")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per contestant")
+    p.add_argument("--vector-env", default=None, metavar="MODULE:FACTORY",
+                   help="also run each of --kinds on vector envs made by FACTORY(num_envs=), "
+                        "one per worker, e.g. sampling.envs:make_vector_cartpole (a stand-in "
+                        "for --env: the same env, stepped many at a time)")
     p.add_argument("--start-method", default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -200,7 +218,7 @@ def main(argv: list | None = None) -> int:
         rep = side_by_side(env_fn, args.num_envs, args.workers,
                            [k for k in args.kinds.split(",") if k], args.seconds,
                            args.start_method, lambda m: print(m, file=sys.stderr, flush=True),
-                           None if ":" in args.env else args.env)
+                           None if ":" in args.env else args.env, args.vector_env)
     except BenchError as e:
         p.error(str(e))
     print(json.dumps(rep, indent=1) if args.json else _table(rep))
