@@ -7,7 +7,8 @@ gymnasium only when asked for (``--agent mlp``, a gymnasium env id). Modules: :m
 (env and agent from command-line strings), :mod:`.mlp` (the torch agent), :mod:`.measure`
 (the timed rounds), :mod:`.report` (the verdict and the table), :mod:`.lag` (a training loop
 with and without ``policy_lag``), :mod:`.cli` (argparse and ``main``), :mod:`.peers` (the
-library side by side with its peers: ``python -m sampling.bench.peers``).
+library side by side with its peers: ``python -m sampling.bench.peers``), :mod:`.model`
+(where serial's and cpu's time goes, as a model: ``python -m sampling.bench.model``).
 """
 from __future__ import annotations
 
