@@ -347,7 +347,7 @@ class Collector:
         # are added at the end of the batch from one list of the batch's rewards: per
         # episode that saves a Segment, its views and a tolist (~1.5 us of a CartPole
         # episode's ~25 steps). Other classes get update(segment) as each episode ends.
-        cls = type(self.trajs[0])
+        cls = type(self.trajs[0]) if n else None  # no columns: a worker without eval envs
         self.deferred = (getattr(cls, "update", None) is TrajInfo.update
                          and getattr(cls, "terminate", None) is TrajInfo.terminate)
         self.segments: list = []     # deferred: (TrajInfo, column, t0, t1) to add at batch end

@@ -186,6 +186,21 @@ def test_training_unaffected_by_evaluation(kind):
     assert_batches_equal(second, ref[1], "batch 1")
 
 
+@pytest.mark.parametrize("kind", PARALLEL)
+def test_evaluation_with_fewer_eval_envs_than_workers(kind):
+    """eval_n_envs=1 over 2 workers: worker 1 has no eval env (an eval collector without
+    columns), with the default TrajInfo; the episodes are serial's."""
+    kw = dict(batch_T=8, batch_B=4, seed=2, eval_n_envs=1, eval_max_steps=30)
+
+    def evaluate(kind: str, **more) -> list:
+        with sampling.make_sampler(kind, COUNTING, CountingAgent(), **kw, **more) as s:
+            s.obtain_samples(0)
+            return [t.stats() for t in s.evaluate_agent(0)]
+    ref = evaluate("serial")
+    assert len(ref) >= 2
+    assert evaluate(kind, n_workers=2, start_method="fork") == ref
+
+
 def test_evaluation_under_spawn_matches_serial():
     ref = _evaluate("serial", "both")
     assert _evaluate("alternating", "both", n_workers=2, start_method="spawn") == ref
