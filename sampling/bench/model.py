@@ -8,7 +8,8 @@ Every figure comes from one run of interleaved rounds (see :func:`.measure._roun
   gives W workers);
 - the sampler's own costs, measured with an *echo env* that costs almost nothing a step,
   returns the real env's first observation and ends its episodes at the real env's mean
-  length: per env step (serial with 1 and with B envs, episodes never ending), per batch
+  length: per env step (serial with 1 and with B envs, episodes never ending, less the echo
+  env's own call, timed round-robin without a sampler), per batch
   step (the same pair's intercept: the agent call and the row bookkeeping), per episode
   (episodes of the mean length against none), and, in the cpu kind, per batch (batches of
   ``T_SHORT`` and of T steps: the command, the workers' replies, waking up);
@@ -146,6 +147,7 @@ def model(env_fn: Callable, *, batch_T: int = 128, batch_B: int = 16, workers: i
             "env alone": _reference(_env_chunks, env, 0),
             f"{W} envs alone": par.chunk,
             "round-robin": _round_robin_chunks(envs),
+            "echo round-robin": _round_robin_chunks([echo(False)() for _ in range(B)]),
             "serial": sampler("serial", env_fn, B),
             "cpu": sampler("cpu", env_fn, B),
             "cpu, 1 worker": sampler("cpu", env_fn, B // W, w=1),
@@ -157,8 +159,10 @@ def model(env_fn: Callable, *, batch_T: int = 128, batch_B: int = 16, workers: i
         }
         rates, _, _ = _rounds(chunks, seconds, W, progress)
     us = {name: 1e6 / statistics.median(r) for name, r in rates.items()}  # per env step
-    per_env = (us["echo B"] * B - us["echo 1"]) / (B - 1)
-    per_step = us["echo 1"] - per_env
+    with_call = (us["echo B"] * B - us["echo 1"]) / (B - 1)
+    per_step = us["echo 1"] - with_call
+    # less the echo env's own call, which the env round-robin already counts for real envs
+    per_env = with_call - us["echo round-robin"]
     per_episode = (us["echo B, episodes"] - us["echo B"]) * length
     # cpu, echo env: time per batch at T_SHORT and at T steps
     short, full = us["cpu echo, short"] * B * T_SHORT, us["cpu echo"] * B * T
