@@ -266,6 +266,20 @@ class TrajInfo:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.stats().items())})"
 
 
+# TrajInfo's own hooks as defined here: one patched onto the class later (a mock, a logging
+# wrapper) is not these, so its calls are kept.
+_UPDATE, _TERMINATE = TrajInfo.update, TrajInfo.terminate
+
+
+def _keeps_trajinfo_hooks(traj: Any) -> bool:
+    """Whether ``traj``'s update and terminate are TrajInfo's own (not overridden by its
+    class, patched onto TrajInfo, or set on the instance): then its stats can be added at
+    the end of the batch."""
+    cls = type(traj)
+    return (getattr(cls, "update", None) is _UPDATE and getattr(cls, "terminate", None)
+            is _TERMINATE and not {"update", "terminate"} & set(getattr(traj, "__dict__", ())))
+
+
 class Row(NamedTuple):
     """A collector's views of one step t of its columns: what the agent wrote, what the
     step writes, and row t+1 of the carried fields."""
@@ -347,9 +361,7 @@ class Collector:
         # are added at the end of the batch from one list of the batch's rewards: per
         # episode that saves a Segment, its views and a tolist (~1.5 us of a CartPole
         # episode's ~25 steps). Other classes get update(segment) as each episode ends.
-        cls = type(self.trajs[0]) if n else None  # no columns: a worker without eval envs
-        self.deferred = (getattr(cls, "update", None) is TrajInfo.update
-                         and getattr(cls, "terminate", None) is TrajInfo.terminate)
+        self.deferred = n > 0 and _keeps_trajinfo_hooks(self.trajs[0])
         self.segments: list = []     # deferred: (TrajInfo, column, t0, t1) to add at batch end
         self.ep_start = [0] * n      # step where each open episode's segment begins
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again

@@ -168,8 +168,11 @@ class _Stepper:
                     rewards[j], terms[j], truncs[j] = 0.0, False, False
                 else:
                     o, r, te, tr, info = env.step(acts[j])
-                    rewards[j] = r if r.__class__ in real else check_reward(
-                        r, self.names[j], when)
+                    try:
+                        rewards[j] = r if r.__class__ in real else check_reward(
+                            r, self.names[j], when)
+                    except ValueError:  # an int beyond float64, in memoryview's cryptic words:
+                        rewards[j] = float(r)  # Python's OverflowError, as SyncVectorEnv's
                     if (te is not False and te is not True) or (tr is not False
                                                                 and tr is not True):
                         te, tr = (check_flag(te, "terminated", self.names[j], when),

@@ -330,6 +330,35 @@ def test_stats_at_batch_end_equal_stats_per_episode(kind, reset_mode):
             == got[sampling.TrajInfo]
 
 
+def test_update_patched_onto_trajinfo_or_set_on_the_instance_is_still_called(monkeypatch):
+    """A user who wraps TrajInfo.update (a mock, a logging wrapper) or sets update on an
+    instance gets every call, as before stats were added per batch."""
+    calls = []
+    original = sampling.TrajInfo.update
+
+    def logging_update(self, segment):
+        calls.append(len(segment))
+        original(self, segment)
+
+    class OnInstance(sampling.TrajInfo):
+        def __init__(self, discount=0.99):
+            super().__init__(discount)
+            self.Segments = 0
+            self.update = self._count
+
+        def _count(self, segment):
+            self.Segments += 1
+            original(self, segment)
+
+    kw = dict(env_fn=functools.partial(CountingEnv, lengths=(3,)), n=1, batch_T=4, batch_B=2)
+    bt, = collect(traj_info=OnInstance, **kw)
+    assert [t["Segments"] for t in bt["traj_infos"]] == [1, 1]
+    monkeypatch.setattr(sampling.TrajInfo, "update", logging_update)
+    bt, = collect(**kw)
+    assert len(bt["traj_infos"]) == 2
+    assert calls == [3, 3, 1, 1]  # each episode as it ended, then the open ones at batch end
+
+
 def test_own_update_is_called_as_each_episode_ends():
     bt, = collect(env_fn=functools.partial(CountingEnv, lengths=(3,)), n=1, batch_T=4,
                   batch_B=2, traj_info=EachUpdate)

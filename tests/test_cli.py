@@ -185,7 +185,9 @@ def test_gymnasium_id():
     (["--kinds", "serial,warp"], "unknown kind.*'warp'.*valid kinds: serial, cpu"),
     (["--kinds", "auto"], "unknown kind.*'auto'"),
     (["-B", "0"], "-B must be >= 1"),
-    (["--seconds", "0"], "--seconds must be > 0"),
+    (["--seconds", "0"], "--seconds must be a positive number"),
+    (["--seconds", "nan"], "--seconds must be a positive number"),
+    (["--seconds", "inf"], "--seconds must be a positive number"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(args, match):
     import re

@@ -196,6 +196,40 @@ def test_a_worker_exception_reaches_step_with_its_traceback(start_method, no_lea
     del envs, info
 
 
+class RewardEnv(CountingEnv):
+    """Returns ``reward`` at its 2nd step (1.0 otherwise)."""
+
+    def __init__(self, reward=1.0, **kw):
+        super().__init__(**kw)
+        self.reward = reward
+
+    def step(self, action):
+        o, _, te, tr, info = super().step(action)
+        return o, self.reward if self.t == 2 else 1.0, te, tr, info
+
+
+@pytest.mark.parametrize("reward, stored", [(3, 3.0), (np.float32(0.5), 0.5),
+                                            (2 ** 63 + 1, float(2 ** 63 + 1)), (1e300, 1e300)])
+def test_rewards_of_every_real_type_come_back_as_float64(reward, stored):
+    with sampling.make_vector_env([functools.partial(RewardEnv, reward)] * 2,
+                                  n_workers=2) as envs:
+        envs.reset(seed=0)
+        envs.step(np.zeros(2, np.int64))
+        _, r, *_ = envs.step(np.zeros(2, np.int64))
+        assert r.tolist() == [stored, stored]
+
+
+def test_a_reward_beyond_float64_is_an_overflow_error_naming_the_env(no_leaks):
+    """As SyncVectorEnv raises it (Python's OverflowError), with the env and step named."""
+    with sampling.make_vector_env([RewardEnv, functools.partial(RewardEnv, 10 ** 400)],
+                                  n_workers=2) as envs:
+        envs.reset(seed=0)
+        envs.step(np.zeros(2, np.int64))
+        with pytest.raises(WorkerError, match=r"worker 1 \(envs 1\.\.1\) raised OverflowError: "
+                                              r"int too large to convert to float.*env 1"):
+            envs.step(np.zeros(2, np.int64))
+
+
 def test_a_killed_worker_is_reported(no_leaks):
     with sampling.make_vector_env([CountingEnv] * N_ENVS, n_workers=2) as envs:
         envs.reset(seed=0)

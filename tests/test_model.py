@@ -52,3 +52,9 @@ def test_model_refuses_what_it_cannot_model():
     assert proc.returncode == 2 and "not a vector env" in proc.stderr
     proc = run_model("-T", "8")
     assert proc.returncode == 2 and "needs -T > 16" in proc.stderr
+    for args, message in ((["--seconds", "nan"], "--seconds must be a positive number"),
+                          (["--seconds", "-1"], "--seconds must be a positive number"),
+                          (["--env-kwargs", "{bad"], "--env-kwargs is not valid JSON"),
+                          (["--start-method", "bogus"], "invalid choice: 'bogus'")):
+        proc = run_model(*args)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

@@ -36,12 +36,29 @@ def test_peers_reports_every_contestant_against_both_references():
         assert r["steps_per_s"] > 0 and r["steps_per_s_iqr"][0] <= r["steps_per_s_iqr"][1]
 
 
-def test_vector_env_that_does_not_split_is_refused():
+CARTPOLE, VECTOR = "sampling.envs:make_cartpole", "sampling.envs:make_vector_cartpole"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-B", "5", "--kinds", "cpu", "--vector-env", VECTOR],
+     "-B 5 does not split into 2 vector envs"),
+    (["--vector-env", VECTOR], "--vector-env runs the sampler kinds on a vector env: name "
+                               "them with --kinds"),
+    (["--kinds", "serial", "--vector-env", "no.such:fn"],
+     "--vector-env 'no.such:fn': cannot import module 'no.such'"),
+    (["--kinds", "serial", "--vector-env", CARTPOLE],
+     "--vector-env 'sampling.envs:make_cartpole': making the env failed: TypeError"),
+    (["--kinds", "serial", "--vector-env", "sampling.envs:CartPole"],
+     "making the env failed"),
+    (["--seconds", "nan"], "--seconds must be a positive number"),
+    (["--env-kwargs", "[1, 2]"], "--env-kwargs must be a JSON object"),
+    (["--start-method", "bogus"], "invalid choice: 'bogus'"),
+])
+def test_bad_arguments_exit_2_with_a_clear_message(args, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "sampling.bench.peers", "--env", "sampling.envs:make_cartpole",
-         "-B", "5", "--workers", "2", "--kinds", "cpu", "--seconds", "0.1",
-         "--vector-env", "sampling.envs:make_vector_cartpole"],
+        [sys.executable, "-m", "sampling.bench.peers", "--env", CARTPOLE, "-B", "4",
+         "--workers", "2", "--seconds", "0.1", *args],
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
         env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
-    assert proc.returncode == 2
-    assert "-B 5 does not split into 2 vector envs" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr

@@ -12,7 +12,7 @@ import multiprocessing as mp
 import sys
 
 from ..errors import SamplerError
-from .inputs import BenchError, check_env, env_width, make_agent, resolve_env
+from .inputs import BenchError, check_env, checked_common, env_width, make_agent, resolve_env
 from .lag import format_lag_report, lag_benchmark
 from .measure import DEFAULT_SECONDS, benchmark
 from .report import ALL_KINDS, format_report
@@ -79,17 +79,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
                         ("--workers", args.workers, 1), ("--torch-threads", args.torch_threads, 1)):
         if v is not None and v < lo:
             parser.error(f"{name} must be >= {lo}, got {v}")
-    if not args.seconds > 0:
-        parser.error(f"--seconds must be > 0, got {args.seconds}")
-    env_kwargs = {}
-    if args.env_kwargs is not None:
-        try:
-            env_kwargs = json.loads(args.env_kwargs)
-        except ValueError as e:
-            parser.error(f"--env-kwargs is not valid JSON ({e}): {args.env_kwargs!r}")
-        if not isinstance(env_kwargs, dict):
-            parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
-    return kinds, env_kwargs
+    return kinds, checked_common(parser, args)
 
 
 def main(argv: list | None = None) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
 import sys
 from contextlib import ExitStack
@@ -34,7 +35,7 @@ from ..agents import RandomAgent
 from ..api import make_sampler
 from ..spaces import action_pool
 from ..vector import is_vector
-from .inputs import BenchError, check_env, resolve_env
+from .inputs import BenchError, check_env, checked_common, resolve_env
 from .measure import (
     CLOCK_EVERY,
     DEFAULT_SECONDS,
@@ -237,13 +238,14 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
                    help="timed seconds per measurement, over all rounds")
-    p.add_argument("--start-method", default=None)
+    p.add_argument("--start-method", default=None, choices=mp.get_all_start_methods())
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    env_kwargs = checked_common(p, args)
     if args.batch_T <= T_SHORT or args.batch_B < 2 or args.workers < 1:
         p.error(f"needs -T > {T_SHORT}, -B >= 2 and --workers >= 1")
     try:
-        env_fn = resolve_env(args.env, json.loads(args.env_kwargs or "{}"))
+        env_fn = resolve_env(args.env, env_kwargs)
         check_env(env_fn, args.env)
         rep = model(env_fn, batch_T=args.batch_T, batch_B=args.batch_B, workers=args.workers,
                     seconds=args.seconds, start_method=args.start_method,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
 import sys
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ import numpy as np
 from ..agents import RandomAgent
 from ..api import make_sampler, make_vector_env
 from ..spaces import random_action_fn
-from .inputs import BenchError, check_env, resolve_env
+from .inputs import BenchError, check_env, checked_common, env_width, resolve_env
 from .measure import _env_chunks, _ParallelEnvAlone, _reference, _rounds, _sampler_chunks
 from .report import ROUNDS, spread
 
@@ -209,14 +210,26 @@ def main(argv: list | None = None) -> int:
                    help="also run each of --kinds on vector envs made by FACTORY(num_envs=), "
                         "one per worker, e.g. sampling.envs:make_vector_cartpole (a stand-in "
                         "for --env: the same env, stepped many at a time)")
-    p.add_argument("--start-method", default=None)
+    p.add_argument("--start-method", default=None, choices=mp.get_all_start_methods())
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    env_kwargs = checked_common(p, args)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if args.num_envs < 1 or args.workers < 1:
+        p.error("-B and --workers must be >= 1")
+    if args.vector_env and not kinds:
+        p.error("--vector-env runs the sampler kinds on a vector env: name them with --kinds")
     try:
-        env_fn = resolve_env(args.env, json.loads(args.env_kwargs or "{}"))
+        env_fn = resolve_env(args.env, env_kwargs)
         check_env(env_fn, args.env)
-        rep = side_by_side(env_fn, args.num_envs, args.workers,
-                           [k for k in args.kinds.split(",") if k], args.seconds,
+        for kind in kinds if args.vector_env else ():
+            w = 1 if kind == "serial" else args.workers
+            fn = resolve_env(args.vector_env, {"num_envs": args.num_envs // w}, "--vector-env")
+            if env_width(fn, args.vector_env, "--vector-env") != args.num_envs // w:
+                raise BenchError(f"--vector-env {args.vector_env!r}: its factory(num_envs="
+                                 f"{args.num_envs // w}) did not return a vector env of "
+                                 f"{args.num_envs // w} envs")
+        rep = side_by_side(env_fn, args.num_envs, args.workers, kinds, args.seconds,
                            args.start_method, lambda m: print(m, file=sys.stderr, flush=True),
                            None if ":" in args.env else args.env, args.vector_env)
     except BenchError as e:
