@@ -8,7 +8,8 @@ gymnasium only when asked for (``--agent mlp``, a gymnasium env id). Modules: :m
 (the timed rounds), :mod:`.report` (the verdict and the table), :mod:`.lag` (a training loop
 with and without ``policy_lag``), :mod:`.cli` (argparse and ``main``), :mod:`.peers` (the
 library side by side with its peers: ``python -m sampling.bench.peers``), :mod:`.model`
-(where serial's and cpu's time goes, as a model: ``python -m sampling.bench.model``).
+(where serial's and cpu's time goes, as a model: ``python -m sampling.bench.model``),
+:mod:`.versus` (this package against another copy of it: ``python -m sampling.bench.versus``).
 """
 from __future__ import annotations
 
