@@ -168,9 +168,10 @@ class _Stepper:
                     rewards[j], terms[j], truncs[j] = 0.0, False, False
                 else:
                     o, r, te, tr, info = env.step(acts[j])
+                    if r.__class__ not in real:
+                        r = check_reward(r, self.names[j], when)
                     try:
-                        rewards[j] = r if r.__class__ in real else check_reward(
-                            r, self.names[j], when)
+                        rewards[j] = r
                     except ValueError:  # an int beyond float64, in memoryview's cryptic words:
                         rewards[j] = float(r)  # Python's OverflowError, as SyncVectorEnv's
                     if (te is not False and te is not True) or (tr is not False
