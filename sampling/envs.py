@@ -155,7 +155,7 @@ class VectorCartPole:
     def step(self, actions):
         """Step every sub-env with ``actions[i]`` (0 or 1)."""
         # Each numpy call on 16 elements costs ~0.5-1 us, about what the arithmetic of all
-        # 16 costs: this step is counted in calls (~30). The dynamics keep CartPole's
+        # 16 costs: this step is counted in calls (~40). The dynamics keep CartPole's
         # expressions and order of operations, so each sub-env's floats are CartPole's.
         a = np.asarray(actions)
         n, c = self.num_envs, self._c

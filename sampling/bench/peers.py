@@ -140,8 +140,12 @@ def _contestants(env_fn: Callable, n: int, workers: int, kinds: list, start_meth
         w = 1 if kind == "serial" else workers
         if n % w:
             raise BenchError(f"--vector-env: -B {n} does not split into {w} vector envs")
+        fn = resolve_env(vector_env, {"num_envs": n // w}, "--vector-env")
+        if env_width(fn, vector_env, "--vector-env") != n // w:
+            raise BenchError(f"--vector-env {vector_env!r}: its factory(num_envs={n // w}) "
+                             f"did not return a vector env of {n // w} envs")
         s = stack.enter_context(make_sampler(
-            kind, resolve_env(vector_env, {"num_envs": n // w}), RandomAgent(space),
+            kind, fn, RandomAgent(space),
             batch_T=128, batch_B=n, n_workers=None if kind == "serial" else w,
             start_method=start_method))
         s.obtain_samples(0)
@@ -222,13 +226,6 @@ def main(argv: list | None = None) -> int:
     try:
         env_fn = resolve_env(args.env, env_kwargs)
         check_env(env_fn, args.env)
-        for kind in kinds if args.vector_env else ():
-            w = 1 if kind == "serial" else args.workers
-            fn = resolve_env(args.vector_env, {"num_envs": args.num_envs // w}, "--vector-env")
-            if env_width(fn, args.vector_env, "--vector-env") != args.num_envs // w:
-                raise BenchError(f"--vector-env {args.vector_env!r}: its factory(num_envs="
-                                 f"{args.num_envs // w}) did not return a vector env of "
-                                 f"{args.num_envs // w} envs")
         rep = side_by_side(env_fn, args.num_envs, args.workers, kinds, args.seconds,
                            args.start_method, lambda m: print(m, file=sys.stderr, flush=True),
                            None if ":" in args.env else args.env, args.vector_env)
