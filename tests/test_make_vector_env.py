@@ -15,7 +15,7 @@ import sampling
 from sampling import SamplerClosedError, WorkerError
 from sampling.spaces import Box, Dict, Discrete
 from tests.fault_helpers import worker_pid
-from tests.helpers import ALL_METHODS, CountingEnv, EnvFault, FaultEnv, HangingEnv
+from tests.helpers import ALL_METHODS, CountingEnv, EnvFault, FaultEnv, HangingEnv, SlowEnv
 
 gym = pytest.importorskip("gymnasium")
 AutoresetMode = gym.vector.AutoresetMode
@@ -300,7 +300,11 @@ def test_max_restarts_replaces_a_failed_worker_by_the_documented_rule(mode):
 
 @pytest.mark.parametrize("how", ["close", "gc", "exception", "ctrl_c"])
 def test_nothing_is_left_on_any_way_out(how, no_leaks):
-    envs = sampling.make_vector_env([CountingEnv] * N_ENVS, n_workers=2, start_method="spawn")
+    # Ctrl-C must land while a step is in flight (the case that closes the vector env): its
+    # envs take 50 ms a step, against microseconds between two rounds, where an interrupt
+    # leaves a vector env that is still whole (and this test flaky, with CountingEnv's).
+    env = functools.partial(SlowEnv, delay=0.05) if how == "ctrl_c" else CountingEnv
+    envs = sampling.make_vector_env([env] * N_ENVS, n_workers=2, start_method="spawn")
     envs.reset(seed=0)
     if how == "close":
         envs.close()
