@@ -11,6 +11,7 @@ import functools
 import importlib
 import json
 import math
+import sys
 from typing import Any, Callable
 
 from ..agents import RandomAgent
@@ -19,7 +20,7 @@ from ..vector import autoreset_mode, is_vector, vector_width
 from .errors import BenchError
 
 __all__ = ["BenchError", "resolve_env", "check_env", "env_width", "make_agent", "import_torch",
-           "checked_common"]
+           "checked_common", "print_report"]
 
 
 def resolve_env(spec: str, kwargs: dict | None = None,
@@ -88,6 +89,18 @@ def checked_common(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if not isinstance(env_kwargs, dict):
         parser.error(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
     return env_kwargs
+
+
+def print_report(parser: argparse.ArgumentParser, as_json: bool,
+                 table: Callable[[dict], str], measure: Callable[[Callable], dict]) -> int:
+    """Run ``measure(progress)`` (progress lines go to stderr) and print its report on
+    stdout, as JSON or as ``table(report)``; a BenchError is a usage error. Returns 0."""
+    try:
+        rep = measure(lambda msg: print(msg, file=sys.stderr, flush=True))
+    except BenchError as e:
+        parser.error(str(e))
+    print(json.dumps(rep, indent=1) if as_json else table(rep))
+    return 0
 
 
 def _gymnasium():

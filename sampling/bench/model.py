@@ -24,10 +24,10 @@ batch end.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
+import time
 from contextlib import ExitStack
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ from ..agents import RandomAgent
 from ..api import make_sampler
 from ..spaces import action_pool
 from ..vector import is_vector
-from .inputs import BenchError, check_env, checked_common, resolve_env
+from .inputs import BenchError, check_env, checked_common, print_report, resolve_env
 from .measure import (
     CLOCK_EVERY,
     DEFAULT_SECONDS,
@@ -95,7 +95,6 @@ def _round_robin_chunks(envs: list) -> Callable[[float], tuple]:
     pool = action_pool(envs[0].action_space, ENV_ACTIONS, 0)
 
     def chunk(target: float) -> tuple:
-        import time
         i, n, t0 = 0, 0, time.perf_counter()
         while True:
             for _ in range(CLOCK_EVERY // len(envs) + 1):
@@ -244,16 +243,13 @@ def main(argv: list | None = None) -> int:
     env_kwargs = checked_common(p, args)
     if args.batch_T <= T_SHORT or args.batch_B < 2 or args.workers < 1:
         p.error(f"needs -T > {T_SHORT}, -B >= 2 and --workers >= 1")
-    try:
+
+    def measure(progress: Callable) -> dict:
         env_fn = resolve_env(args.env, env_kwargs)
         check_env(env_fn, args.env)
-        rep = model(env_fn, batch_T=args.batch_T, batch_B=args.batch_B, workers=args.workers,
-                    seconds=args.seconds, start_method=args.start_method,
-                    progress=lambda m: print(m, file=sys.stderr, flush=True))
-    except BenchError as e:
-        p.error(str(e))
-    print(json.dumps(rep, indent=1) if args.json else _table(rep))
-    return 0
+        return model(env_fn, batch_T=args.batch_T, batch_B=args.batch_B, workers=args.workers,
+                     seconds=args.seconds, start_method=args.start_method, progress=progress)
+    return print_report(p, args.json, _table, measure)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ the env and, with ``--vector-env``, on a vector version of it (one per worker).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -26,7 +25,14 @@ import numpy as np
 from ..agents import RandomAgent
 from ..api import make_sampler, make_vector_env
 from ..spaces import random_action_fn
-from .inputs import BenchError, check_env, checked_common, env_width, resolve_env
+from .inputs import (
+    BenchError,
+    check_env,
+    checked_common,
+    env_width,
+    print_report,
+    resolve_env,
+)
 from .measure import _env_chunks, _ParallelEnvAlone, _reference, _rounds, _sampler_chunks
 from .report import ROUNDS, spread
 
@@ -223,16 +229,14 @@ def main(argv: list | None = None) -> int:
         p.error("-B and --workers must be >= 1")
     if args.vector_env and not kinds:
         p.error("--vector-env runs the sampler kinds on a vector env: name them with --kinds")
-    try:
+
+    def measure(progress: Callable) -> dict:
         env_fn = resolve_env(args.env, env_kwargs)
         check_env(env_fn, args.env)
-        rep = side_by_side(env_fn, args.num_envs, args.workers, kinds, args.seconds,
-                           args.start_method, lambda m: print(m, file=sys.stderr, flush=True),
-                           None if ":" in args.env else args.env, args.vector_env)
-    except BenchError as e:
-        p.error(str(e))
-    print(json.dumps(rep, indent=1) if args.json else _table(rep))
-    return 0
+        return side_by_side(env_fn, args.num_envs, args.workers, kinds, args.seconds,
+                            args.start_method, progress, None if ":" in args.env else args.env,
+                            args.vector_env)
+    return print_report(p, args.json, _table, measure)
 
 
 if __name__ == "__main__":

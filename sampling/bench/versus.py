@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -25,7 +24,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-from .inputs import BenchError, check_env, checked_common, make_agent, resolve_env
+from .inputs import (
+    BenchError,
+    check_env,
+    checked_common,
+    make_agent,
+    print_report,
+    resolve_env,
+)
 from .measure import _rounds, _sampler_chunks
 from .report import ALL_KINDS, ROUNDS
 
@@ -114,15 +120,10 @@ def main(argv: list | None = None) -> int:
         p.error(f"--kinds: one or more of {', '.join(ALL_KINDS)}, got {args.kinds!r}")
     if min(args.batch_T, args.batch_B, args.workers) < 1:
         p.error("-T, -B and --workers must be >= 1")
-    try:
-        rep = versus(_load(args.other), args.env, env_kwargs, kinds, agent=args.agent,
-                     batch_T=args.batch_T, batch_B=args.batch_B, workers=args.workers,
-                     seconds=args.seconds, start_method=args.start_method,
-                     progress=lambda m: print(m, file=sys.stderr, flush=True))
-    except BenchError as e:
-        p.error(str(e))
-    print(json.dumps(rep, indent=1) if args.json else _table(rep))
-    return 0
+    return print_report(p, args.json, _table, lambda progress: versus(
+        _load(args.other), args.env, env_kwargs, kinds, agent=args.agent, batch_T=args.batch_T,
+        batch_B=args.batch_B, workers=args.workers, seconds=args.seconds,
+        start_method=args.start_method, progress=progress))
 
 
 if __name__ == "__main__":
