@@ -213,7 +213,7 @@ def test_the_cleanrl_scripts_reproduce_cleanrl_and_learn(capsys):
     serial draws from this process's torch generator, as CleanRL's loop does, so its
     episodes are CleanRL's one for one: the done alignment and the truncation rule would
     show here if the port got them wrong. In cpu each worker draws its own streams: other
-    episodes, the same learning."""
+    episodes."""
     pytest.importorskip("torch")
     pytest.importorskip("gymnasium")
     common = ("--total-timesteps", str(CLEANRL_STEPS), "--seed", "1", "--cuda", "False")
@@ -224,9 +224,11 @@ def test_the_cleanrl_scripts_reproduce_cleanrl_and_learn(capsys):
     serial = episodes(run_script(port, *common, "--kind", "serial"))
     assert [r for _, r in serial] == [r for _, r in ours]
     learned(capsys, "cleanrl_ppo.py --kind serial", serial)
-    cpu = episodes(run_script(port, *common, "--kind", "cpu", "--num-workers", "2"))
-    assert [r for _, r in cpu] != [r for _, r in serial]
-    learned(capsys, "cleanrl_ppo.py --kind cpu", cpu)
+    # cpu for a fifth of the run (CI time): that the port learns in cpu is
+    # test_torch.py::test_cleanrl_ppo_port_with_a_plain_agent_learns's
+    short = ("--total-timesteps", str(CLEANRL_STEPS // 5), *common[2:])
+    cpu = episodes(run_script(port, *short, "--kind", "cpu", "--num-workers", "2"))
+    assert len(cpu) > 20 and [r for _, r in cpu] != [r for _, r in serial][:len(cpu)]
 
 
 def test_cleanrl_port_bootstraps_truncated_episodes_on_request():

@@ -327,13 +327,13 @@ def test_ctrl_c_while_the_caller_trains_leaves_nothing(kind, start_method, tmp_p
 
 @pytest.mark.parametrize("kind", PARALLEL)
 def test_ctrl_c_while_waiting_for_the_batch_in_flight(kind):
-    env = functools.partial(SlowEnv, delay=0.2)  # a batch takes >= 1.2 s
+    env = functools.partial(SlowEnv, delay=0.1)  # a batch takes >= 0.6 s
     with sampling.make_sampler(kind, env, CountingAgent(), policy_lag=1, n_workers=2,
                                start_method="fork", **SIZE) as s:
         it = s.steps()
         next(it)
         with pytest.raises(KeyboardInterrupt):
-            with interrupt_after(0.3) as sent:
+            with interrupt_after(0.15) as sent:
                 next(it)
         assert time.monotonic() - sent[0] < BOUND_S
         assert sampling_children() == []

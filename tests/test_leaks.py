@@ -576,7 +576,9 @@ SMALL_SHM_SCRIPT = textwrap.dedent("""
         case = sys.argv[1]
         if case == "no_fallocate":  # a platform that cannot reserve: pages fail when touched
             del os.posix_fallocate
-        T = 100_000 if case not in ("fits", "params") else 1000  # 25.6 MB, or 0.3 MB
+        # 25.6 MB to refuse; 5.1 MB to fail on the first page past 4 MB (each row stepped
+        # before it costs time); 0.3 MB that fits
+        T = {"reserve": 100_000, "no_fallocate": 20_000}.get(case, 1000)
         kind, agent = "gpu", CountingAgent()
         if case == "params":  # the parent itself died of SIGBUS here, writing parameters
             import numpy as np
@@ -625,7 +627,7 @@ def test_small_dev_shm_for_real(case):
         # (whichever worker first touches a page past 4 MB)
         assert re.match(r"WorkerError gpu sampler: worker [01] \(envs [02]\.\.[13]\) was "
                         r"killed by signal SIGBUS: most likely /dev/shm ran out of space, "
-                        r"so a page of the sampler's shared-memory segment \(25\.6 MB", out), out
+                        r"so a page of the sampler's shared-memory segment \(5\.1 MB", out), out
 
 
 # -- 8. out of memory while allocating -----------------------------------------------------------
