@@ -9,12 +9,15 @@ from the fault to the parent's raise.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing as mp
 import os
 import select
+import shutil
 import signal
 import subprocess
+import tempfile
 import textwrap
 import threading
 import time
@@ -279,9 +282,16 @@ RECORD_NAMES = textwrap.dedent("""
 """)
 
 
+# The child scripts' TMPDIR, removed when this process exits. A script that the test kills
+# with SIGKILL under forkserver leaves the forkserver's socket folder (multiprocessing's
+# /tmp/pymp-*, which only the killed process could remove): here, not in /tmp.
+SCRIPT_TMPDIR = tempfile.mkdtemp(prefix="sampling-tests-")
+atexit.register(shutil.rmtree, SCRIPT_TMPDIR, True)
+
+
 def script_env() -> dict:
     """The environment of a test's child script: this one, with the repository importable."""
-    return dict(os.environ, PYTHONPATH=str(ROOT))
+    return dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=SCRIPT_TMPDIR)
 
 
 def sampling_children() -> list:
