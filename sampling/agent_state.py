@@ -117,6 +117,7 @@ def find(agent: Any) -> dict:
     module_t = torch.nn.Module if torch is not None else ()
     gen_t = (np.random.RandomState, np.random.Generator, random.Random) + (
         (torch.Generator,) if torch is not None else ())
+    array_t = (np.ndarray, torch.Tensor) if torch is not None else np.ndarray
     out: dict = {"modules": [], "generators": [], "arrays": []}
     seen: set = set()
 
@@ -128,9 +129,7 @@ def find(agent: Any) -> dict:
             out["modules"].append((path, obj))
         elif isinstance(obj, gen_t):
             out["generators"].append((path, obj))
-        elif isinstance(obj, np.ndarray):
-            out["arrays"].append((path, obj))
-        elif torch is not None and isinstance(obj, torch.Tensor):
+        elif isinstance(obj, array_t):
             out["arrays"].append((path, obj))
         elif depth < WALK_DEPTH and not isinstance(obj, _LEAF_TYPES) and not _foreign(obj):
             for name, child in list(_children(obj)):
@@ -355,7 +354,5 @@ def _set_state(g: Any, state: Any) -> None:
         g.bit_generator.state = state
     elif isinstance(g, random.Random):
         g.setstate(state)
-    elif isinstance(g, np.random.RandomState):
-        g.set_state(state)
-    else:  # torch.Generator
+    else:  # np.random.RandomState, torch.Generator
         g.set_state(state)

@@ -96,13 +96,11 @@ class AgentRunner:
     def __init__(self, agent: Any):
         self.agent = agent
         self.protocol = check_agent(agent)
-        step = getattr(agent, "step", None)
-        self._step = step if self.protocol else None
-        self._ids = self.protocol and _accepts_env_ids(step)
+        self._step = getattr(agent, "step", None) if self.protocol else None
+        self._ids = self.protocol and _accepts_env_ids(self._step)
         self._reset_one = getattr(agent, "reset_one", None) if self.protocol else None
-        value = getattr(agent, "value", None) if self.protocol else None
-        self._value = value
-        self._value_ids = value is not None and _accepts_env_ids(value)
+        self._value = getattr(agent, "value", None) if self.protocol else None
+        self._value_ids = self._value is not None and _accepts_env_ids(self._value)
         self._views: dict = {}  # (id(buffers), lo, hi) -> _SliceViews
 
     # -- lifecycle hooks; absent methods are no-ops ------------------------------------

@@ -56,15 +56,13 @@ def _shutdown_timeout(value: Any) -> float:
     return seconds
 
 
-def _step_timeout(value: Any, kind: str) -> float | None:
+def _step_timeout(value: Any) -> float | None:
     if value is None:
         return None
     seconds = _seconds("step_timeout", value, " or None")
     if not 0.0 < seconds <= MAX_SHUTDOWN_TIMEOUT_S:  # False for nan too
         raise ValueError(f"step_timeout must be a finite number of seconds > 0, got {value!r} "
                          f"(at most {MAX_SHUTDOWN_TIMEOUT_S:.0f}, a day; None: no deadline)")
-    if not KINDS[kind].workers:
-        raise ValueError(needs_workers("step_timeout", kind, "step_timeout=None"))
     return seconds
 
 
@@ -157,7 +155,7 @@ def make_sampler(
     """
     given = dict(locals())
     _check_callables(kind, env_fn, agent, eval_env_fn)
-    opts = _options(kind, given)
+    opts = _options(given)
     if opts.bootstrap_value and not callable(getattr(agent, "value", None)):
         raise TypeError("bootstrap_value=True needs an agent with a "
                         "value(observation, prev_action, prev_reward) method")
@@ -166,11 +164,10 @@ def make_sampler(
         from .auto import choose_kind
         with RngGuard(agent):  # its agent calls consume none of the user's random streams
             kind, reason, probed = choose_kind(env_fn, agent, opts)
-        for option, off in (("step_timeout", "step_timeout=None"),
-                            ("max_restarts", "max_restarts=0")):
-            if getattr(opts, option) and not KINDS[kind].workers:
-                raise ValueError(f"'auto' picked {kind!r} ({reason}); "
-                                 + needs_workers(option, kind, off))
+    for option, off in (("step_timeout", "step_timeout=None"), ("max_restarts", "max_restarts=0")):
+        if getattr(opts, option) and not KINDS[kind].workers:
+            picked = f"'auto' picked {kind!r} ({reason}); " if reason else ""
+            raise ValueError(picked + needs_workers(option, kind, off))
     device = device_of(agent) if KINDS[kind].driver == "worker_agents" else None
     if device is not None:
         raise ValueError(f"the {kind!r} kind runs a copy of the agent in every worker process, "
@@ -227,7 +224,7 @@ def make_vector_env(
     opts = types.SimpleNamespace(
         n_workers=worker_count("gpu", len(env_fns), n), start_method=start_method,
         autoreset_mode=modes[mode], copy=_bool("copy", copy),
-        step_timeout=_step_timeout(step_timeout, "cpu"),
+        step_timeout=_step_timeout(step_timeout),
         max_restarts=_int("max_restarts", max_restarts, 0),
         shutdown_timeout=_shutdown_timeout(shutdown_timeout),
         torch_threads=_int("torch_threads", torch_threads, 1, allow_none=True),
@@ -277,7 +274,7 @@ _INTS = {"batch_T": (1, False), "batch_B": (1, False), "n_workers": (1, True),
          "world_size": (1, False), "max_restarts": (0, False)}
 
 
-def _options(kind: str, a: dict) -> Options:
+def _options(a: dict) -> Options:
     """make_sampler's arguments (``a``), checked, as :class:`Options`."""
     a = dict(a)
     for name, (minimum, allow_none) in _INTS.items():
@@ -302,11 +299,9 @@ def _options(kind: str, a: dict) -> Options:
                          f"and must be >= eval_n_envs ({E})")
     _check_start_method(a["start_method"])
     a["shutdown_timeout"] = _shutdown_timeout(a["shutdown_timeout"])
-    a["step_timeout"] = _step_timeout(a["step_timeout"], "cpu" if kind == "auto" else kind)
+    a["step_timeout"] = _step_timeout(a["step_timeout"])
     if a["cpu_affinity"] is not None:
         a["cpu_affinity"] = _affinity(a["cpu_affinity"])
-    if a["max_restarts"] and kind != "auto" and not KINDS[kind].workers:
-        raise ValueError(needs_workers("max_restarts", kind, "max_restarts=0"))
     if a["policy_lag"] > 1:
         raise ValueError(f"policy_lag must be 0 (collect each batch when asked) or 1 (collect "
                          f"the next batch while the caller trains on this one, with the "

@@ -120,11 +120,9 @@ def pick(predicted: dict) -> str:
 
 def serial_only(batch_B: int, n_workers: int, cpus: int) -> str | None:
     """Why no kind can beat serial with ``cpus`` usable CPUs, before measuring; or None."""
-    if cpus == 1 or batch_B == 1 or n_workers == 1:
-        why = ("1 usable CPU" if cpus == 1 else "batch_B=1" if batch_B == 1
-               else "n_workers=1")
-        return f"{why}: worker processes cannot run in parallel"
-    return None
+    why = ("1 usable CPU" if cpus == 1 else "batch_B=1" if batch_B == 1
+           else "n_workers=1" if n_workers == 1 else None)
+    return f"{why}: worker processes cannot run in parallel" if why else None
 
 
 def ruled_out(*, alternating_workers: int | None, agent_on_gpu: bool,

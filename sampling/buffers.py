@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -113,11 +114,9 @@ def layout(specs: dict) -> tuple:
 def views(buf: Any, placed: dict) -> dict:
     """Arrays over ``buf`` (any writable buffer) at the offsets of ``placed``."""
     def view(p: Placed) -> np.ndarray:
-        if not p.env_major:
-            return np.ndarray(p.shape, np.dtype(p.dtype), buffer=buf, offset=p.offset)
-        stored = (p.shape[1], p.shape[0]) + p.shape[2:]
-        return np.ndarray(stored, np.dtype(p.dtype), buffer=buf,
-                          offset=p.offset).swapaxes(0, 1)
+        stored = (p.shape[1], p.shape[0]) + p.shape[2:] if p.env_major else p.shape
+        a = np.ndarray(stored, np.dtype(p.dtype), buffer=buf, offset=p.offset)
+        return a.swapaxes(0, 1) if p.env_major else a
     return tree_map(view, placed)
 
 
@@ -165,10 +164,8 @@ class SharedBuffer:
         """Remove the name (creator only; idempotent)."""
         if self.owner and self._shm is not None:
             shm, self._shm = self._shm, None
-            try:
+            with suppress(FileNotFoundError):
                 shm.unlink()
-            except FileNotFoundError:
-                pass
 
 
 class SegmentFd:
@@ -193,10 +190,9 @@ def _create(nbytes: int, what: str) -> tuple:
     reserved up front where the platform can; ``what`` (its contents) goes into the errors."""
     try:
         shm = shared_memory.SharedMemory(create=True, size=nbytes)
-    except MemoryError as e:
-        raise MemoryError(no_memory_message("shared-memory segment", nbytes, what)) from e
-    except OSError as e:
-        if e.errno == errno.ENOMEM:  # mmap under RLIMIT_AS or memory overcommit limits
+    except (MemoryError, OSError) as e:
+        # ENOMEM: mmap under RLIMIT_AS or memory overcommit limits
+        if isinstance(e, MemoryError) or e.errno == errno.ENOMEM:
             raise MemoryError(no_memory_message("shared-memory segment", nbytes, what)) from e
         if e.errno == errno.ENOSPC:
             raise SharedMemoryFullError(shm_full_message(nbytes, what), nbytes) from e
@@ -209,10 +205,8 @@ def _create(nbytes: int, what: str) -> tuple:
         if fd is not None:
             os.close(fd)
         shm.close()
-        try:
+        with suppress(FileNotFoundError):
             shm.unlink()
-        except FileNotFoundError:
-            pass
         raise
     return shm, fd, reserved
 

@@ -143,11 +143,6 @@ def check_step(out: Any, what: str) -> tuple:
     return out
 
 
-def env_action(a: Any) -> Any:
-    """One env's action as the env gets it: a Python int for scalar integer actions."""
-    return a.item() if np.ndim(a) == 0 and np.asarray(a).dtype.kind in "iub" else a
-
-
 # Types whose values are real numbers a reward may be; others are checked one by one. Bool
 # is an int to Python but never a reward: it is what an env returns when its outputs are
 # out of order.
@@ -330,7 +325,7 @@ class Collector:
     def __init__(self, envs: list, lo: int, bufs: dict, *, batch_T: int, wait: bool,
                  traj_info: Callable[[], TrajInfo], where: str, label: str = "env",
                  spare: dict | None = None, first: int = 0, beat: Any = None,
-                 restart: int = 0):
+                 restart: int = 0, start_set: int = 0):
         self.envs = envs
         self.label = label  # "env" or "eval env"
         n = self.n = len(envs) * self.width  # columns: j below is a column of this slice
@@ -346,12 +341,12 @@ class Collector:
         self.wait = wait
         self.new_traj = traj_info
         self.where = where  # "worker 1" or "serial sampler", for error messages
-        self.names = self._names()
+        self.names = [env_name(self.g + j, label=label, where=where) for j in range(n)]
         # One set of views per set of batch buffers (a second one, ``spare``, with
         # policy_lag: batches alternate between them).
         self._sets = [self._bind(b) for b in ([bufs] if spare is None else [bufs, spare])]
-        self._prev = 0  # the set whose row T the next batch starts from
-        self.use(0)
+        self._prev = start_set  # the set whose row T the next batch starts from
+        self.use(start_set)  # a replacement writes where the next batch looks
         self.act_discrete = bufs["action"].ndim == 2 and bufs["action"].dtype.kind in "iub"
         self.keep_final = "final_observation" in bufs
         self.ended: list = []          # (env, final observation, terminated, truncated) per step
@@ -366,10 +361,6 @@ class Collector:
         self.ep_start = [0] * n      # step where each open episode's segment begins
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
-
-    def _names(self) -> list:
-        """How messages name each env (per column), saying who steps it."""
-        return [env_name(self.g + j, label=self.label, where=self.where) for j in range(self.n)]
 
     def name(self, j: int) -> str:
         """Env j's name alone (where an error happened: its header says who)."""
@@ -399,14 +390,6 @@ class Collector:
             info_leaves=[(path, arr, _DIRECT.get(arr.dtype.str, ()))
                          for path, arr in tree_leaves(c["env_info"])])
 
-    def carry_from(self, i: int) -> None:
-        """The next batch starts from row T of buffer set ``i``."""
-        self._prev = i
-
-    def seed_of(self, seed: int, j: int) -> int:
-        """The first reset's seed of this collector's env (column) j."""
-        return env_seed(seed, self.g + j, self.restart_count)
-
     def use(self, i: int) -> None:
         """Collect the next batch into buffer set ``i`` (it starts from the last one's row
         T, see :meth:`begin_batch`)."""
@@ -418,34 +401,32 @@ class Collector:
     def reset_all(self, seed: int, max_decorrelation_steps: int) -> None:
         """First (seeded) reset of every env (a vector env's sub-env b: ``seed + b``), then
         optional random-action decorrelation."""
-        T = self.batch_T
-        for v in range(len(self.envs)):
-            mark(self.beat, RESET, 0, v * self.width)
-            self._reset(v, T, "the first reset", self._seeds(seed, v))
-        self.cols["prev_action_full"][T] = 0
-        self.cols["prev_reward_full"][T] = 0
+        self._reset_each(self.batch_T, RESET, "the first reset", seed)
         for v in range(len(self.envs) if max_decorrelation_steps > 0 else 0):
             mark(self.beat, DECORRELATE, 0, v * self.width)
-            tagged(self._decorrelate, f"decorrelation of {self.unit_name(v)}",
+            tagged(self._decorrelate, f"decorrelation of {self.name(v)}",
                    v, seed, max_decorrelation_steps)
 
     def restart(self, seed: int, first: bool) -> None:
         """Reset every env for an evaluation (seeded ``seed + b`` the first time) into row 1
         (begin_batch carries it to row 0)."""
-        for v in range(len(self.envs)):
-            mark(self.beat, EVAL_RESET, 0, v * self.width)
-            self._reset(v, 1, "the reset", self._seeds(seed, v) if first else None,
-                        " before an evaluation")
-        c = self.cols
-        c["prev_action_full"][1] = 0
-        c["prev_reward_full"][1] = 0
-        c["done"][...] = False
+        self._reset_each(1, EVAL_RESET, "the reset", seed if first else None,
+                         " before an evaluation")
+        self.cols["done"][...] = False
         self.waiting = [False] * self.n
         self.trajs = [self.new_traj() for _ in range(self.n)]
 
-    def _seeds(self, seed: int, v: int) -> list:
-        """The first resets' seeds of env object v's columns."""
-        return [self.seed_of(seed, j) for j in range(v * self.width, (v + 1) * self.width)]
+    def _reset_each(self, row: int, phase: int, what: str, seed: int | None,
+                    after: str = "") -> None:
+        """Reset every env object into ``row`` (column j seeded ``env_seed(seed, g + j,
+        restart)``, unless ``seed`` is None) and zero that row of prev_action/prev_reward."""
+        for v in range(len(self.envs)):
+            mark(self.beat, phase, 0, v * self.width)
+            seeds = None if seed is None else [env_seed(seed, self.g + j, self.restart_count)
+                                               for j in range(v * self.width, (v + 1) * self.width)]
+            self._reset(v, row, what, seeds, after)
+        self.cols["prev_action_full"][row] = 0
+        self.cols["prev_reward_full"][row] = 0
 
     def _reset(self, v: int, row: int, what: str, seeds: list | None, after: str = "") -> None:
         """Reset env v (seeded with ``seeds[0]``, if given) into ``row``; errors tagged."""
@@ -453,20 +434,14 @@ class Collector:
         o = tagged(self.envs[v].reset, f"{what} of {self.name(v)}{after}", **kw)[0]
         self.write_obs(row, v, o, when=what.replace("the", "its", 1))
 
-    def unit_name(self, v: int) -> str:
-        """Env object v's name alone (a vector env's in VectorCollector)."""
-        return self.name(v)
-
     def _decorrelate(self, j: int, seed: int, max_steps: int) -> None:
         env, T = self.envs[j], self.batch_T
         # independent of kind and worker count
         rng = np.random.default_rng(stream_key(seed, self.g + j, 0xDEC0, self.restart_count))
         n_steps = int(rng.integers(0, max_steps + 1))
         random_action = random_action_fn(env.action_space, rng)
-        record: dict = {"observation": [], "action": [], "reward": [], "terminated": [],
-                        "truncated": []}
+        steps: list = []  # the open episode's (observation, action, reward, terminated, truncated)
         obs = tree_map(lambda a: a[T, j].copy(), self.cols["observation_full"])
-        last_a, last_r = None, 0.0
         for i in range(n_steps):
             mark(self.beat, DECORRELATE, i, j)
             a = tree_map(lambda x: x[0], random_action(1))
@@ -474,20 +449,19 @@ class Collector:
             r = check_reward(r, self.names[j], "decorrelation")
             te = check_flag(te, "terminated", self.names[j], "decorrelation")
             tr = check_flag(tr, "truncated", self.names[j], "decorrelation")
-            for field, v in zip(record, (obs, a, r, te, tr)):
-                record[field].append(v)
-            last_a, last_r, obs = a, r, o
+            steps.append((obs, a, r, te, tr))
+            obs = o
             if te or tr:
-                record = {field: [] for field in record}
-                last_a, last_r = None, 0.0
+                steps = []
                 obs, _ = env.reset()
         self.write_obs(T, j, obs)
-        self.cols["prev_action_full"][T, j] = 0 if last_a is None else last_a
-        self.cols["prev_reward_full"][T, j] = last_r
-        if record["reward"]:  # the open episode keeps its decorrelation steps in its stats
-            source = {field: stack(v) for field, v in record.items()}
+        self.cols["prev_action_full"][T, j] = steps[-1][1] if steps else 0
+        self.cols["prev_reward_full"][T, j] = steps[-1][2] if steps else 0.0
+        if steps:  # the open episode keeps its decorrelation steps in its stats
+            fields = ("observation", "action", "reward", "terminated", "truncated")
+            source = dict(zip(fields, map(stack, zip(*steps))))
             source["env_info"], source["agent_info"] = {}, {}
-            self.trajs[j].update(Segment(source, 0, len(record["reward"])))
+            self.trajs[j].update(Segment(source, 0, len(steps)))
 
     # -- one batch ---------------------------------------------------------------------
     def begin_batch(self) -> None:
@@ -541,27 +515,40 @@ class Collector:
         j = 0
         try:
             for j, env in enumerate(self.envs):
-                if wait and waiting[j]:
-                    self._hold(t, j)
+                if wait and waiting[j]:  # its episode ended this batch: zeros, its flags kept
+                    rewards[j] = 0.0
+                    row.terminated[j], row.truncated[j] = self.ended_as[j]
+                    row.done[j] = True
+                    self.zero_obs(t + 1, j)
+                    for _, arr, _ in info_leaves:
+                        arr[t, j] = 0
                     continue
                 if beat is not None:
                     beat[BEAT_ENV] = j
                 o, r, te, tr, info = env.step(acts[j])
                 # Type tests, not conversions: a wrong type takes the checked path.
                 try:
-                    rewards[j] = r if r.__class__ in real else self._reward(j, t, r)
+                    rewards[j] = r if r.__class__ in real else check_reward(
+                        r, self.names[j], f"step {t} of the batch")
                 except ValueError:  # an int beyond float32: end_batch refuses what it became
                     rewards[j] = float("inf")
                 if (te is not False and te is not True) or (tr is not False and tr is not True):
-                    te, tr = self._flags(j, t, te, tr)
+                    when = f"step {t} of the batch"
+                    te, tr = (check_flag(te, "terminated", self.names[j], when),
+                              check_flag(tr, "truncated", self.names[j], when))
                 if info_leaves:
                     self._write_env_info(t, j, info)
                 if te or tr:
                     ended.append((j, o, te, tr))
-                    o = self._end_episode(t, j, o, te, tr)
-                    if o is None:  # wait mode: zeros until the next batch
+                    if self.keep_final:
+                        self.write_obs(t, j, o, field="final_observation",
+                                       when=f"step {t} of the batch")
+                    if wait:  # zeros until the next batch
+                        waiting[j] = True
+                        self.ended_as[j] = (te, tr)
                         self.zero_obs(t + 1, j)
                         continue
+                    o = env.reset()[0]
                 try:
                     nxt[j][:] = o
                 except (TypeError, ValueError):  # not an array of this shape and dtype
@@ -570,17 +557,6 @@ class Collector:
             tag(e, f"{self.name(j)}, step {t} of the batch")
             raise
         self._finish_step(t)
-
-    def _hold(self, t: int, j: int) -> None:
-        """Wait mode, an env whose episode ended this batch: its row keeps terminated and
-        truncated, and records zeros."""
-        row = self.views.rows[t]
-        self.views.rewards[t][j] = 0.0
-        row.terminated[j], row.truncated[j] = self.ended_as[j]
-        row.done[j] = True
-        self.zero_obs(t + 1, j)
-        for _, arr, _ in self.views.info_leaves:
-            arr[t, j] = 0
 
     def _finish_step(self, t: int, flags: bool = True) -> None:
         """Rows t+1 of prev_action/prev_reward, and the episodes that ended at step t (and,
@@ -603,17 +579,6 @@ class Collector:
             self.completed.append((t, self.g + j, traj.terminate(final)))
             self.trajs[j] = self.new_traj()
             self.ep_start[j] = t + 1
-
-    def _end_episode(self, t: int, j: int, o: Any, te: Any, tr: Any) -> Any:
-        """The observation row t+1 gets after env j's episode ended at step t: the reset's
-        (None in wait mode, where the env waits for the next batch)."""
-        if self.keep_final:
-            self.write_obs(t, j, o, field="final_observation", when=f"step {t} of the batch")
-        if self.wait:
-            self.waiting[j] = True
-            self.ended_as[j] = (te, tr)
-            return None
-        return self.envs[j].reset()[0]
 
     def end_batch(self) -> list:
         """Add the open episodes' last segments to their stats; return finished episodes.
@@ -655,14 +620,6 @@ class Collector:
         for path, arr in tree_leaves(self.cols[field]):
             arr[row, j] = checked_leaf(o, path, arr.shape[2:], arr.dtype, self.names[j],
                                        name, "as on its first observation", when)
-
-    def _reward(self, j: int, t: int, r: Any) -> float:
-        return check_reward(r, self.names[j], f"step {t} of the batch")
-
-    def _flags(self, j: int, t: int, te: Any, tr: Any) -> tuple:
-        what, when = self.names[j], f"step {t} of the batch"
-        return (check_flag(te, "terminated", what, when),
-                check_flag(tr, "truncated", what, when))
 
     def _write_env_info(self, t: int, j: int, info: Any) -> None:
         when = f"step {t} of the batch"

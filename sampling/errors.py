@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import warnings
+from contextlib import suppress
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,8 @@ class RemoteTraceback(Exception):
     """Holds the formatted traceback of an exception raised in a worker process."""
 
     def __init__(self, tb: str):
-        super().__init__(tb)
+        super().__init__(tb)  # its str()
         self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
 
 
 class WorkerError(SamplerError):
@@ -80,10 +78,8 @@ def tag(e: BaseException, where: str) -> None:
     """Record where an exception happened (kept through pickling; :func:`locate` and the
     pool's WorkerError show it)."""
     if getattr(e, "sampling_where", None) is None:
-        try:
+        with suppress(AttributeError):  # exceptions with __slots__
             e.sampling_where = where
-        except AttributeError:  # exceptions with __slots__
-            pass
 
 
 def where_text(e: BaseException) -> str:
@@ -126,13 +122,8 @@ def env_name(b: int, *, label: str = "env", width: int | None = None,
     """How messages name env ``b`` (its global index: ``env_ids``): "env 5", "eval env 9";
     a vector env of ``width`` sub-envs from b: "envs 4..7 (one vector env)"; ``where`` (who
     steps it) is added in the parentheses: "env 5 (worker 0)"."""
-    notes = []
-    if width is None or width == 1:
-        name = f"{label} {b}"
-    else:
-        name = f"{label}s {b}..{b + width - 1}"
-    if width is not None:
-        notes.append("one vector env")
+    name = f"{label} {b}" if width in (None, 1) else f"{label}s {b}..{b + width - 1}"
+    notes = ["one vector env"] if width is not None else []
     if where:
         notes.append(where)
     return name + (f" ({', '.join(notes)})" if notes else "")

@@ -9,9 +9,11 @@ at the cost the fallback names).
 """
 from __future__ import annotations
 
+import glob
 import mmap
 import os
 import sys
+from contextlib import suppress
 from multiprocessing import resource_tracker, shared_memory, synchronize, util
 from typing import Any
 
@@ -81,10 +83,8 @@ def drop_semaphore_name(sem: Any) -> bool:
         return False
     for fin in list(registry.values()):
         if getattr(fin, "_callback", None) is cleanup and getattr(fin, "_args", None) == (name,):
-            try:
+            with suppress(Exception):  # already unlinked by someone else: nothing left to drop
                 fin()
-            except Exception:  # already unlinked by someone else: nothing left to drop
-                pass
             return True
     return False
 
@@ -92,23 +92,12 @@ def drop_semaphore_name(sem: Any) -> bool:
 # multiprocessing.heap names its arena files SHM_DIR/pym-<pid>-<random> (tempfile.mkstemp)
 # and unlinks them at once; a process stopped in between (an env building an
 # AsyncVectorEnv's shared memory when its worker is SIGTERMed) leaves one behind.
-ARENA_PREFIX = "pym-{pid}-"
-
-
 def remove_arena_files(pid: int) -> None:
     """Remove the arena files a process that is gone left in SHM_DIR (none, unless it was
     stopped between multiprocessing.heap's create and unlink)."""
-    prefix = ARENA_PREFIX.format(pid=pid)
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
+    for path in glob.glob(os.path.join(SHM_DIR, f"pym-{pid}-*")):  # [] if SHM_DIR is unreadable
+        with suppress(OSError):
+            os.unlink(path)
 
 
 def missing() -> list:

@@ -70,12 +70,8 @@ def usable_cpus() -> int:
 def split(n: int, parts: int) -> list:
     """``[(lo, hi)]`` for ``parts`` contiguous slices of ``range(n)``, extras to the first."""
     base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for i in range(parts):
-        hi = lo + base + (i < extra)
-        out.append((lo, hi))
-        lo = hi
-    return out
+    bounds = [i * base + min(i, extra) for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def worker_count(kind: str, batch_B: int, n_workers: int | None, width: int = 1) -> int:
@@ -96,9 +92,8 @@ def worker_count(kind: str, batch_B: int, n_workers: int | None, width: int = 1)
                          f"step, and {envs} cannot make {g}: use batch_B >= {g * width}, or "
                          f"the 'gpu' kind (one group)")
     n = n_workers
-    if n_workers is None:
-        n = min(units, usable_cpus())
-        n = max(g, n - n % g)
+    if n is None:  # one per usable CPU, a multiple of the groups
+        n = max(g, min(units, usable_cpus()) // g * g)
     if n > units:
         if n_workers is not None:
             warn(f"n_workers={n} > {envs}: using {units} workers (one "
@@ -111,7 +106,8 @@ def worker_count(kind: str, batch_B: int, n_workers: int | None, width: int = 1)
             count = "an even number" if g == 2 else f"a number divisible by {g}"
             raise ValueError(f"{kind!r} needs {count} of workers ({equal}), got n_workers={n}; "
                              f"use such an n_workers <= {units if width == 1 else envs}")
-        sizes = [s * width for s in group_sizes(units, n, g)]
+        sl, k = split(units, n), n // g  # group i: workers i * k .. (i + 1) * k - 1
+        sizes = [(sl[(i + 1) * k - 1][1] - sl[i * k][0]) * width for i in range(g)]
         if len(set(sizes)) > 1:
             per = "n_workers" if width == 1 else "n_workers * num_envs"
             raise ValueError(f"{kind!r} splits the envs into {equal}: batch_B={batch_B} over "
@@ -120,8 +116,3 @@ def worker_count(kind: str, batch_B: int, n_workers: int | None, width: int = 1)
                              f"{n * max(1, units // n) * width})")
     return n
 
-
-def group_sizes(batch_B: int, n_workers: int, groups: int) -> list:
-    """Envs in each of ``groups`` equal groups of workers."""
-    sl, per = split(batch_B, n_workers), n_workers // groups
-    return [sl[(i + 1) * per - 1][1] - sl[i * per][0] for i in range(groups)]

@@ -37,7 +37,7 @@ import threading
 import time
 import traceback
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from time import perf_counter
@@ -48,11 +48,7 @@ from .collector import BEAT_PHASE, BEAT_SEQ, HANDED, IDLE
 from .errors import RemoteTraceback, SamplerError, WorkerError, close_all, quietly, where_text
 from .internals import drop_semaphore_name, remove_arena_files
 
-try:
-    from os import sched_yield
-except ImportError:  # not on every platform
-    def sched_yield() -> None:
-        pass
+sched_yield = getattr(os, "sched_yield", lambda: None)  # not on every platform
 
 __all__ = ["Started", "Ready", "Done", "Failed", "Close", "PoolSpec", "Pool", "Resources", "Link",
            "Failure", "worker_entry", "acquire", "sigint_blocked", "start_method_of",
@@ -201,7 +197,7 @@ class Resources:
     def close(self, graceful: bool = True) -> None:
         interrupt, failures = None, 0
         with self._lock:
-            while True:
+            while failures < 2:  # a bug (not an interruption) is retried once
                 try:
                     self._release(graceful)
                     break
@@ -209,10 +205,7 @@ class Resources:
                     if interrupt is None:
                         interrupt = e
                     graceful = False
-                    if isinstance(e, Exception):  # a bug, not an interruption: retry once
-                        failures += 1
-                        if failures > 1:
-                            break
+                    failures += isinstance(e, Exception)
         if interrupt is not None:
             raise interrupt
 
@@ -318,16 +311,13 @@ class Pool:
         or a SegmentFd once the name is gone."""
         ctx, spec = self.ctx, self.spec
         payload = cfg if self.method == "fork" else _dumps(cfg)
-        if spec.beats is not None:  # a replacement starts idle, not where its predecessor was
-            spec.beats[w, BEAT_PHASE] = IDLE
-            spec.beats[w, BEAT_SEQ] += 1
+        self._hand(w, IDLE)  # a replacement starts idle, not where its predecessor was
         parent_conn, child_conn = ctx.Pipe()
         sems = (ctx.Semaphore(0), ctx.Semaphore(0))  # the per-step handoff
         self.sems[w] = sems  # named (spawn, forkserver): see drop_names
-        stack_in = stack_out = None
+        stack_out = None
         if self.stack_pipes:
-            stack_in, stack_out = ctx.Pipe(duplex=False)
-            self.stack_pipes[w] = stack_in
+            self.stack_pipes[w], stack_out = ctx.Pipe(duplex=False)
         nbytes = spec.shared.nbytes if spec.shared is not None else 0
         p = ctx.Process(target=worker_entry, name=f"{spec.name}-worker-{w}", daemon=True,
                         args=(w, spec.program, payload, segment, nbytes, spec.placed,
@@ -426,12 +416,10 @@ class Pool:
     def gather(self, workers, expect: type = Done) -> dict:
         """Wait for one ``expect`` message from each of ``workers``; ``{w: result}``.
         Fails fast (WorkerError) on any worker's error report or death."""
-        pending = {self.conns[w]: w for w in workers if w not in self.out}
-        out = {}
-        for conn, w in list(pending.items()):  # replies check() read early
-            if w in self._early:
-                del pending[conn]
-                out[w] = self._early.pop(w).result
+        # Replies check() read early, then the workers still to hear from.
+        out = {w: self._early.pop(w).result for w in workers
+               if w not in self.out and w in self._early}
+        pending = {self.conns[w]: w for w in workers if w not in self.out and w not in out}
         while pending:
             self.closed()  # the owner was closed from another thread: stop waiting
             sentinels = {self.procs[w].sentinel: w for w in pending.values()}
@@ -456,9 +444,8 @@ class Pool:
                 if w is not None and self.conns[w] in pending:
                     del pending[self.conns[w]]
                     self._fail(w)
-            for conn, w in list(pending.items()):
-                if w in self.out:  # absorbed meanwhile (a deadline)
-                    del pending[conn]
+            # Workers absorbed meanwhile (a deadline) are waited for no more.
+            pending = {c: w for c, w in pending.items() if w not in self.out}
         return out
 
     def _recv(self, w: int, wait: float = 0.0) -> Any:
@@ -477,8 +464,12 @@ class Pool:
                 if not conn.poll(wait):
                     return None
                 msg = conn.recv()
-        except Exception as e:  # a closed pipe, or a message that won't unpickle
-            return _unreadable(e) or _DEAD
+        except (EOFError, OSError):  # the pipe closed: the worker died; its exit code tells
+            return _DEAD
+        except Exception as e:  # a message that won't unpickle
+            return Failed(SamplerError(f"its message could not be unpickled in the parent "
+                                       f"({type(e).__name__}: {e})"),
+                          "(no traceback: the message itself was unreadable)")
         return msg
 
     # -- the per-step handoff --------------------------------------------------------
@@ -509,15 +500,16 @@ class Pool:
                     self._hand(w)
                 sems[w][1].release()
 
-    def _hand(self, w: int) -> None:
+    def _hand(self, w: int, phase: int = HANDED) -> None:
         """Mark worker w HANDED before it gets a command or a step's actions: a phase with
         a deadline, which the worker leaves when it takes them up. Without it, a worker
         that stopped (SIGSTOP) while waiting for this process would look like it is still
         waiting, with no deadline, forever. The worker writes its beat only once it has
-        taken them up, so the two never write at once."""
+        taken them up, so the two never write at once. (A new worker is marked ``phase``
+        IDLE, not where its predecessor was.)"""
         beats = self.spec.beats
         if beats is not None:
-            beats[w, BEAT_PHASE] = HANDED
+            beats[w, BEAT_PHASE] = phase
             beats[w, BEAT_SEQ] += 1
 
     def check(self) -> None:
@@ -626,7 +618,13 @@ class Pool:
         if graceful and procs:
             # The one part a Ctrl-C may cut short: the rest is forced, with SIGINT held back
             # (in this thread; one delivered to another thread is caught by the caller).
-            _ask_to_close(self.conns, procs, self.spec.close_timeout)
+            # Ask every worker to close its envs and exit; wait close_timeout s in all.
+            for c in self.conns:
+                with suppress(Exception):
+                    c.send(Close())
+            deadline = time.monotonic() + self.spec.close_timeout
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
         with sigint_blocked():
             _stop(procs)
             self.procs = []
@@ -653,18 +651,6 @@ class _Gone(Exception):
 _DEAD = object()
 
 
-def _ask_to_close(conns: list, procs: list, timeout: float) -> None:
-    """Graceful close: ask every worker to close its envs and exit; wait ``timeout`` s."""
-    for c in conns:
-        try:
-            c.send(Close())
-        except Exception:
-            pass
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-
-
 def _stop(procs: list) -> None:
     """End every process in ``procs``: SIGTERM (a worker then closes its envs), at most
     TERMINATE_GRACE_S for all of them, then SIGKILL; then remove what a process stopped
@@ -687,15 +673,6 @@ def _stop(procs: list) -> None:
     for p in procs:
         if p.exitcode is not None:
             remove_arena_files(p.pid)
-
-
-def _unreadable(e: Exception) -> Failed | None:
-    """An error report standing in for a worker message the parent could not read."""
-    if isinstance(e, (EOFError, OSError)):
-        return None  # the pipe closed: the worker died; its exit code tells the rest
-    return Failed(SamplerError(f"its message could not be unpickled in the parent "
-                               f"({type(e).__name__}: {e})"),
-                  "(no traceback: the message itself was unreadable)")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -802,7 +779,7 @@ def _stack_of(proc: Any, pipe: Any) -> str | None:
     except OSError:
         return None
     data, deadline = b"", time.monotonic() + STACK_WAIT_S
-    try:
+    with suppress(OSError):
         while True:
             wait = deadline - time.monotonic() if not data else STACK_QUIET_S
             if wait <= 0 or not pipe.poll(wait):
@@ -811,8 +788,6 @@ def _stack_of(proc: Any, pipe: Any) -> str | None:
             if not chunk:
                 break
             data += chunk
-    except OSError:
-        pass
     return data.decode(errors="replace").strip() or None
 
 
@@ -852,11 +827,8 @@ class Link:
         self.ppid = os.getppid()
         self.parent = mp.parent_process()
 
-    def parent_alive(self) -> bool:
-        return os.getppid() == self.ppid and (self.parent is None or self.parent.is_alive())
-
     def check_parent(self) -> None:
-        if not self.parent_alive():
+        if os.getppid() != self.ppid or (self.parent is not None and not self.parent.is_alive()):
             raise ParentGone
 
     def recv(self) -> Any:
@@ -916,9 +888,8 @@ def worker_entry(w: int, program: Callable, payload: Any, shm_name: str | None, 
         signal.signal(signal.SIGTERM, _on_sigterm)
         if hasattr(signal, "pthread_sigmask"):  # the parent started us with SIGINT blocked
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        if isinstance(payload, bytes):
-            import cloudpickle
-            payload = cloudpickle.loads(payload)
+        if isinstance(payload, bytes):  # cloudpickled (cloudpickle.loads is pickle.loads)
+            payload = pickle.loads(payload)
         arrays = views(SharedBuffer(nbytes, name=shm_name).buf, placed) if shm_name else {}
         if "beats" in arrays:
             link.beat = memoryview(arrays["beats"][w])
@@ -946,10 +917,8 @@ def _die_of_sigterm() -> None:
     parent's error (for a SIGTERM it did not send) names the signal."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with suppress(Exception):  # None, or closed
             stream.flush()
-        except Exception:
-            pass
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -970,7 +939,5 @@ def _report(conn, e: BaseException) -> None:
         for tag in ("sampling_where", "sampling_step"):
             setattr(stand_in, tag, getattr(e, tag, None))
         e = stand_in
-    try:
+    with suppress(Exception):  # the pipe is gone: the parent learns from the exit code
         conn.send(Failed(e, tb))
-    except Exception:
-        pass  # the pipe is gone: the parent learns from the exit code

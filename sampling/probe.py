@@ -15,9 +15,9 @@ import numpy as np
 from .agent_state import RngGuard
 from .agents import AgentRunner
 from .buffers import Spec, layout, size_text, spec_of
-from .collector import check_reset, check_step, env_action, make_env
+from .collector import check_reset, check_step, make_env
 from .errors import close_all, describe
-from .spaces import random_action_fn
+from .spaces import action_pool, random_action_fn
 from .tree import path_text, to_numpy, tree_leaves, tree_map
 from .vector import Form, check_vector_step, env_form, seeded_reset, vector_infos
 
@@ -83,12 +83,12 @@ def _probe_unguarded(env_fn: Callable, runner: AgentRunner, seed: int, first_id:
         if shape is None or dtype is None:
             raise TypeError(f"the env's action_space {space!r} has no shape/dtype; "
                             f"dict or tuple action spaces are not supported")
-        a = random_action_fn(space, np.random.default_rng(seed))(width)
         if form.vector:
+            a = random_action_fn(space, np.random.default_rng(seed))(width)
             out = check_vector_step(env.step(a), width, what, "the probe step")
             info = vector_infos(out[4], width, what)
-        else:
-            info = check_step(env.step(env_action(a[0])), what)[4]
+        else:  # as the collector passes it: a Python int for scalar integer actions
+            info = check_step(env.step(action_pool(space, 1, seed)[0]), what)[4]
         timed = timing(env, form) if timing is not None else None
     finally:
         close_all([env])

@@ -191,8 +191,8 @@ class Sampler:
         self.rank, self.world_size = opts.rank, opts.world_size
         self._num = Numbering(opts.rank, opts.world_size, opts.batch_B, opts.eval_n_envs)
         self.env_ids = self._num.env_ids()
-        self._where = f"{kind} sampler" + (f" of rank {opts.rank}" if opts.world_size > 1
-                                           else "")
+        self._of_rank = f" of rank {opts.rank}" if opts.world_size > 1 else ""
+        self._where = f"{kind} sampler{self._of_rank}"
         self.n_workers = 0  # set once the probe tells how many envs env_fn's envs step
         self._opts = opts
         self._itr = 0
@@ -241,9 +241,7 @@ class Sampler:
         self._mirror = Params(agent) if kind.driver == "worker_agents" else None
         if self._mirror is not None:
             _warn_unmirrored(agent, self._mirror)
-            if self._mirror.empty:
-                self._mirror = None
-            else:
+            if not self._mirror.empty:  # (nothing to copy: no params, see _launch)
                 specs["params"] = spec_of(tree_map(to_numpy, self._mirror.arrays()))
         if o.step_timeout is not None or o.max_restarts:
             # Each worker's beat (a cache line each): where it is, for the step deadline
@@ -287,10 +285,9 @@ class Sampler:
                                             keep_fd=self._opts.max_restarts > 0)
             return views(self._res.shared.buf, placed)
         try:
-            memory = bytearray(nbytes)
+            return views(bytearray(nbytes), placed)
         except MemoryError as e:
             raise MemoryError(no_memory_message("buffer", nbytes, what)) from e
-        return views(memory, placed)
 
     def _config(self, w: int, env_fn: Callable, agent: Any) -> WorkerConfig:
         """Program w's config (the serial sampler's is program 0, in this process)."""
@@ -304,14 +301,13 @@ class Sampler:
             torch_threads=o.torch_threads, envs=self._slices[w], eval_envs=self._eslices[w],
             form=self._form, eval_form=self._eform, in_process=not self._kind.workers,
             cpu_affinity=o.cpu_affinity[w % len(o.cpu_affinity)] if o.cpu_affinity else None,
-            where=self._where if not self._kind.workers else f"worker {w}" + (
-                f" of rank {o.rank}" if o.world_size > 1 else ""))
+            where=f"worker {w}{self._of_rank}" if self._kind.workers else self._where)
 
     def _start_pool(self, env_fn: Callable, agent: Any, placed: dict, beats: Any) -> None:
         o, n = self._opts, self.n_workers
         configs = [self._config(w, env_fn, agent) for w in range(n)]
         # Replacements (max_restarts) start from the last collected batch's buffer set.
-        self._carry = {"set": 0}
+        carry = self._carry = {"set": 0}
         per = n // self._kind.groups
         self._groups = [list(range(g * per, (g + 1) * per)) for g in range(self._kind.groups)]
         self._group_envs = [(self._slices[ws[0]][0], self._slices[ws[-1]][1])
@@ -332,7 +328,7 @@ class Sampler:
             stuck=functools.partial(stuck_text, o.step_timeout, named, enamed,
                                     self._form, self._eform),
             close_timeout=o.shutdown_timeout, max_restarts=o.max_restarts,
-            renew=functools.partial(_renew, configs, self._carry)))
+            renew=lambda w, k: dataclasses.replace(configs[w], restart=k, start_set=carry["set"])))
         # Every worker has mapped the segment: drop its name, so that nothing can leak it
         # whatever happens next (even a SIGKILL of everyone).
         self._res.shared.unlink()
@@ -362,16 +358,13 @@ class Sampler:
     def _obtain(self, itr: int, ahead: bool) -> Batch:
         """:meth:`obtain_samples`; ``ahead``: with policy_lag, start the next batch."""
         with self._collecting("obtain_samples"):
+            if self._flight is None:  # always without policy_lag; with it, the first batch
+                self._launch(itr, self._next_set)  # (collected now, as is the next)
+            s, done = self._land()
             if self._opts.policy_lag:
-                if self._flight is None:  # the first batch: collected now (so is the next)
-                    self._launch(itr, self._next_set)
-                s, done = self._land()
                 self._next_set = 1 - s
                 if ahead:  # the snapshot: the parameters as they are now
                     self._launch(itr + 1, 1 - s)
-            else:
-                self._launch(itr, 0)
-                s, done = self._land()
             batch = Batch(self._batches[s])
             batch["traj_infos"] = Episodes(done)
             if self._opts.max_restarts:
@@ -429,34 +422,26 @@ class Sampler:
         """After a batch (into buffer set ``s``), an evaluation or the start: pad the
         columns of the workers that failed in it, replace them, record the restarts."""
         pool, made = self._res.pool, []
-        failures = sorted(pool.take_failures(), key=lambda f: f.worker)  # found in any order
-        if not failures:
-            return made
-        for f in failures:
+        for f in sorted(pool.take_failures(), key=lambda f: f.worker):  # found in any order
             step = None
             if s is not None:
                 step = _cut_row(f, self.batch_T)
                 _pad(self._sets[s], *self._slices[f.worker], step)
             made.append(Restart(f.worker, list(f.error.envs), during, step, f.error,
                                 f.restart))
-        self._note(made)
         try:
             pool.replace_out()
         finally:  # replacements that failed to start (and were replaced in turn)
-            late = [Restart(f.worker, list(f.error.envs), "start", None, f.error, f.restart)
-                    for f in pool.take_failures()]
-            self._note(late)
-            made += late
+            made += [Restart(f.worker, list(f.error.envs), "start", None, f.error, f.restart)
+                     for f in pool.take_failures()]
+            self.restarts.extend(made)
+            self._unreported.extend(made)
         if self._kind.served:  # the restarted envs' episodes start afresh (recurrent state)
             for w in sorted({r.worker for r in made}):
                 lo, hi = self._slices[w]
                 self._collecting_runner.reset_started(np.ones(hi - lo, bool),
                                                       self.env_ids[lo:hi])
         return made
-
-    def _note(self, restarts: list) -> None:
-        self.restarts.extend(restarts)
-        self._unreported.extend(restarts)
 
     @contextmanager
     def _collecting(self, what: str) -> Iterator[None]:
@@ -596,15 +581,10 @@ class Sampler:
 
     def _make_batch(self, b: dict) -> Batch:
         T = self.batch_T
-        obs = tree_map(lambda a: a[:T], b["observation_full"])
-        batch = Batch(observation=obs, prev_action=b["prev_action_full"][:T],
-                      prev_reward=b["prev_reward_full"][:T], action=b["action"],
-                      agent_info=b["agent_info"], reward=b["reward"],
-                      terminated=b["terminated"], truncated=b["truncated"], done=b["done"],
-                      env_info=b["env_info"])
-        for k in ("final_observation", "bootstrap_value"):
-            if k in b:
-                batch[k] = b[k]
+        batch = Batch(observation=tree_map(lambda a: a[:T], b["observation_full"]),
+                      prev_action=b["prev_action_full"][:T], prev_reward=b["prev_reward_full"][:T])
+        # The rest as laid out (probe.batch_specs): action .. env_info, then the optional ones.
+        batch.update((k, v) for k, v in b.items() if not k.endswith("_full") and k != "env_ids")
         return batch
 
 
@@ -615,20 +595,17 @@ def _serve_batch(pool: Pool, bufs: dict, runner: AgentRunner, groups: list, grou
     are in, without ``overlap``); then the workers' finished episodes and the bootstrap
     values."""
     pool.send(Collect(itr, s))
-    pending = None
+    pending: list = []  # without overlap: the group served last, released after the next
     for t in range(len(bufs["action"])):
         for workers, (lo, hi) in zip(groups, group_envs):
             pool.wait_obs(workers)
-            if pending is not None:
-                pool.release(pending)
-                pending = None
+            pool.release(pending)
             runner.act(bufs, t, lo, hi, wait, "action server")
             if overlap:
                 pool.release(workers)
             else:
                 pending = workers
-    if pending is not None:
-        pool.release(pending)
+    pool.release(pending)
     done = _merge(pool.gather(range(pool.size)))
     if "bootstrap_value" in bufs:
         bootstrap_fn(bufs, runner, 0, len(bufs["env_ids"]))
@@ -657,12 +634,6 @@ def _thread_result(box: dict) -> list:
 
 
 # -- restarts (max_restarts) -------------------------------------------------------------
-def _renew(configs: list, carry: dict, w: int, restart: int) -> WorkerConfig:
-    """Worker w's config for its ``restart``-th replacement: fresh seeds, and the buffer
-    set the next batch carries from."""
-    return dataclasses.replace(configs[w], restart=restart, start_set=carry["set"])
-
-
 def _cut_row(f: Failure, T: int) -> int:
     """The batch row a failed worker's columns are cut at: the step it was in (acting,
     stepping, waiting for actions), T for its bootstrap value; 0 if it failed before it
@@ -689,25 +660,18 @@ def _pad(bufs: dict, lo: int, hi: int, t: int) -> None:
             for (_, fin), (_, obs) in zip(tree_leaves(bufs["final_observation"]),
                                           tree_leaves(bufs["observation_full"])):
                 fin[t - 1, going] = obs[t, going]
-    if t < T:
-        for key in ("observation_full", "prev_action_full", "prev_reward_full", "action",
-                    "agent_info", "reward", "env_info", "final_observation"):
-            for _, a in tree_leaves(bufs.get(key, {})):
-                a[t:T, cols] = 0
-        bufs["terminated"][t:T, cols] = False
-        bufs["truncated"][t:T, cols] = True
-        bufs["done"][t:T, cols] = True
+    for key in bufs.keys() - {"env_ids", "bootstrap_value"}:  # rows t.. (none if t == T)
+        for _, a in tree_leaves(bufs[key]):
+            a[t:T, cols] = 0
+    bufs["truncated"][t:T, cols] = True
+    bufs["done"][t:T, cols] = True
     if "bootstrap_value" in bufs:
         bufs["bootstrap_value"][cols] = 0
 
 
 def _merge(replies: dict) -> list:
     """The workers' ``(step, env, TrajInfo)`` lists as one, in step and env order."""
-    out = []
-    for w in sorted(replies):
-        out.extend(replies[w])
-    out.sort(key=lambda r: (r[0], r[1]))
-    return out
+    return sorted((r for done in replies.values() for r in done), key=lambda r: (r[0], r[1]))
 
 
 def _warn_unmirrored(agent: Any, mirror: Params, server: bool = False) -> None:

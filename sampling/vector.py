@@ -128,21 +128,16 @@ def check_vector_step(out: Any, width: int, what: str, when: str | int) -> tuple
         raise TypeError(f"{what} returned {type(out).__name__} from step() at {when}; a "
                         f"vector env returns (observations, rewards, terminated, truncated, "
                         f"infos)")
-    _, r, te, tr, _ = out
-    shape = (width,)
-    if r.__class__ is not np.ndarray or r.shape != shape or r.dtype.kind not in "iuf":
-        _bad_array(what, "rewards", r, when, width, "real numbers (int or float)")
-    for name, x in (("terminated", te), ("truncated", tr)):
-        if x.__class__ is not np.ndarray or x.shape != shape or x.dtype != bool:
-            _bad_array(what, name, x, when, width, "bools")
+    for field, x, kinds, kind in (("rewards", out[1], "iuf", "real numbers (int or float)"),
+                                  ("terminated", out[2], "b", "bools"),
+                                  ("truncated", out[3], "b", "bools")):
+        if x.__class__ is not np.ndarray or x.shape != (width,) or x.dtype.kind not in kinds:
+            got = (f"shape {x.shape} dtype {x.dtype}" if isinstance(x, np.ndarray)
+                   else f"{type(x).__name__} {x!r:.60}")
+            raise TypeError(f"{what} returned {field} {got} at {when}; a vector env returns "
+                            f"{field} as a numpy array of {width} {kind}, one per sub-env "
+                            f"(num_envs={width})")
     return out
-
-
-def _bad_array(what: str, field: str, x: Any, when: str, width: int, kind: str):
-    got = (f"shape {x.shape} dtype {x.dtype}" if isinstance(x, np.ndarray)
-           else f"{type(x).__name__} {x!r:.60}")
-    raise TypeError(f"{what} returned {field} {got} at {when}; a vector env returns {field} "
-                    f"as a numpy array of {width} {kind}, one per sub-env (num_envs={width})")
 
 
 def vector_infos(info: Any, width: int, what: str, path: tuple = ()) -> dict:
@@ -189,6 +184,9 @@ class VectorCollector(Collector):
         self.width = width
         self.spans = [(v * width, (v + 1) * width) for v in range(len(envs))]
         super().__init__(envs, lo, bufs, **kw)
+        # Per vector env too: messages about a whole step name the vector env.
+        self.vnames = [env_name(self.g + a, label=self.label, width=width, where=self.where)
+                       for a, _ in self.spans]
         self.modes = [autoreset_mode(env, self.vnames[v]) for v, env in enumerate(envs)]
         for v, env in enumerate(envs):
             if vector_width(env) != width:
@@ -199,13 +197,7 @@ class VectorCollector(Collector):
         # Array observations (the usual case) are written with one type test and one copy.
         self.obs_form = None if is_tree(obs) else ((width,) + obs.shape[2:], obs.dtype)
 
-    def _names(self) -> list:
-        # Per vector env too: messages about a whole step name the vector env.
-        self.vnames = [env_name(self.g + a, label=self.label, width=self.width,
-                                where=self.where) for a, _ in self.spans]
-        return super()._names()
-
-    def vname(self, v: int) -> str:
+    def name(self, v: int) -> str:
         """Vector env v's name alone (where an error happened: its header says who)."""
         return env_name(self.g + self.spans[v][0], label=self.label, width=self.width)
 
@@ -222,10 +214,8 @@ class VectorCollector(Collector):
     # -- start -------------------------------------------------------------------------
     def _reset(self, v: int, row: int, what: str, seeds: list | None, after: str = "") -> None:
         """Reset vector env v (sub-env i seeded ``seeds[i]``, if given) into ``row``."""
-        o, _ = tagged(seeded_reset, f"{what} of {self.vname(v)}{after}", self.envs[v], seeds)
+        o, _ = tagged(seeded_reset, f"{what} of {self.name(v)}{after}", self.envs[v], seeds)
         self.write_block(row, v, o, what.replace("the", "its", 1))
-
-    unit_name = vname
 
     def _decorrelate(self, v: int, seed: int, max_steps: int) -> None:
         """Sub-envs of one vector env step together, so they take the same number of
@@ -288,7 +278,7 @@ class VectorCollector(Collector):
                 if ended:
                     self._ends(t, v, o, te, tr, d, info)
         except Exception as e:
-            tag(e, f"{self.vname(v)}, step {t} of the batch")
+            tag(e, f"{self.name(v)}, step {t} of the batch")
             raise
         self._finish_step(t, flags=False)  # this loop wrote terminated, truncated and done
 
@@ -320,32 +310,27 @@ class VectorCollector(Collector):
             self.ended.append((j, f, te[i], tr[i]))
         if not same_step:
             tagged(self._reset_ended, f"the masked reset (reset(options={{'reset_mask': "
-                   f"...}})) of {self.vname(v)} after step {t} of the batch", t + 1, v, done,
+                   f"...}})) of {self.name(v)} after step {t} of the batch", t + 1, v, done,
                    f"the masked reset after step {t}")
 
     def _reset_ended(self, row: int, v: int, done: np.ndarray, when: str) -> None:
         """Disabled mode: reset the sub-envs in ``done``; write their new observations."""
         o, _ = self.envs[v].reset(options={"reset_mask": done})
-        a, b = self.spans[v]
-        for path, src in self._leaves(v, o, when):
-            dst = get(self.cols["observation_full"], path)[row, a:b]
-            dst[done] = src[done]
+        self.write_block(row, v, o, when, done)
 
     # -- writing blocks ----------------------------------------------------------------
-    def write_block(self, row: int, v: int, o: Any, when: str) -> None:
-        """Write vector env v's observations ``[width, ...]`` into ``row``, checked."""
+    def write_block(self, row: int, v: int, o: Any, when: str, mask: Any = slice(None)) -> None:
+        """Write vector env v's observations ``[width, ...]`` (the sub-envs in ``mask``) into
+        ``row``, every leaf checked first to be exactly ``[width] + `` the leaf's shape and
+        dtype."""
         a, b = self.spans[v]
-        for path, src in self._leaves(v, o, when):
-            get(self.cols["observation_full"], path)[row, a:b] = src
-
-    def _leaves(self, v: int, o: Any, when: str) -> list:
-        """``(path, array)`` per observation leaf, each checked to be exactly
-        ``[width] + `` the leaf's shape and dtype."""
-        return [(path, checked_leaf(o, path, (self.width,) + arr.shape[2:], arr.dtype,
-                                    self.vnames[v], "observations",
-                                    "([num_envs] + one sub-env's observation, as on the "
-                                    "first one)", when))
-                for path, arr in tree_leaves(self.cols["observation_full"])]
+        leaves = [(arr, checked_leaf(o, path, (self.width,) + arr.shape[2:], arr.dtype,
+                                     self.vnames[v], "observations",
+                                     "([num_envs] + one sub-env's observation, as on the "
+                                     "first one)", when))
+                  for path, arr in tree_leaves(self.cols["observation_full"])]
+        for arr, src in leaves:
+            arr[row, a:b][mask] = src[mask]
 
     def _write_infos(self, t: int, v: int, info: Any, ended: np.ndarray | None) -> None:
         """The numeric ``[width]`` info entries the probe saw, into env_info[t]. In SameStep
@@ -366,20 +351,19 @@ class VectorCollector(Collector):
                     f"level)")
         for path, arr, _ in self.views.info_leaves:
             want = (self.width,) + arr.shape[2:]
-            x = self._info_entry(info, path, t, v, want, arr.dtype, "infos",
+            x = self._info_entry(info, path, when, v, want, arr.dtype, "infos",
                                  missing_ok=final is not None and bool(ended.all()))
             if final is not None:
-                f = self._info_entry(final, path, t, v, want, arr.dtype, "infos['final_info']")
+                f = self._info_entry(final, path, when, v, want, arr.dtype, "infos['final_info']")
                 x = f if x is None else np.where(
                     ended.reshape((-1,) + (1,) * (len(want) - 1)), f, x)
             arr[t, a:b] = x
 
-    def _info_entry(self, info: dict, path: tuple, t: int, v: int, want: tuple, dtype: Any,
+    def _info_entry(self, info: dict, path: tuple, when: str, v: int, want: tuple, dtype: Any,
                     field: str, missing_ok: bool = False) -> Any:
         """``info`` at ``path``, checked to be a ``want``-shaped array castable to ``dtype``
         exactly (None if missing and ``missing_ok``)."""
         field += path_text(path)
-        when = f"step {t} of the batch"
         try:
             x = get(info, path, strict=True)
         except LookupError:

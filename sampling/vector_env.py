@@ -162,9 +162,12 @@ class _Stepper:
             for j, env in enumerate(self.envs):
                 if beat is not None:
                     beat[BEAT_ENV] = j
-                if pending[j]:
+                if pending[j]:  # its episode ended at the last step: this step resets it
                     when = "the reset of its autoreset"
-                    o, info = self._autoreset(j)
+                    pending[j] = False
+                    restart = self.cfg.restart  # a replacement's: seeded afresh (see _recover)
+                    o, info = env.reset(seed=env_seed(self.cfg.seed, self.cfg.lo + j, restart)
+                                        if restart else None)
                     rewards[j], terms[j], truncs[j] = 0.0, False, False
                 else:
                     o, r, te, tr, info = env.step(acts[j])
@@ -179,9 +182,13 @@ class _Stepper:
                         te, tr = (check_flag(te, "terminated", self.names[j], when),
                                   check_flag(tr, "truncated", self.names[j], when))
                     terms[j], truncs[j] = te, tr
-                    if te or tr:
+                    if te or tr:  # SAME_STEP resets it now, NEXT_STEP at the next step
                         when = "the reset of its autoreset"
-                        o, info = self._ended(j, o, info, infos)
+                        if not self.cfg.same_step:
+                            pending[j] = True
+                        else:
+                            infos.append((j, None, (o, self._info(j, info, "its step"))))
+                            o, info = env.reset()
                 try:
                     rows[j][:] = o
                 except (TypeError, ValueError):  # not a 1-D array of this shape and dtype
@@ -196,23 +203,6 @@ class _Stepper:
             raise
         self.cfg.restart = 0  # its first resets are done
         return infos
-
-    def _autoreset(self, j: int) -> tuple:
-        """NEXT_STEP: env j's episode ended at the last step; this step resets it (a
-        replacement's first reset is seeded afresh: see VectorEnv._recover)."""
-        cfg = self.cfg
-        self.pending[j] = False
-        seed = env_seed(cfg.seed, cfg.lo + j, cfg.restart) if cfg.restart else None
-        return self.envs[j].reset(seed=seed)
-
-    def _ended(self, j: int, o: Any, info: Any, infos: list) -> tuple:
-        """Env j's episode ended: SAME_STEP resets it now (its final observation and info go
-        into ``infos``); NEXT_STEP resets it at the next step."""
-        if not self.cfg.same_step:
-            self.pending[j] = True
-            return o, info
-        infos.append((j, None, (o, self._info(j, info, "its step"))))
-        return self.envs[j].reset()
 
     def _write(self, s: int, j: int, o: Any, when: str) -> None:
         """Env j's observation into set ``s``, leaf by leaf, checked."""
@@ -455,17 +445,14 @@ class VectorEnv(_Base):
 def _add_info(infos: dict, info: dict, i: int, n: int) -> dict:
     """Add env i's ``info`` to ``infos`` as gymnasium's ``VectorEnv._add_info`` does."""
     for key, value in info.items():
-        if key == "final_obs":
-            array = infos.get(key)
-            if array is None:
-                array = np.full(n, None, dtype=object)
-            array[i] = value
-        elif isinstance(value, dict):
+        if isinstance(value, dict) and key != "final_obs":
             array = _add_info(infos.get(key, {}), value, i, n)
         else:
             array = infos.get(key)
             if array is None:
-                if type(value) in (int, float, bool) or isinstance(value, np.number):
+                if key == "final_obs":  # objects, whatever the observations are
+                    array = np.full(n, None, dtype=object)
+                elif type(value) in (int, float, bool) or isinstance(value, np.number):
                     array = np.zeros(n, dtype=type(value))
                 elif isinstance(value, np.ndarray):
                     array = np.zeros((n,) + value.shape, dtype=value.dtype)

@@ -79,10 +79,6 @@ class WorkerConfig:
     in_process: bool = False   # the serial sampler's: the agent is the user's own
     where: str = "worker 0"    # who steps these envs, for messages
 
-    @property
-    def numbering(self) -> Numbering:
-        return Numbering(self.rank, self.world_size, self.batch_B, self.eval_n)
-
 
 @dataclass(frozen=True)
 class Collect:
@@ -203,7 +199,7 @@ class Program:
     def __init__(self, link: Any, arrays: dict, cfg: WorkerConfig,
                  runner: AgentRunner | None = None, spare_eval: Any = None):
         self.link, self.cfg, self.arrays = link, cfg, arrays
-        num = self.num = cfg.numbering
+        num = self.num = Numbering(cfg.rank, cfg.world_size, cfg.batch_B, cfg.eval_n)
         self.sets = buffer_sets(arrays, num)
         self.ctrl = arrays["ctrl"]
         self.where = cfg.where
@@ -224,9 +220,8 @@ class Program:
         self.coll = collector(list(self.envs), lo, self.sets[0], cfg.form, batch_T=cfg.batch_T,
                               wait=cfg.wait, traj_info=cfg.traj_info, where=self.where,
                               spare=self.sets[1] if len(self.sets) > 1 else None,
-                              first=num.first, beat=link.beat, restart=cfg.restart)
-        self.coll.use(cfg.start_set)  # a replacement writes where the next batch looks
-        self.coll.carry_from(cfg.start_set)
+                              first=num.first, beat=link.beat, restart=cfg.restart,
+                              start_set=cfg.start_set)
         if self.runner is not None:
             self.runner.call("reset")
         self.coll.reset_all(cfg.seed, cfg.max_decorrelation_steps)
@@ -234,7 +229,11 @@ class Program:
         self.mirror = None
         if not cfg.in_process:
             limit_threads(cfg.torch_threads)  # env_fn may have imported torch
-            self.mirror = _mirror(self.runner, self.params)
+            if self.runner is not None and self.params:
+                # This copy's parameters, checked to match the parent's (agent_state.Params).
+                self.mirror = Params(self.runner.agent)
+                check_same_params(self.mirror.arrays(), self.params,
+                                  "this worker's copy of the agent")
         self.spare_eval, self.ecoll, self.first_eval = spare_eval, None, True
 
     def _make(self, fn: Callable, form: Form, lo: int, hi: int, first: int, label: str,
@@ -272,29 +271,24 @@ class Program:
 
     def evaluate(self, itr: int, max_steps: int, max_traj: int = 0) -> list:
         """One evaluation; the finished episodes as ``(step, env, TrajInfo)``."""
-        cfg, ebufs = self.cfg, self.arrays["eval"]
-        if self.ecoll is None:
+        cfg, ebufs, ecoll = self.cfg, self.arrays["eval"], self.ecoll
+        if ecoll is None:
             (elo, ehi), first = cfg.eval_envs, self.num.eval_first
             built = self._make(cfg.eval_env_fn, cfg.eval_form, elo, ehi, first, "eval env",
                                EVAL_MAKE, self.spare_eval)
-            self.ecoll = collector(built, elo, ebufs, cfg.eval_form, batch_T=1, wait=False,
-                                   traj_info=cfg.traj_info, where=self.where,
-                                   label="eval env", first=first, beat=self.link.beat,
-                                   restart=cfg.restart)
+            ecoll = self.ecoll = collector(built, elo, ebufs, cfg.eval_form, batch_T=1,
+                                           wait=False, traj_info=cfg.traj_info,
+                                           where=self.where, label="eval env", first=first,
+                                           beat=self.link.beat, restart=cfg.restart)
         self._enter_mode("eval_mode", itr)
-        restart_eval(self.ecoll, self.runner, cfg.seed, self.first_eval)
+        ecoll.restart(cfg.seed, self.first_eval)  # its envs' reset (seeded the first time)
         self.first_eval = False
-        results = run_eval(self.ecoll, self.runner, self.link, ebufs, max_steps, max_traj,
+        if self.runner is not None:
+            self.runner.reset_started(np.ones(ecoll.n, bool), ebufs["env_ids"][ecoll.lo:ecoll.hi])
+        results = run_eval(ecoll, self.runner, self.link, ebufs, max_steps, max_traj,
                            self.ctrl, lockstep=not cfg.in_process)
         mark(self.link.beat, IDLE)
         return results
-
-
-def restart_eval(coll, runner: AgentRunner | None, seed: int, first: bool) -> None:
-    """Reset eval envs at the start of an evaluation (seeded only the first time)."""
-    coll.restart(seed, first)
-    if runner is not None:
-        runner.reset_started(np.ones(coll.n, bool), coll.views.bufs["env_ids"][coll.lo:coll.hi])
 
 
 def run(link: Link, arrays: dict, cfg: WorkerConfig) -> None:
@@ -367,13 +361,3 @@ def stuck_text(step_timeout: float, named: list, enamed: list, form: Form, eform
               if phase in (MAKE, EVAL_MAKE) else f"step_timeout={step_timeout:g} s")
     return f"{what} within {within}"
 
-
-
-
-def _mirror(runner, shared: dict | None) -> Params | None:
-    """This copy's parameters, checked to match the parent's (see agent_state.Params)."""
-    if runner is None or not shared:
-        return None
-    mirror = Params(runner.agent)
-    check_same_params(mirror.arrays(), shared, "this worker's copy of the agent")
-    return mirror
