@@ -282,6 +282,25 @@ def test_wrong_types_from_an_env_are_refused_with_env_field_and_step(kind, field
             s.obtain_samples()
 
 
+class NoneAfterResetEnv(CountingEnv):
+    """Its resets after the first return None as the observation."""
+
+    def reset(self, *, seed=None, options=None):
+        o, info = super().reset(seed=seed, options=options)
+        return (None if len(self.seeds) > 1 else o), info
+
+
+@pytest.mark.parametrize("kind", one_per("driver"))
+def test_a_reset_returning_none_mid_batch_is_refused(kind):
+    # (it was written as zeros once, as if the env were waiting for the next batch)
+    with sampling.make_sampler(kind, NoneAfterResetEnv, CountingAgent(), batch_T=8,
+                               batch_B=2, n_workers=2, start_method="fork") as s:
+        with pytest.raises((ValueError, sampling.WorkerError),
+                           match=r"env 0 .*returned observation with shape \(\) dtype object "
+                                 r"at step 2 of the batch, expected shape \(4,\) dtype float32"):
+            s.obtain_samples()
+
+
 class NumpyTypesEnv(CountingEnv):
     """Returns numpy scalars and 0-d arrays where CountingEnv returns Python ones."""
 
