@@ -164,10 +164,8 @@ def make_sampler(
         from .auto import choose_kind
         with RngGuard(agent):  # its agent calls consume none of the user's random streams
             kind, reason, probed = choose_kind(env_fn, agent, opts)
-    for option, off in (("step_timeout", "step_timeout=None"), ("max_restarts", "max_restarts=0")):
-        if getattr(opts, option) and not KINDS[kind].workers:
-            picked = f"'auto' picked {kind!r} ({reason}); " if reason else ""
-            raise ValueError(picked + needs_workers(option, kind, off))
+        _check_workers_for(kind, opts.step_timeout, opts.max_restarts,
+                           f"'auto' picked {kind!r} ({reason}); ")
     device = device_of(agent) if KINDS[kind].driver == "worker_agents" else None
     if device is not None:
         raise ValueError(f"the {kind!r} kind runs a copy of the agent in every worker process, "
@@ -300,6 +298,8 @@ def _options(a: dict) -> Options:
     _check_start_method(a["start_method"])
     a["shutdown_timeout"] = _shutdown_timeout(a["shutdown_timeout"])
     a["step_timeout"] = _step_timeout(a["step_timeout"])
+    if a["kind"] != "auto":  # (auto's pick is checked once it is made)
+        _check_workers_for(a["kind"], a["step_timeout"], a["max_restarts"])
     if a["cpu_affinity"] is not None:
         a["cpu_affinity"] = _affinity(a["cpu_affinity"])
     if a["policy_lag"] > 1:
@@ -309,6 +309,16 @@ def _options(a: dict) -> Options:
     _check_rank(a["rank"], a["world_size"])
     a["eval_env_fn"] = a["eval_env_fn"] or a["env_fn"]
     return Options(**{f.name: a[f.name] for f in dataclasses.fields(Options)})
+
+
+def _check_workers_for(kind: str, step_timeout: Any, max_restarts: int,
+                       picked: str = "") -> None:
+    """step_timeout and max_restarts need worker processes: a kind without them is refused
+    (before the options checked after this, as the first thing wrong with the call)."""
+    for option, value, off in (("step_timeout", step_timeout, "step_timeout=None"),
+                               ("max_restarts", max_restarts, "max_restarts=0")):
+        if value and not KINDS[kind].workers:
+            raise ValueError(picked + needs_workers(option, kind, off))
 
 
 def _check_start_method(method: Any) -> None:

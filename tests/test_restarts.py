@@ -421,6 +421,17 @@ def test_serial_cannot_restart():
                               max_restarts=1)
 
 
+@pytest.mark.parametrize("option", [{"max_restarts": 1}, {"step_timeout": 5.0}])
+@pytest.mark.parametrize("also_wrong", [{"bootstrap_value": True}, {"policy_lag": 2},
+                                        {"cpu_affinity": "x"}, {"rank": 2}])
+def test_what_the_kind_cannot_do_is_the_first_error(option, also_wrong):
+    # (a lambda agent has no value(); rank 2 of world_size 1)
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"^{name} needs worker processes: the serial kind"):
+        sampling.make_sampler("serial", CountingEnv, lambda o: o, batch_T=2, batch_B=2,
+                              **option, **also_wrong)
+
+
 def test_no_restarts_key_without_a_budget():
     with sampling.make_sampler("cpu", CountingEnv, CountingAgent(), batch_T=2, batch_B=2) as s:
         assert "restarts" not in s.obtain_samples()
