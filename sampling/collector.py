@@ -362,9 +362,10 @@ class Collector:
         self.waiting = [False] * n   # wait mode: ended this batch, not stepped again
         self.completed: list = []    # (t, global env, TrajInfo) finished this batch
 
-    def name(self, j: int) -> str:
-        """Env j's name alone (where an error happened: its header says who)."""
-        return env_name(self.g + j, label=self.label)
+    def name(self, v: int) -> str:
+        """Env object v's name alone (where an error happened: its header says who). Env
+        objects are columns here; VectorCollector names a vector env."""
+        return env_name(self.g + v, label=self.label)
 
     def _bind(self, bufs: dict) -> Views:
         """The views of this slice into one set of batch buffers."""

@@ -149,8 +149,8 @@ class _Stepper:
         last step instead); write the results into observation set ``s``; the infos.
 
         The usual path per env: the step, type tests of the reward and the flags, a
-        memoryview copy of the observation and a test of the info; episode ends, autoreset
-        steps, wrong types and non-array observations take the methods below."""
+        memoryview copy of the observation and a test of the info; episode ends and autoreset
+        steps take branches, wrong types and non-array observations the checked paths."""
         arrays, cols, beat, rows = self.arrays, self.cols, self.link.beat, self.rows[s]
         acts = arrays["action"][cols]
         acts = acts.tolist() if self.discrete else list(acts.copy())
