@@ -282,16 +282,20 @@ RECORD_NAMES = textwrap.dedent("""
 """)
 
 
-# The child scripts' TMPDIR, removed when this process exits. A script that the test kills
-# with SIGKILL under forkserver leaves the forkserver's socket folder (multiprocessing's
-# /tmp/pymp-*, which only the killed process could remove): here, not in /tmp.
-SCRIPT_TMPDIR = tempfile.mkdtemp(prefix="sampling-tests-")
-atexit.register(shutil.rmtree, SCRIPT_TMPDIR, True)
+# The child scripts' TMPDIR, made at the first script and removed when this process exits.
+# A script that the test kills with SIGKILL under forkserver leaves the forkserver's socket
+# folder (multiprocessing's /tmp/pymp-*, which only the killed process could remove): here,
+# not in /tmp. Made on demand, not at import: worker processes import this module too, and
+# those that end with os._exit() (fork, forkserver) run no atexit hook.
+_script_tmpdir: list = []
 
 
 def script_env() -> dict:
     """The environment of a test's child script: this one, with the repository importable."""
-    return dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=SCRIPT_TMPDIR)
+    if not _script_tmpdir:
+        _script_tmpdir.append(tempfile.mkdtemp(prefix="sampling-tests-"))
+        atexit.register(shutil.rmtree, _script_tmpdir[0], True)
+    return dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=_script_tmpdir[0])
 
 
 def sampling_children() -> list:
