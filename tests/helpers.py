@@ -8,6 +8,7 @@ import functools
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -699,3 +700,15 @@ class RecurrentCounter:
         c = self.count[env_ids].copy()
         self.count[env_ids] += 1
         return np.zeros(len(observation), np.int64), {"count": c}
+
+
+# Generous for a benchmark command run with short timings on a loaded 2-core machine.
+MODULE_TIMEOUT_S = 180
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root, as a user runs the benchmark's
+    commands: its exit code, stdout and stderr."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True,
+                          text=True, timeout=MODULE_TIMEOUT_S, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_module
+
 # A check of the package as a tool: tox runs it once.
 pytestmark = pytest.mark.tooling
-ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 180
 
 
 def run_model(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sampling.bench.model", *args],
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    return run_module("sampling.bench.model", *args)
 
 
 def test_model_components_add_up_to_its_prediction():

@@ -3,27 +3,20 @@ runs, puts every contestant in every round, and reports ratios against both refe
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_module
 
 pytest.importorskip("gymnasium")
 # A check of the package as a tool (vendoring, the peers script): tox runs it once.
 pytestmark = pytest.mark.tooling
-ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 180
 
 
 def test_peers_reports_every_contestant_against_both_references():
-    proc = subprocess.run(
-        [sys.executable, "-m", "sampling.bench.peers", "--env", "CartPole-v1",
-         "-B", "4", "--workers", "2", "--kinds", "serial", "--seconds", "0.3", "--json",
-         "--vector-env", "sampling.envs:make_vector_cartpole"],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    proc = run_module("sampling.bench.peers", "--env", "CartPole-v1", "-B", "4", "--workers",
+                      "2", "--kinds", "serial", "--seconds", "0.3", "--json",
+                      "--vector-env", "sampling.envs:make_vector_cartpole")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
     rows = {r["name"]: r for r in rep["results"]}
@@ -55,10 +48,7 @@ CARTPOLE, VECTOR = "sampling.envs:make_cartpole", "sampling.envs:make_vector_car
     (["--start-method", "bogus"], "invalid choice: 'bogus'"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(args, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "sampling.bench.peers", "--env", CARTPOLE, "-B", "4",
-         "--workers", "2", "--seconds", "0.1", *args],
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    proc = run_module("sampling.bench.peers", "--env", CARTPOLE, "-B", "4", "--workers", "2",
+                      "--seconds", "0.1", *args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr

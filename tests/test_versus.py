@@ -3,24 +3,20 @@ closing notes' before/after figures were measured. Runs it as a user would."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT, run_module
+
 # A check of the package as a tool: tox runs it once.
 pytestmark = pytest.mark.tooling
-ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT_S = 180
 
 
 def run_versus(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sampling.bench.versus", *args],
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    return run_module("sampling.bench.versus", *args)
 
 
 def copy_package(dst: Path) -> Path:
